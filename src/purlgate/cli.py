@@ -1,0 +1,154 @@
+"""The command line: ``purlgate process`` and ``purlgate check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from purlgate import __version__
+from purlgate.app import build_region
+from purlgate.config import Config, load_config
+from purlgate.core.lifecycle import BatchState
+from purlgate.core.pipeline import Submission
+from purlgate.errors import ConfigError, PurlgateError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+PROGRESS_FROM_BYTES = 16 * 1024 * 1024
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="purlgate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"purlgate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log batch progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("process", help="run the batch core on a local data file")
+    p.add_argument("file", type=Path, help="data file (.csv .tsv .txt .dat) or .zip")
+    p.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
+    p.add_argument("--region", help="region (default: the client's first region)")
+    p.add_argument("--client", help="client id (default: from the file name)")
+    p.add_argument("--project", help="project id (default: from the file name)")
+    p.add_argument("--out", type=Path, help="output folder (default: the file's folder)")
+    p.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
+
+    c = sub.add_parser("check-config", help="validate regions.toml and its secrets")
+    c.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
+    return parser
+
+
+def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
+    if args.client:
+        if args.client not in config.clients:
+            raise ConfigError(f"unknown client {args.client!r}; known: "
+                              + ", ".join(config.clients))
+        return str(args.client)
+    head = args.file.name.split("_", 1)[0].casefold()
+    return next((cid for cid in config.clients if cid.casefold() == head), None)
+
+
+def _process(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    path: Path = args.file
+    if not path.is_file():
+        print(f"purlgate: {path}: no such file", file=sys.stderr)
+        return EXIT_USAGE
+    client_id = _pick_client(config, args)
+    region_id = args.region or (config.clients[client_id].regions[0] if client_id
+                                else next(iter(config.regions)))
+    region = build_region(config, region_id, data_dir=args.data_dir)
+    client = config.clients.get(client_id) if client_id else None
+    password = client.zip_password.reveal() if client and client.zip_password else None
+    out_dir: Path = args.out or path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    size = path.stat().st_size
+    bar: Any = None
+    if size >= PROGRESS_FROM_BYTES:
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=None,
+                   file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = min(done, total)
+            bar.refresh()
+
+    try:
+        outcome = region.processor.process(
+            Submission(path=path, received_name=path.name, channel="cli",
+                       client_id=client_id, project_id=args.project, zip_password=password),
+            out_dir, progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    batch = outcome.batch
+    print(f"batch     {batch.id} ({region_id}, client {batch.client}, "
+          f"project {batch.project or '-'})")
+    print(f"status    {batch.state}")
+    print(f"rows      {batch.counts.rows_total} read, {batch.counts.rows_ok} in the PURL file, "
+          f"{batch.counts.rows_error} with errors")
+    for label, out in (("purl", outcome.purl), ("flag", outcome.flag),
+                       ("errors", outcome.errors)):
+        if out is not None:
+            print(f"{label:<9} {out}")
+    if batch.state is BatchState.FAILED:
+        print(f"purlgate: batch failed: {batch.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    problems = []
+    for region_id, region in config.regions.items():
+        if region.token_key is not None:
+            try:
+                region.token_key.reveal()
+            except ConfigError as exc:
+                problems.append(f"  region {region_id}, field token_key: {exc.message}")
+    for client_id, client in config.clients.items():
+        if client.zip_password is not None:
+            try:
+                client.zip_password.reveal()
+            except ConfigError as exc:
+                problems.append(f"  client {client_id}, field zip_password: {exc.message}")
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s):\n" + "\n".join(problems))
+    for region_id, region in config.regions.items():
+        clients = config.clients_of(region_id)
+        print(f"region {region_id}: {', '.join(region.inbound_addresses)}; "
+              f"{len(clients)} client(s): "
+              + ", ".join(f"{cid} ({', '.join(c.projects)})" for cid, c in clients.items()))
+    print("configuration OK")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "process":
+            return _process(args)
+        return _check_config(args)
+    except ConfigError as exc:
+        print(f"purlgate: configuration error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except PurlgateError as exc:
+        print(f"purlgate: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""regions.toml as pydantic models; the only module that reads configuration files.
+
+Layout (see the bundled ``regions.toml``)::
+
+    [regions.<id>]                    one per instance: inbound addresses, data dir, links
+    [regions.<id>.limits]             ZIP unwrap limits
+    [clients.<id>]                    regions, senders, notification addresses, secrets
+    [clients.<id>.projects.<id>]      columns, PURL name, error/flag files, dialect, render
+
+Secrets are never values in the file: ``{ env = "NAME" }`` or ``{ file = "/path" }``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from purlgate.errors import ConfigError
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$"
+"""Client and project ids: no underscore, because `_` separates the parts of a file name."""
+
+Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
+EMAIL_PATTERN = re.compile(r"^[^@\s<>\"]+@[^@\s<>\"]+\.[^@\s<>\"]+$")
+DEFAULT_CONFIG_RESOURCE = "regions.toml"
+
+
+def _email(value: str) -> str:
+    if not EMAIL_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not an email address")
+    return value.lower()
+
+
+class _Model(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Model):
+    """Where a secret lives: an environment variable or a file, never the config itself."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of 'env' or 'file'")
+        return self
+
+    def describe(self) -> str:
+        return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+    def reveal(self) -> bytes:
+        """Read the secret now; a missing one is a ConfigError naming where it was sought."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise ConfigError(f"secret not set: {self.describe()}")
+            return value.encode()
+        assert self.file is not None
+        try:
+            data = self.file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"secret unreadable: {self.describe()}: {exc.strerror}") from exc
+        # Files written by `echo` end in a newline that is not part of the secret.
+        return data.rstrip(b"\r\n")
+
+
+class ColumnSpec(_Model):
+    name: str = Field(min_length=1)
+    required: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _stripped(cls, value: str) -> str:
+        return value.strip()
+
+
+Delimiter = Literal[",", ";", "|", "\t"]
+Encoding = Literal["utf-8", "utf-8-sig", "windows-1252"]
+
+
+class RenderSettings(_Model):
+    backend: Literal["embedded"] = "embedded"
+
+
+class ProjectConfig(_Model):
+    columns: list[ColumnSpec] = Field(default_factory=list)
+    keep_all_columns: bool = True
+    purl_prefix: str = "PURL_"
+    purl_suffix: str = ""
+    error_file: bool = True
+    flag_file: bool = True
+    encoding: Encoding | None = None
+    delimiter: Delimiter | None = None
+    output_encoding: Encoding | None = None
+    output_delimiter: Delimiter | None = None
+    notify: list[str] = Field(default_factory=list)
+    render: RenderSettings = Field(default_factory=RenderSettings)
+
+    @field_validator("notify")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        return [_email(v) for v in value]
+
+    @field_validator("purl_prefix", "purl_suffix")
+    @classmethod
+    def _safe_affix(cls, value: str) -> str:
+        if any(c in value for c in '/\\\0:*?"<>|') or value.strip() != value:
+            raise ValueError("may not contain path separators, spaces at the ends or \\/:*?\"<>|")
+        return value
+
+    @model_validator(mode="after")
+    def _columns_make_sense(self) -> Self:
+        if not self.keep_all_columns and not self.columns:
+            raise ValueError("list the agreed 'columns' or set keep_all_columns = true")
+        names = [c.name.casefold() for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"columns listed twice: {', '.join(dupes)}")
+        return self
+
+
+class ClientConfig(_Model):
+    name: str
+    regions: list[Identifier] = Field(min_length=1)
+    senders: list[str] = Field(default_factory=list)
+    notify: list[str] = Field(default_factory=list)
+    zip_password: SecretRef | None = None
+    projects: dict[Identifier, ProjectConfig] = Field(min_length=1)
+
+    @field_validator("senders", "notify")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        return [_email(v) for v in value]
+
+
+class LimitsConfig(_Model):
+    max_uncompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
+    max_compression_ratio: float = Field(default=250.0, gt=1)
+    # Ratios of tiny members say nothing; a bomb must first get this big.
+    ratio_check_after_bytes: int = Field(default=1024**2, ge=0)
+
+
+class RegionConfig(_Model):
+    inbound_addresses: list[str] = Field(min_length=1)
+    data_dir: Path
+    public_base_url: str
+    token_key: SecretRef | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @field_validator("inbound_addresses")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        return [_email(v) for v in value]
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        if not re.fullmatch(r"https://[A-Za-z0-9.-]+(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?", value):
+            raise ValueError(
+                "must be an https:// URL without query, fragment or special characters"
+            )
+        return value.rstrip("/")
+
+    def token_key_path(self) -> Path:
+        """Where the generated token key lives when no ``token_key`` is configured."""
+        return self.data_dir / "token.key"
+
+
+class Config(_Model):
+    regions: dict[Identifier, RegionConfig] = Field(min_length=1)
+    clients: dict[Identifier, ClientConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _clients_in_known_regions(self) -> Self:
+        for client_id, client in self.clients.items():
+            unknown = [r for r in client.regions if r not in self.regions]
+            if unknown:
+                raise ValueError(
+                    f"client {client_id}: unknown region(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(self.regions)}"
+                )
+        return self
+
+    def clients_of(self, region_id: str) -> dict[str, ClientConfig]:
+        return {cid: c for cid, c in self.clients.items() if region_id in c.regions}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """Turn a pydantic location into the words an operator uses: region, client, project."""
+    parts: list[str] = []
+    items = list(loc)
+    i = 0
+    while i < len(items):
+        key = items[i]
+        nxt = items[i + 1] if i + 1 < len(items) else None
+        if key == "regions" and nxt is not None:
+            parts.append(f"region {nxt}")
+            i += 2
+        elif key == "clients" and nxt is not None:
+            parts.append(f"client {nxt}")
+            i += 2
+        elif key == "projects" and nxt is not None:
+            parts.append(f"project {nxt}")
+            i += 2
+        else:
+            parts.append(f"field {key}" if isinstance(key, str) else f"item {key}")
+            i += 1
+    return ", ".join(parts) or "top level"
+
+
+def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate TOML text; every problem is listed with where it is."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"  {_where(tuple(err['loc']))}: {msg}")
+        raise ConfigError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)) from exc
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    return config
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    regions = {
+        rid: region.model_copy(
+            update={"data_dir": region.data_dir if region.data_dir.is_absolute()
+                    else base_dir / region.data_dir}
+        )
+        for rid, region in config.regions.items()
+    }
+    return config.model_copy(update={"regions": regions})
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Load ``path``, or the bundled defaults when None.
+
+    Relative data directories resolve against the current directory, so the bundled
+    defaults keep their state in ``./var/<region>`` wherever the gateway is started.
+    """
+    if path is None:
+        text = resources.files("purlgate").joinpath(DEFAULT_CONFIG_RESOURCE).read_text("utf-8")
+        return parse_config(text, source="bundled regions.toml", base_dir=Path.cwd())
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    return parse_config(text, source=str(path), base_dir=Path.cwd())

@@ -1,0 +1,1 @@
+"""The batch core: bytes and rows in, result files and events out. No sockets."""

@@ -1,0 +1,90 @@
+"""Durable file writes: temporary hidden name, fsync, rename, fsync the folder.
+
+A reader of the folder (an SFTP client polling Downloads, a script waiting for the
+``.flg``) never sees a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Self
+
+from purlgate.errors import StorageError
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """Write ``final`` through ``.<final>.part`` and publish it only on ``commit()``.
+
+    By default an existing ``final`` is never replaced (the commit fails instead).
+
+    Leaving the ``with`` block without ``commit()`` (an exception, an early return)
+    removes the temporary file, so nothing partial is left behind.
+    """
+
+    def __init__(self, final: Path, *, mode: int = 0o644, no_clobber: bool = True) -> None:
+        self.final = final
+        self._no_clobber = no_clobber
+        self.temp = final.with_name(f".{final.name}.part")
+        self._mode = mode
+        self._file: BinaryIO | None = None
+        self.committed = False
+
+    def __enter__(self) -> Self:
+        try:
+            fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self._mode)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.temp.name}: {exc.strerror}") from exc
+        self._file = os.fdopen(fd, "wb", buffering=1 << 20)
+        return self
+
+    @property
+    def file(self) -> BinaryIO:
+        assert self._file is not None, "use AtomicFile in a with block"
+        return self._file
+
+    def commit(self) -> Path:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            if self._no_clobber:
+                # link() fails if the name exists: an earlier file is never replaced.
+                os.link(self.temp, self.final)
+                self.temp.unlink()
+            else:
+                self.temp.replace(self.final)
+            fsync_dir(self.final.parent)
+        except FileExistsError as exc:
+            raise StorageError(f"{self.final.name} already exists; not overwriting it") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot publish {self.final.name}: {exc.strerror}") from exc
+        self.committed = True
+        return self.final
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.committed:
+            return
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        self.temp.unlink(missing_ok=True)
+
+
+def write_atomic(final: Path, data: bytes) -> Path:
+    with AtomicFile(final) as out:
+        out.file.write(data)
+        return out.commit()

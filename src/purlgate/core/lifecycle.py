@@ -1,0 +1,117 @@
+"""The batch lifecycle as data, and the records and events that carry it.
+
+This file holds only the states clients know, the table of allowed transitions, the
+record a store keeps per batch, the events published on each transition, and the store
+protocol. No I/O.
+
+    Initializing -> In Progress -> Done | Done with Errors | Failed
+    Initializing -> Failed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+class BatchState(StrEnum):
+    INITIALIZING = "Initializing"
+    IN_PROGRESS = "In Progress"
+    DONE = "Done"
+    DONE_WITH_ERRORS = "Done with Errors"
+    FAILED = "Failed"
+
+
+TRANSITIONS: Mapping[BatchState, frozenset[BatchState]] = {
+    BatchState.INITIALIZING: frozenset({BatchState.IN_PROGRESS, BatchState.FAILED}),
+    BatchState.IN_PROGRESS: frozenset(
+        {BatchState.DONE, BatchState.DONE_WITH_ERRORS, BatchState.FAILED}
+    ),
+    BatchState.DONE: frozenset(),
+    BatchState.DONE_WITH_ERRORS: frozenset(),
+    BatchState.FAILED: frozenset(),
+}
+
+TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
+
+
+class EventKind(StrEnum):
+    LOADED = "batch loaded"  # the file was read and rows are being processed
+    SUMMARY = "batch summary"  # Done or Done with Errors
+    FAILED = "batch failed"
+
+
+EVENT_OF_STATE: Mapping[BatchState, EventKind] = {
+    BatchState.IN_PROGRESS: EventKind.LOADED,
+    BatchState.DONE: EventKind.SUMMARY,
+    BatchState.DONE_WITH_ERRORS: EventKind.SUMMARY,
+    BatchState.FAILED: EventKind.FAILED,
+}
+
+
+class TransitionError(Exception):
+    """A programming error: the pipeline asked for a move the table does not allow."""
+
+
+def check_transition(current: BatchState, target: BatchState) -> None:
+    if target not in TRANSITIONS[current]:
+        raise TransitionError(f"batch cannot go from {current} to {target}")
+
+
+@dataclass(frozen=True)
+class Counts:
+    rows_total: int = 0  # data rows read (good and bad)
+    rows_ok: int = 0  # rows in the PURL file
+    rows_error: int = 0  # rows reported in the error file
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    id: int
+    region: str
+    client: str
+    project: str | None
+    channel: str
+    received_name: str
+    data_name: str | None
+    sha256: str | None
+    state: BatchState
+    reason: str | None
+    error_code: str | None
+    counts: Counts
+    outputs: tuple[str, ...]
+    created_at: datetime
+    updated_at: datetime
+    history: tuple[tuple[BatchState, datetime], ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    kind: EventKind
+    batch: BatchRecord
+
+
+class BatchStore(Protocol):
+    """Durable batch state. ``claim_name`` is the duplicate-name guard: atomic, forever."""
+
+    def create(
+        self, *, region: str, client: str, project: str | None, channel: str,
+        received_name: str, sha256: str | None, at: datetime,
+    ) -> BatchRecord: ...
+
+    def claim_name(self, batch_id: int, *, project: str, data_name: str) -> None: ...
+
+    def set_sha256(self, batch_id: int, sha256: str) -> None: ...
+
+    def transition(
+        self, batch_id: int, target: BatchState, *, at: datetime, reason: str | None = None,
+        error_code: str | None = None, counts: Counts | None = None,
+        outputs: tuple[str, ...] = (),
+    ) -> BatchRecord: ...
+
+    def get(self, batch_id: int) -> BatchRecord: ...
+
+    def find_by_name(self, client: str, project: str, data_name: str) -> BatchRecord | None: ...

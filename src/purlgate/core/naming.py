@@ -1,0 +1,103 @@
+"""File names: the guide's naming rule, project selection, and the names we write.
+
+Pure functions only. The rule: ``<client>_<project>_YYYYMMdd_HHMMss_mm.<ext>`` is
+recommended and selects the client and project when they exist; any other name must
+contain an exact time of day (YYYYMMdd and HHMMss).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from purlgate.errors import FileNameError, FileTypeError
+
+DATA_EXTENSIONS = ("csv", "tsv", "txt", "dat")
+ARCHIVE_EXTENSIONS = ("zip",)
+RECOMMENDED_FORM = "<client>_<project>_YYYYMMdd_HHMMss_mm.<ext>"
+MAX_NAME_LENGTH = 180
+
+_RECOMMENDED = re.compile(
+    r"^(?P<client>[A-Za-z0-9][A-Za-z0-9-]*)_(?P<project>[A-Za-z0-9][A-Za-z0-9-]*)_"
+    r"(?P<date>\d{8})_(?P<time>\d{6})(?:_\d{2})?$"
+)
+# A date and a time of day, optionally separated; not part of a longer run of digits.
+_TIME_OF_DAY = re.compile(r"(?<!\d)(\d{8})[-_T. ]?(\d{6})(?!\d)")
+
+
+@dataclass(frozen=True)
+class DataName:
+    """A data file name that passed the naming rule."""
+
+    name: str
+    stem: str
+    extension: str  # as written by the client, without the dot
+    timestamp: datetime
+    client_part: str | None  # from the recommended form only
+    project_part: str | None
+
+
+def split_extension(name: str) -> tuple[str, str]:
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        return name, ""
+    return stem, ext
+
+
+def check_safe_name(name: str) -> None:
+    """Refuse names that cannot be written safely as one file in one folder."""
+    if not name or name in {".", ".."}:
+        raise FileNameError("the file has no name")
+    if len(name) > MAX_NAME_LENGTH:
+        raise FileNameError(f"the file name is longer than {MAX_NAME_LENGTH} characters")
+    if any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise FileNameError("the file name contains a path separator or a control character")
+    if name.startswith("."):
+        raise FileNameError("the file name starts with a dot (a hidden file)")
+
+
+def _valid_timestamp(date: str, time: str) -> datetime | None:
+    try:
+        return datetime.strptime(date + time, "%Y%m%d%H%M%S")  # noqa: DTZ007 - a name, not a clock
+    except ValueError:
+        return None
+
+
+def parse_data_name(name: str) -> DataName:
+    """Apply the naming rule; the error shows the recommended form."""
+    check_safe_name(name)
+    stem, ext = split_extension(name)
+    if ext.lower() not in DATA_EXTENSIONS:
+        allowed = " ".join(f".{e}" for e in (*DATA_EXTENSIONS, *ARCHIVE_EXTENSIONS))
+        shown = f".{ext}" if ext else "no extension"
+        raise FileTypeError(
+            f"{name!r} is not a data file ({shown}); send one of: {allowed} "
+            "(a .zip holding exactly one data file)"
+        )
+    match = _RECOMMENDED.match(stem)
+    if match:
+        stamp = _valid_timestamp(match["date"], match["time"])
+        if stamp is not None:
+            return DataName(name, stem, ext, stamp, match["client"], match["project"])
+    for found in _TIME_OF_DAY.finditer(stem):
+        stamp = _valid_timestamp(found[1], found[2])
+        if stamp is not None:
+            return DataName(name, stem, ext, stamp, None, None)
+    raise FileNameError(
+        f"{name!r} does not contain an exact time of day; name the file like "
+        f"{RECOMMENDED_FORM}, for example acme_spring_20261127_101500_00.csv"
+    )
+
+
+def purl_name(data: DataName, prefix: str, suffix: str, extension: str | None = None) -> str:
+    """``<Prefix><ORIGINAL_FILE_NAME><Suffix>.<ORIGINAL_FILE_EXTENSION>``."""
+    return f"{prefix}{data.stem}{suffix}.{extension or data.extension}"
+
+
+def flag_name(purl: str) -> str:
+    return f"{purl}.flg"
+
+
+def error_name(data: DataName, prefix: str, suffix: str) -> str:
+    return f"{prefix}{data.stem}{suffix}_errors.csv"

@@ -1,0 +1,494 @@
+"""The batch pipeline: one received file in, a PURL file (+ flag, + error file) out.
+
+    intake (client, name rule, project, duplicate claim)
+      -> unwrap (ZIP) -> head (encoding, header, delimiter, columns)
+      -> rows (stream) -> render -> PURL file (atomic) -> .flg -> error file
+
+No sockets and no configuration reads: the caller passes the clients, the store, the
+renderer factory, the clock and the subscribers. The work is blocking and CPU-bound;
+async callers run ``process`` in a worker thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from purlgate.config import ClientConfig, ProjectConfig
+from purlgate.core import dialect as dia
+from purlgate.core.archive import UnwrapLimits, unwrap
+from purlgate.core.files import AtomicFile
+from purlgate.core.lifecycle import (
+    EVENT_OF_STATE,
+    BatchEvent,
+    BatchRecord,
+    BatchState,
+    BatchStore,
+    Counts,
+)
+from purlgate.core.naming import (
+    DataName,
+    error_name,
+    flag_name,
+    parse_data_name,
+    purl_name,
+    split_extension,
+)
+from purlgate.core.render import Renderer, RenderRequest
+from purlgate.core.table import InvalidUtf8Error, LineWriter, RowReader
+from purlgate.errors import (
+    ClientInputError,
+    EncodingError,
+    FileNameError,
+    NoDataError,
+    PurlgateError,
+    ServerError,
+    StorageError,
+)
+
+log = logging.getLogger("purlgate.core")
+
+Progress = Callable[[int, int], None]
+Subscriber = Callable[[BatchEvent], None]
+RendererFactory = Callable[[str, str], Renderer]
+INTERNAL_REASON = "an internal error stopped the batch; our operators have been alerted"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A received file, already safe on our disk."""
+
+    path: Path
+    received_name: str  # the name the client gave it
+    channel: str  # "cli", "smtp", "imap", "sftp"
+    client_id: str | None = None  # known when the channel authenticated the client
+    project_id: str | None = None  # known when the channel implies it (SFTP folder)
+    zip_password: bytes | None = None
+    require_aes: bool = False
+    sha256: str | None = None  # computed here when the channel did not
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    batch: BatchRecord
+    purl: Path | None = None
+    flag: Path | None = None
+    errors: Path | None = None
+    error: PurlgateError | None = None
+
+    @property
+    def state(self) -> BatchState:
+        return self.batch.state
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int  # as a spreadsheet shows it: the header is row 1
+    column: str
+    reason: str
+
+
+@dataclass
+class _Job:
+    """What one batch run carries from step to step."""
+
+    batch_id: int
+    path: Path  # the data file (unwrapped)
+    data: DataName
+    project: ProjectConfig
+    renderer: Renderer
+    out_dir: Path
+    errors: ErrorLog
+    progress: Progress | None
+
+    @property
+    def purl_path(self) -> Path:
+        return self.out_dir / purl_name(self.data, self.project.purl_prefix,
+                                        self.project.purl_suffix)
+
+    @property
+    def error_path(self) -> Path:
+        return self.out_dir / error_name(self.data, self.project.purl_prefix,
+                                         self.project.purl_suffix)
+
+
+class ErrorLog:
+    """Row errors streamed to a scratch file; the batch's own errors kept aside."""
+
+    HEADER = ("row", "column", "reason")
+
+    def __init__(self, scratch: Path) -> None:
+        self._path = scratch
+        self._file = scratch.open("w", encoding="utf-8", newline="")
+        self._writer = csv.writer(self._file, lineterminator="\n")
+        self.rows_with_errors = 0
+        self.batch_errors: list[str] = []
+
+    def reset(self) -> None:
+        """Forget row errors (the file is being read again from the start)."""
+        self._file.seek(0)
+        self._file.truncate()
+        self.rows_with_errors = 0
+
+    def add_rows(self, errors: Iterable[RowError]) -> None:
+        last = None
+        for e in sorted(errors, key=lambda e: e.row):
+            self._writer.writerow((e.row, e.column, e.reason))
+            if e.row != last:
+                self.rows_with_errors += 1
+                last = e.row
+
+    @property
+    def empty(self) -> bool:
+        return not self.rows_with_errors and not self.batch_errors
+
+    def publish(self, final: Path) -> Path:
+        self._file.close()
+        with AtomicFile(final) as out:
+            text = io.TextIOWrapper(out.file, encoding="utf-8", newline="", write_through=True)
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(self.HEADER)
+            for reason in self.batch_errors:
+                writer.writerow(("", "", reason))
+            with self._path.open("r", encoding="utf-8", newline="") as rows:
+                shutil.copyfileobj(rows, text)
+            text.flush()
+            text.detach()
+            return out.commit()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _hash_file(path: Path, into: dict[str, str]) -> None:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)  # releases the GIL: runs beside the parser
+    into["sha256"] = digest.hexdigest()
+
+
+class BatchProcessor:
+    """Runs batches for one region. Thread-safe: each call works on its own batch."""
+
+    def __init__(
+        self,
+        *,
+        region_id: str,
+        clients: Mapping[str, ClientConfig],
+        limits: UnwrapLimits,
+        store: BatchStore,
+        renderer_for: RendererFactory,
+        clock: Callable[[], datetime],
+        work_root: Path,
+        subscribers: Sequence[Subscriber] = (),
+    ) -> None:
+        self.region_id = region_id
+        self.clients = clients
+        self.limits = limits
+        self.store = store
+        self.renderer_for = renderer_for
+        self.clock = clock
+        self.work_root = work_root
+        self.subscribers = list(subscribers)
+
+    # -- intake -------------------------------------------------------------------
+
+    def resolve_client(self, submission: Submission) -> str:
+        """The client a submission belongs to: the channel's word, else the file name."""
+        if submission.client_id is not None:
+            if submission.client_id not in self.clients:
+                raise FileNameError(f"unknown client {submission.client_id!r}")
+            return submission.client_id
+        stem = split_extension(submission.received_name)[0]
+        head = stem.split("_", 1)[0]
+        for client_id in self.clients:
+            if head.casefold() == client_id.casefold():
+                return client_id
+        raise FileNameError(
+            f"cannot tell which client {submission.received_name!r} is for; name it "
+            "<client>_<project>_YYYYMMdd_HHMMss_mm.<ext> or name the client explicitly"
+        )
+
+    def select_project(self, client_id: str, wanted: str | None, data: DataName) -> str:
+        client = self.clients[client_id]
+        if wanted is not None and wanted not in client.projects:
+            raise FileNameError(f"client {client_id} has no project {wanted!r}")
+        named_client, named_project = data.client_part, data.project_part
+        if named_client is not None and named_project is not None:
+            if named_client.casefold() == client_id.casefold():
+                by_name = {p.casefold(): p for p in client.projects}
+                project = by_name.get(named_project.casefold())
+                if project is None:
+                    raise FileNameError(
+                        f"the file name names project {named_project!r}, which client "
+                        f"{client_id} does not have; projects: {', '.join(client.projects)}"
+                    )
+                if wanted is not None and wanted != project:
+                    raise FileNameError(
+                        f"the file name names project {project!r} but it was sent for "
+                        f"project {wanted!r}; rename it or send it to the right place"
+                    )
+                return project
+            if named_client.casefold() in (c.casefold() for c in self.clients):
+                raise FileNameError(
+                    f"the file name names client {named_client!r}, but it came from "
+                    f"client {client_id}"
+                )
+        if wanted is not None:
+            return wanted
+        if len(client.projects) == 1:
+            return next(iter(client.projects))
+        raise FileNameError(
+            f"cannot tell the project of {data.name!r}; name the file "
+            f"{client_id}_<project>_YYYYMMdd_HHMMss_mm.{data.extension} with one of: "
+            + ", ".join(client.projects)
+        )
+
+    # -- events -------------------------------------------------------------------
+
+    def _move(
+        self, batch_id: int, target: BatchState, *, reason: str | None = None,
+        error_code: str | None = None, counts: Counts | None = None,
+        outputs: tuple[str, ...] = (),
+    ) -> BatchRecord:
+        record = self.store.transition(
+            batch_id, target, at=self.clock(), reason=reason, error_code=error_code,
+            counts=counts, outputs=outputs,
+        )
+        log.info(
+            "batch %d %s: client=%s project=%s rows=%d ok=%d errors=%d%s",
+            record.id, record.state, record.client, record.project,
+            record.counts.rows_total, record.counts.rows_ok, record.counts.rows_error,
+            f" code={record.error_code}" if record.error_code else "",
+        )
+        event = BatchEvent(EVENT_OF_STATE[target], record)
+        for subscriber in self.subscribers:
+            try:
+                subscriber(event)
+            except Exception:  # a notifier failing must not fail the batch
+                log.exception("subscriber failed on %s of batch %d", event.kind, record.id)
+        return record
+
+    # -- the batch ----------------------------------------------------------------
+
+    def process(
+        self, submission: Submission, out_dir: Path, progress: Progress | None = None
+    ) -> BatchOutcome:
+        """Run one batch to a terminal state. Client mistakes become a Failed outcome."""
+        client_id = self.resolve_client(submission)
+        record = self.store.create(
+            region=self.region_id, client=client_id, project=submission.project_id,
+            channel=submission.channel, received_name=submission.received_name,
+            sha256=submission.sha256, at=self.clock(),
+        )
+        digest: dict[str, str] = {}
+        hasher = None
+        if submission.sha256 is None:
+            hasher = threading.Thread(
+                target=_hash_file, args=(submission.path, digest), daemon=True
+            )
+            hasher.start()
+        work = self.work_root / f"batch-{record.id}"
+        work.mkdir(parents=True, exist_ok=True)
+        errors = ErrorLog(work / "row-errors.csv")
+        project: ProjectConfig | None = None
+        data: DataName | None = None
+        try:
+            try:
+                unwrapped = unwrap(
+                    submission.path, submission.received_name, work,
+                    password=submission.zip_password, require_aes=submission.require_aes,
+                    limits=self.limits,
+                )
+                data = parse_data_name(unwrapped.data_name)
+                project_id = self.select_project(client_id, submission.project_id, data)
+                self.store.claim_name(record.id, project=project_id, data_name=data.name)
+                project = self.clients[client_id].projects[project_id]
+                return self._run(_Job(
+                    batch_id=record.id, path=unwrapped.path, data=data, project=project,
+                    renderer=self.renderer_for(client_id, project_id), out_dir=out_dir,
+                    errors=errors, progress=progress,
+                ))
+            except ClientInputError as exc:
+                log.info("batch %d refused: %s", record.id, exc.code)
+                published = None
+                if project is not None and data is not None and project.error_file:
+                    # Only a batch that holds the name claim may write files named after it.
+                    errors.batch_errors.append(exc.message)
+                    published = errors.publish(out_dir / error_name(
+                        data, project.purl_prefix, project.purl_suffix))
+                failed = self._move(
+                    record.id, BatchState.FAILED, reason=exc.message, error_code=exc.code,
+                    counts=Counts(errors.rows_with_errors, 0, errors.rows_with_errors),
+                    outputs=tuple(p.name for p in (published,) if p),
+                )
+                return BatchOutcome(failed, errors=published, error=exc)
+            except (ServerError, OSError) as exc:
+                log.exception("batch %d stopped by a server-side error", record.id)
+                error = exc if isinstance(exc, ServerError) else StorageError(INTERNAL_REASON)
+                failed = self._move(record.id, BatchState.FAILED, reason=INTERNAL_REASON,
+                                    error_code=error.code)
+                return BatchOutcome(failed, error=error)
+        finally:
+            errors.close()
+            shutil.rmtree(work, ignore_errors=True)
+            if hasher is not None:
+                hasher.join()
+                if "sha256" in digest:
+                    self.store.set_sha256(record.id, digest["sha256"])
+
+    def _read_head(self, path: Path, project: ProjectConfig,
+                   encoding: str | None) -> tuple[dia.Dialect, dia.ColumnPlan]:
+        with path.open("rb") as f:
+            head = f.read(dia.HEAD_BYTES)
+            at_eof = not f.read(1)
+        rules = [dia.ColumnRule(c.name, c.required) for c in project.columns]
+        dialect = dia.sniff(
+            head, at_eof=at_eof, rules=rules,
+            fixed_encoding=encoding or project.encoding,
+            fixed_delimiter=project.delimiter,
+            default_delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+        )
+        if dialect.encoding == "windows-1252":
+            _check_cp1252(path)
+        plan = dia.plan_columns(dialect.header, rules, project.keep_all_columns)
+        return dialect, plan
+
+    def _run(self, job: _Job) -> BatchOutcome:
+        project, errors = job.project, job.errors
+        dialect, plan = self._read_head(job.path, project, None)
+        self._move(job.batch_id, BatchState.IN_PROGRESS)
+        purl_path = job.purl_path
+        try:
+            counts = self._transform(job, dialect, plan)
+        except InvalidUtf8Error as exc:
+            if project.encoding is not None:
+                raise EncodingError(
+                    "the file is not valid UTF-8, the encoding agreed for this project; "
+                    "save it as UTF-8 and send it again"
+                ) from exc
+            # The head was UTF-8 but the rest is not: it is a Windows-1252 file. The
+            # partial output was discarded by AtomicFile; start again from the top.
+            errors.reset()
+            dialect, plan = self._read_head(job.path, project, "windows-1252")
+            counts = self._transform(job, dialect, plan)
+        outputs = [purl_path]
+        flag = None
+        if project.flag_file:
+            with AtomicFile(purl_path.with_name(flag_name(purl_path.name))) as out:
+                flag = out.commit()
+            outputs.append(flag)
+        errors_path = None
+        if project.error_file and not errors.empty:
+            errors_path = errors.publish(job.error_path)
+            outputs.append(errors_path)
+        state = BatchState.DONE_WITH_ERRORS if counts.rows_error else BatchState.DONE
+        done = self._move(job.batch_id, state, counts=counts,
+                          outputs=tuple(p.name for p in outputs))
+        return BatchOutcome(done, purl=purl_path, flag=flag, errors=errors_path)
+
+    def _transform(self, job: _Job, dialect: dia.Dialect, plan: dia.ColumnPlan) -> Counts:
+        """Stream rows into the PURL file; publish it only if every block went through."""
+        project, errors, progress = job.project, job.errors, job.progress
+        header = dialect.header
+        read = sorted(set(plan.output) | set(plan.required))
+        where = {col: i for i, col in enumerate(read)}
+        out_names = [header[i] for i in plan.output]
+        ragged = f"has {{}} fields, the header has {len(header)}"
+        reader = RowReader(job.path, dialect, read)
+        numbers = reader.numbers
+        rendered = 0  # ordinal of the next row handed to the renderer (token input)
+        ok = 0
+        with AtomicFile(job.purl_path) as out:
+            writer = LineWriter(
+                out.file,
+                delimiter=project.output_delimiter or dialect.delimiter,
+                eol=dialect.eol,
+                encoding=project.output_encoding or dialect.encoding,
+                header=[*out_names, *dia.LINK_COLUMNS],
+            )
+            for columns in reader:
+                n = len(columns[0])
+                found: list[RowError] = []
+                data = [columns[where[i]] for i in plan.output]
+                kept: pa.Array | None = None  # block positions of the rows still in ``data``
+                empty = _empty_required(columns, plan, where)
+                if empty:
+                    bad = None
+                    for col, mask in empty.items():
+                        bad = mask if bad is None else pc.or_(bad, mask)
+                        found += [
+                            RowError(numbers.record_of(p) + 1, header[col],
+                                     "required value is empty")
+                            for p in pc.indices_nonzero(mask).to_pylist()
+                        ]
+                    keep = pc.invert(bad)
+                    kept = pc.indices_nonzero(keep)
+                    data = [pc.filter(c, keep) for c in data]
+                m = len(data[0]) if data else 0
+                if m:
+                    result = job.renderer.render(RenderRequest(
+                        batch_id=job.batch_id, first_index=rendered,
+                        columns=dict(zip(out_names, data, strict=True)), num_rows=m,
+                    ))
+                    rendered += m
+                    links = [result.thumbnails, result.landing_pages]
+                    if result.failures:
+                        for p, reason in result.failures.items():
+                            at = p if kept is None else kept[p].as_py()
+                            found.append(RowError(numbers.record_of(at) + 1, "", reason))
+                        good = pa.array([i not in result.failures for i in range(m)])
+                        data = [pc.filter(c, good) for c in data]
+                        links = [pc.filter(c, good) for c in links]
+                    writer.write([*data, *links])
+                    ok += len(links[0])
+                last = numbers.record_of(n - 1) if n else None
+                found += [RowError(b.record + 1, "", ragged.format(b.fields))
+                          for b in numbers.take_bad_rows(up_to=last)]
+                numbers.advance(n)
+                errors.add_rows(found)
+                if progress is not None:
+                    progress(reader.position(), reader.size)
+            errors.add_rows(RowError(b.record + 1, "", ragged.format(b.fields))
+                            for b in numbers.take_bad_rows())
+            if ok == 0:
+                raise NoDataError(
+                    "no row could be used: every data row has an error (see the error list)"
+                )
+            out.commit()
+        return Counts(ok + errors.rows_with_errors, ok, errors.rows_with_errors)
+
+
+def _empty_required(
+    columns: Sequence[pa.Array], plan: dia.ColumnPlan, where: Mapping[int, int]
+) -> dict[int, pa.Array]:
+    """Per required column with an empty (or blank) value in this block: its mask."""
+    empty: dict[int, pa.Array] = {}
+    for col in plan.required:
+        mask = pc.equal(pc.utf8_trim_whitespace(columns[where[col]]), "")
+        if pc.any(mask).as_py():
+            empty[col] = mask
+    return empty
+
+
+def _check_cp1252(path: Path) -> None:
+    """Find a byte Windows-1252 does not define anywhere in the file, with its line."""
+    lines = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            bad = dia.find_undefined_cp1252(chunk)
+            if bad >= 0:
+                raise dia.undefined_byte_error(chunk[bad], lines + chunk.count(b"\n", 0, bad) + 1)
+            lines += chunk.count(b"\n")

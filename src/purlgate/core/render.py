@@ -1,0 +1,34 @@
+"""The render seam: each valid row gets its ``thumbnail_1`` and ``landingPage`` links.
+
+A renderer works on a block of rows at once (Arrow string columns), so a backend that
+needs no per-row Python work (the embedded one) stays vectorised, and an HTTP backend
+can batch its calls. A row the backend cannot render is reported in ``failures`` and
+becomes a row error; the rest of the block goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    batch_id: int
+    first_index: int  # ordinal of the block's first row among the batch's rendered rows
+    columns: Mapping[str, pa.Array]  # header name -> values, the PURL file's data columns
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    thumbnails: pa.Array
+    landing_pages: pa.Array
+    failures: Mapping[int, str] = field(default_factory=dict)  # row position -> reason
+
+
+class Renderer(Protocol):
+    def render(self, request: RenderRequest) -> RenderResult: ...

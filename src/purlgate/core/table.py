@@ -1,0 +1,222 @@
+"""Stream rows in and PURL lines out, a block at a time, without per-row Python work.
+
+Reading uses Arrow's streaming CSV reader (quotes, doubled quotes and newlines inside
+values; a row with the wrong field count is handed to ``_on_invalid`` and skipped).
+Writing builds each output line with Arrow string kernels: a column is quoted only
+when its block contains the delimiter, a quote, CR or LF (the rule of the stdlib
+``csv`` module's QUOTE_MINIMAL, so output matches what Python or Excel would write),
+then one join per block produces the bytes that go to disk.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import io
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from purlgate.core.dialect import Dialect
+from purlgate.errors import EncodingError
+
+BLOCK_SIZE = 1 << 20
+
+
+class InvalidUtf8Error(Exception):
+    """The head looked like UTF-8 but a later block is not; read again as Windows-1252."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    record: int  # 1 = first data row after the header
+    fields: int
+
+
+class RecordNumbers:
+    """Map the n-th delivered row back to its record number, around skipped rows.
+
+    Arrow numbers the rows it skips, not the rows it delivers; we keep only the skipped
+    numbers not yet passed, so memory stays flat however many rows are bad.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[int] = []  # skipped record numbers after ``_last``
+        self._last = 0  # record number of the last delivered row
+        self.bad_rows: list[BadRow] = []  # skipped since the last ``take_bad_rows``
+
+    def skipped(self, record: int, fields: int) -> None:
+        bisect.insort(self._pending, record)
+        self.bad_rows.append(BadRow(record, fields))
+
+    def record_of(self, position: int) -> int:
+        """Record number of the delivered row ``position`` places after the last one."""
+        record = self._last + position + 1
+        while True:
+            moved = self._last + position + 1 + bisect.bisect_right(self._pending, record)
+            if moved == record:
+                return record
+            record = moved
+
+    def advance(self, delivered: int) -> None:
+        if delivered:
+            self._last = self.record_of(delivered - 1)
+            del self._pending[: bisect.bisect_right(self._pending, self._last)]
+
+    def take_bad_rows(self, up_to: int | None = None) -> list[BadRow]:
+        """Bad rows numbered up to ``up_to`` (all when None), in order."""
+        rows = sorted(self.bad_rows, key=lambda r: r.record)
+        if up_to is None:
+            self.bad_rows = []
+            return rows
+        keep = [r for r in rows if r.record > up_to]
+        self.bad_rows = keep
+        return [r for r in rows if r.record <= up_to]
+
+
+class RowReader:
+    """Iterate the data rows of ``path`` as Arrow batches of string columns."""
+
+    def __init__(self, path: Path, dialect: Dialect, columns: Sequence[int]) -> None:
+        self.dialect = dialect
+        self.numbers = RecordNumbers()
+        self.size = path.stat().st_size
+        self._file = pa.OSFile(str(path))
+        self._file.seek(dialect.data_offset)
+        names = [f"c{i}" for i in range(len(dialect.header))]
+        self._columns = [names[i] for i in columns]
+        self._width = len(names)
+        read = pacsv.ReadOptions(
+            column_names=names,
+            block_size=BLOCK_SIZE,
+            # Serial parsing numbers the rows it skips (threaded parsing does not), and
+            # measured faster on this streaming path anyway.
+            use_threads=False,
+            encoding="cp1252" if dialect.codec == "cp1252" else "utf8",
+        )
+        parse = pacsv.ParseOptions(
+            delimiter=dialect.delimiter,
+            quote_char='"',
+            double_quote=True,
+            escape_char=False,
+            newlines_in_values=True,
+            # Arrow would turn a blank line into a row of empty values; blank lines are
+            # skipped instead, and so are not counted in row numbers.
+            ignore_empty_lines=True,
+            invalid_row_handler=self._on_invalid,
+        )
+        convert = pacsv.ConvertOptions(
+            column_types=dict.fromkeys(names, pa.string()),
+            include_columns=self._columns,
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+            check_utf8=True,
+        )
+        try:
+            self._reader = pacsv.open_csv(
+                self._file, read_options=read, parse_options=parse, convert_options=convert
+            )
+        except pa.ArrowInvalid as exc:
+            self._file.close()
+            raise _translate(exc) from exc
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _on_invalid(self, row: Any) -> str:
+        self.numbers.skipped(int(row.number), int(row.actual_columns))
+        return "skip"
+
+    def position(self) -> int:
+        return int(self._file.tell())
+
+    def __iter__(self) -> Iterator[list[pa.Array]]:
+        try:
+            while True:
+                try:
+                    batch = self._reader.read_next_batch()
+                except StopIteration:
+                    return
+                except pa.ArrowInvalid as exc:
+                    raise _translate(exc) from exc
+                yield [batch.column(name) for name in self._columns]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _translate(exc: Exception) -> Exception:
+    text = str(exc)
+    if "utf8" in text.lower() and "invalid" in text.lower():
+        return InvalidUtf8Error(text)
+    if "Unicode" in text or "codec" in text:
+        return EncodingError("the file has bytes that are not Windows-1252 text")
+    return EncodingError(
+        "the file could not be read as delimited text (an unclosed quote?); "
+        "check the quoting of the values and send it again"
+    )
+
+
+def _needs_quotes(data: bytes, specials: tuple[bytes, ...]) -> bool:
+    return any(s in data for s in specials)
+
+
+class LineWriter:
+    """Write header and rows in the output dialect to an open binary file."""
+
+    def __init__(
+        self, out: BinaryIO, *, delimiter: str, eol: str, encoding: str, header: Sequence[str]
+    ) -> None:
+        self._out = out
+        self._delimiter = delimiter
+        self._eol = eol
+        self._codec = "cp1252" if encoding == "windows-1252" else "utf-8"
+        self._specials = tuple(s.encode() for s in (delimiter, '"', "\r", "\n"))
+        self._pattern = "[" + re.escape(delimiter + '"') + r"\r\n]"
+        if encoding == "utf-8-sig":
+            out.write(b"\xef\xbb\xbf")
+        text = io.StringIO()
+        csv.writer(text, delimiter=delimiter, lineterminator=eol).writerow(header)
+        self._write_text(text.getvalue())
+
+    def _write_text(self, text: str) -> None:
+        try:
+            self._out.write(text.encode(self._codec))
+        except UnicodeEncodeError as exc:
+            raise EncodingError(
+                "a value has characters that Windows-1252 cannot hold, and the project "
+                "fixes the output encoding to Windows-1252"
+            ) from exc
+
+    def _quoted(self, column: pa.Array) -> pa.Array:
+        data = column.buffers()[2]
+        if data is None or not _needs_quotes(data.to_pybytes(), self._specials):
+            return column
+        mask = pc.match_substring_regex(column, self._pattern)
+        doubled = (
+            pc.replace_substring(column, '"', '""') if b'"' in data.to_pybytes() else column
+        )
+        return pc.if_else(mask, pc.binary_join_element_wise('"', doubled, '"', ""), column)
+
+    def write(self, columns: Sequence[pa.Array]) -> None:
+        if len(columns[0]) == 0:
+            return
+        parts = [self._quoted(c) for c in columns]
+        parts[-1] = pc.binary_join_element_wise(parts[-1], self._eol, "")
+        lines = pc.binary_join_element_wise(*parts, self._delimiter)
+        _, offsets, data = lines.buffers()
+        start = lines.offset
+        view = memoryview(offsets).cast("i")  # int32 offsets of a string array
+        body = memoryview(data)[view[start] : view[start + len(lines)]]
+        if self._codec == "utf-8":
+            self._out.write(body)
+        else:
+            self._write_text(bytes(body).decode("utf-8"))

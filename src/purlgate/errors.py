@@ -1,0 +1,103 @@
+"""One exception tree for purlgate, split by whose fault it is.
+
+    PurlgateError
+    ├── ClientInputError            the client's file or message is wrong; tell the client
+    │   ├── FileNameError           no exact time of day, unknown project in the name
+    │   ├── FileTypeError           not one of .csv .tsv .txt .dat (.zip)
+    │   ├── DuplicateFileError      this name was already received for the project
+    │   ├── ArchiveError            a ZIP we refuse (paths, folders, nesting, size, ratio)
+    │   │   └── ArchivePasswordError   encrypted without a known password, wrong password,
+    │   │                              or ZipCrypto where AES is required
+    │   ├── EncodingError           bytes that are neither UTF-8 nor Windows-1252
+    │   ├── DelimiterError          no delimiter, or more than one, fits the header
+    │   ├── HeaderError             missing required columns, duplicate or empty names
+    │   └── NoDataError             empty file, header only, or no valid row at all
+    ├── ConfigError                 regions.toml is wrong; nothing starts
+    └── ServerError                 our side or a backend failed; retry, alert ops
+        ├── StorageError            disk full, fsync/rename failed, state store broken
+        └── RenderError             the render backend failed for the whole batch
+
+Each ClientInputError carries ``code`` (a stable slug for logs, tests and channel
+mappings), ``message`` (plain words the client can act on; never row data, never
+library internals) and the SMTP reply a channel would give if it could still refuse.
+"""
+
+from __future__ import annotations
+
+
+class PurlgateError(Exception):
+    """Base of every error purlgate raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ClientInputError(PurlgateError):
+    """The client's input is wrong; the message tells the client what to fix."""
+
+    code = "bad-input"
+    smtp_code = 550
+    smtp_status = "5.6.0"
+
+
+class FileNameError(ClientInputError):
+    code = "bad-file-name"
+
+
+class FileTypeError(ClientInputError):
+    code = "bad-file-type"
+
+
+class DuplicateFileError(ClientInputError):
+    code = "duplicate-name"
+    smtp_status = "5.7.0"
+
+
+class ArchiveError(ClientInputError):
+    code = "bad-zip"
+
+
+class ArchivePasswordError(ArchiveError):
+    code = "zip-password"
+    smtp_status = "5.7.5"
+
+
+class EncodingError(ClientInputError):
+    code = "bad-encoding"
+
+
+class DelimiterError(ClientInputError):
+    code = "bad-delimiter"
+
+
+class HeaderError(ClientInputError):
+    code = "bad-header"
+
+
+class NoDataError(ClientInputError):
+    code = "no-data"
+
+
+class ConfigError(PurlgateError):
+    """regions.toml (or a secret it points at) is unusable."""
+
+    code = "bad-config"
+
+
+class ServerError(PurlgateError):
+    """Our side failed; the client did nothing wrong and the work can be retried."""
+
+    code = "server-error"
+    smtp_code = 451
+    smtp_status = "4.3.0"
+
+
+class StorageError(ServerError):
+    code = "storage"
+
+
+class RenderError(ServerError):
+    code = "render"

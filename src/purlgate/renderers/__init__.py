@@ -1,0 +1,1 @@
+"""Render backends behind ``purlgate.core.render.Renderer``."""

@@ -1,0 +1,192 @@
+"""The embedded batch store: SQLite (WAL) in the region's data directory.
+
+The unique index on (client, project, data_name) is the duplicate-name guard: two
+files of the same name racing from two channels or two sessions cannot both claim it,
+and a claim survives restarts. One short-lived connection per call keeps the store
+safe to use from worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from purlgate.core.lifecycle import (
+    BatchRecord,
+    BatchState,
+    Counts,
+    check_transition,
+)
+from purlgate.errors import DuplicateFileError, StorageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    region TEXT NOT NULL,
+    client TEXT NOT NULL,
+    project TEXT,
+    channel TEXT NOT NULL,
+    received_name TEXT NOT NULL,
+    data_name TEXT,
+    sha256 TEXT,
+    state TEXT NOT NULL,
+    reason TEXT,
+    error_code TEXT,
+    rows_total INTEGER NOT NULL DEFAULT 0,
+    rows_ok INTEGER NOT NULL DEFAULT 0,
+    rows_error INTEGER NOT NULL DEFAULT 0,
+    outputs TEXT NOT NULL DEFAULT '[]',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS batches_claimed_name
+    ON batches (client, project, data_name) WHERE data_name IS NOT NULL;
+CREATE TABLE IF NOT EXISTS transitions (
+    batch_id INTEGER NOT NULL REFERENCES batches(id),
+    state TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_batch ON transitions (batch_id);
+"""
+
+
+def _ts(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+class SqliteBatchStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=ON")
+                yield db
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"batch store {self.path.name}: {exc}") from exc
+
+    def create(
+        self, *, region: str, client: str, project: str | None, channel: str,
+        received_name: str, sha256: str | None, at: datetime,
+    ) -> BatchRecord:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            cur = db.execute(
+                "INSERT INTO batches (region, client, project, channel, received_name, sha256,"
+                " state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (region, client, project, channel, received_name, sha256,
+                 BatchState.INITIALIZING.value, _ts(at), _ts(at)),
+            )
+            batch_id = int(cur.lastrowid or 0)
+            db.execute(
+                "INSERT INTO transitions (batch_id, state, at) VALUES (?,?,?)",
+                (batch_id, BatchState.INITIALIZING.value, _ts(at)),
+            )
+            db.execute("COMMIT")
+        return self.get(batch_id)
+
+    def claim_name(self, batch_id: int, *, project: str, data_name: str) -> None:
+        try:
+            with self._connect() as db:
+                db.execute(
+                    "UPDATE batches SET project = ?, data_name = ? WHERE id = ?",
+                    (project, data_name, batch_id),
+                )
+        except sqlite3.IntegrityError as exc:
+            client = self.get(batch_id).client
+            first = self.find_by_name(client, project, data_name)
+            when = first.created_at.strftime("%Y-%m-%d %H:%M:%S UTC") if first else "earlier"
+            raise DuplicateFileError(
+                f"a file named {data_name!r} was already received for project {project} "
+                f"at {when}; it was not processed again and nothing was overwritten. "
+                "Send new data under a new name (with a new time of day)"
+            ) from exc
+
+    def set_sha256(self, batch_id: int, sha256: str) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE batches SET sha256 = ? WHERE id = ?", (sha256, batch_id))
+
+    def transition(
+        self, batch_id: int, target: BatchState, *, at: datetime, reason: str | None = None,
+        error_code: str | None = None, counts: Counts | None = None,
+        outputs: tuple[str, ...] = (),
+    ) -> BatchRecord:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT state FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if row is None:
+                db.execute("ROLLBACK")
+                raise StorageError(f"no batch {batch_id}")
+            try:
+                check_transition(BatchState(row["state"]), target)
+            except Exception:
+                db.execute("ROLLBACK")
+                raise
+            c = counts or Counts()
+            db.execute(
+                "UPDATE batches SET state = ?, reason = COALESCE(?, reason),"
+                " error_code = COALESCE(?, error_code), rows_total = ?, rows_ok = ?,"
+                " rows_error = ?, outputs = ?, updated_at = ? WHERE id = ?",
+                (target.value, reason, error_code, c.rows_total, c.rows_ok, c.rows_error,
+                 json.dumps(list(outputs)), _ts(at), batch_id),
+            )
+            db.execute(
+                "INSERT INTO transitions (batch_id, state, at) VALUES (?,?,?)",
+                (batch_id, target.value, _ts(at)),
+            )
+            db.execute("COMMIT")
+        return self.get(batch_id)
+
+    def _record(self, db: sqlite3.Connection, row: sqlite3.Row) -> BatchRecord:
+        history = tuple(
+            (BatchState(h["state"]), datetime.fromisoformat(h["at"]))
+            for h in db.execute(
+                "SELECT state, at FROM transitions WHERE batch_id = ? ORDER BY rowid",
+                (row["id"],),
+            )
+        )
+        return BatchRecord(
+            id=row["id"], region=row["region"], client=row["client"], project=row["project"],
+            channel=row["channel"], received_name=row["received_name"],
+            data_name=row["data_name"], sha256=row["sha256"], state=BatchState(row["state"]),
+            reason=row["reason"], error_code=row["error_code"],
+            counts=Counts(row["rows_total"], row["rows_ok"], row["rows_error"]),
+            outputs=tuple(json.loads(row["outputs"])),
+            created_at=datetime.fromisoformat(row["created_at"]),
+            updated_at=datetime.fromisoformat(row["updated_at"]),
+            history=history,
+        )
+
+    def get(self, batch_id: int) -> BatchRecord:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if row is None:
+                raise StorageError(f"no batch {batch_id}")
+            return self._record(db, row)
+
+    def find_by_name(self, client: str, project: str, data_name: str) -> BatchRecord | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM batches WHERE client = ? AND project = ? AND data_name = ?",
+                (client, project, data_name),
+            ).fetchone()
+            return None if row is None else self._record(db, row)
+
+    def recent(self, limit: int = 50) -> list[BatchRecord]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM batches ORDER BY id DESC LIMIT ?", (limit,))
+            return [self._record(db, r) for r in rows.fetchall()]
