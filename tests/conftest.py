@@ -1,0 +1,144 @@
+"""Shared set-up: a real SQLite store, the real embedded renderer, a fixed clock."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from purlgate.config import Config, parse_config
+from purlgate.core.archive import UnwrapLimits
+from purlgate.core.lifecycle import BatchEvent
+from purlgate.core.pipeline import BatchOutcome, BatchProcessor, Submission
+from purlgate.renderers.embedded import EmbeddedRenderer
+from purlgate.store import SqliteBatchStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "fixtures" / "data"
+KEY = bytes(range(32))
+BASE_URL = "https://purl.test"
+
+TEST_CONFIG = """
+[regions.usa]
+inbound_addresses = ["sftp-usa@idomoo.com"]
+data_dir = "var/usa"
+public_base_url = "https://purl.test"
+
+[clients.acme]
+name = "Acme"
+regions = ["usa"]
+senders = ["data@acme.example"]
+notify = ["ops@acme.example"]
+
+[clients.acme.projects.spring]
+keep_all_columns = true
+
+[clients.acme.projects.agreed]
+keep_all_columns = false
+columns = [
+  { name = "first_name", required = true },
+  { name = "email", required = true },
+  { name = "city" },
+]
+
+[clients.acme.projects.agreed-all]
+keep_all_columns = true
+columns = [{ name = "email", required = true }]
+
+[clients.acme.projects.strict]
+encoding = "utf-8"
+delimiter = ";"
+purl_prefix = "OUT_"
+purl_suffix = "_v1"
+error_file = false
+flag_file = false
+
+[clients.globex]
+name = "Globex"
+regions = ["usa"]
+
+[clients.globex.projects.main]
+"""
+
+
+@pytest.fixture
+def config() -> Config:
+    return parse_config(TEST_CONFIG)
+
+
+def fixed_clock() -> datetime:
+    return datetime(2026, 11, 27, 10, 15, 0, tzinfo=UTC)
+
+
+@dataclass
+class Harness:
+    processor: BatchProcessor
+    store: SqliteBatchStore
+    out: Path
+    events: list[BatchEvent]
+    tmp: Path
+
+    def run(self, path: Path, *, client: str | None = "acme", project: str | None = "spring",
+            name: str | None = None, **extra: object) -> BatchOutcome:
+        sub = Submission(path=path, received_name=name or path.name, channel="test",
+                         client_id=client, project_id=project, **extra)  # type: ignore[arg-type]
+        return self.processor.process(sub, self.out)
+
+    def fixture(self, name: str, **kw: object) -> BatchOutcome:
+        return self.run(DATA / name, **kw)  # type: ignore[arg-type]
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.tmp / "in" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def outputs(self) -> list[str]:
+        return sorted(p.name for p in self.out.iterdir())
+
+
+def make_harness(config: Config, tmp: Path, **limits: int | float) -> Harness:
+    store = SqliteBatchStore(tmp / "state" / "batches.sqlite3")
+    events: list[BatchEvent] = []
+    out = tmp / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    renderer = EmbeddedRenderer(KEY, BASE_URL)
+    processor = BatchProcessor(
+        region_id="usa",
+        clients=config.clients_of("usa"),
+        limits=UnwrapLimits(
+            max_uncompressed_bytes=int(limits.get("max_bytes", 10 * 1024 * 1024)),
+            max_compression_ratio=float(limits.get("max_ratio", 100.0)),
+            ratio_check_after_bytes=int(limits.get("ratio_after", 64 * 1024)),
+        ),
+        store=store,
+        renderer_for=lambda client, project: renderer,
+        clock=fixed_clock,
+        work_root=tmp / "work",
+        subscribers=[events.append],
+    )
+    return Harness(processor, store, out, events, tmp)
+
+
+@pytest.fixture
+def harness(config: Config, tmp_path: Path) -> Harness:
+    return make_harness(config, tmp_path)
+
+
+@pytest.fixture
+def harness_factory(config: Config, tmp_path: Path) -> Callable[..., Harness]:
+    return lambda **limits: make_harness(config, tmp_path, **limits)
+
+
+def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",") -> list[list[str]]:
+    with path.open(encoding=encoding, newline="") as f:
+        return list(csv.reader(f, delimiter=delimiter))
+
+
+def parse_csv(text: str, delimiter: str = ",") -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
