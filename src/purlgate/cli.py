@@ -99,7 +99,7 @@ def _process(args: argparse.Namespace) -> int:
     for label, out in (("purl", outcome.purl), ("flag", outcome.flag),
                        ("errors", outcome.errors)):
         if out is not None:
-            print(f"{label:<9} {out}")
+            print(f"{label:<9} {out.resolve()}")
     if batch.state is BatchState.FAILED:
         print(f"purlgate: batch failed: {batch.reason}", file=sys.stderr)
         return EXIT_FAILED

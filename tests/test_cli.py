@@ -1,0 +1,111 @@
+"""`purlgate process` and `purlgate check-config`, run as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import DATA, read_csv
+
+DEMO = "acme_spring_20261127_101500_00.csv"
+
+
+def purlgate(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("purlgate")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120, check=False)
+
+
+def test_process_demo_with_bundled_defaults(tmp_path: Path) -> None:
+    """With no options the demo file becomes a PURL file beside it; exit 0 and a summary."""
+    shutil.copy(DATA / DEMO, tmp_path / DEMO)
+    result = purlgate("process", DEMO, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "batch     1 (usa, client acme, project spring)"
+    assert lines[1] == "status    Done"
+    assert lines[2] == "rows      20 read, 20 in the PURL file, 0 with errors"
+    assert lines[3] == f"purl      {tmp_path / ('PURL_' + DEMO)}"
+    assert lines[4] == f"flag      {tmp_path / ('PURL_' + DEMO + '.flg')}"
+    assert len(read_csv(tmp_path / f"PURL_{DEMO}")) == 21
+    assert (tmp_path / "var" / "usa" / "batches.sqlite3").exists()
+    assert result.stderr == ""
+
+
+def test_process_again_is_a_duplicate_and_exits_1(tmp_path: Path) -> None:
+    """Same name twice: the second run fails with the duplicate reason on stderr."""
+    shutil.copy(DATA / DEMO, tmp_path / DEMO)
+    assert purlgate("process", DEMO, cwd=tmp_path).returncode == 0
+    second = purlgate("process", DEMO, cwd=tmp_path)
+    assert second.returncode == 1
+    assert "status    Failed" in second.stdout
+    assert second.stderr.startswith(
+        f"purlgate: batch failed: a file named '{DEMO}' was already received for project spring"
+    )
+
+
+def test_process_options(tmp_path: Path) -> None:
+    """--client, --project, --out and --data-dir put things where asked."""
+    result = purlgate("process", str(DATA / "ragged_20261127_101500.csv"), "--client", "acme",
+                      "--project", "spring", "--out", "outdir", "--data-dir", "state",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "status    Done with Errors" in result.stdout
+    assert "rows      5 read, 3 in the PURL file, 2 with errors" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "outdir").iterdir()) == [
+        "PURL_ragged_20261127_101500.csv", "PURL_ragged_20261127_101500.csv.flg",
+        "PURL_ragged_20261127_101500_errors.csv",
+    ]
+    assert (tmp_path / "state" / "batches.sqlite3").exists()
+    assert (tmp_path / "state" / "token.key").exists()
+
+
+def test_process_failed_batch(tmp_path: Path) -> None:
+    """A bad file exits 1 with the reason on stderr and leaves no PURL file."""
+    result = purlgate("process", str(DATA / "two_files_20261127_101500.zip"), "--client",
+                      "acme", "--out", "o", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "purlgate: batch failed: the ZIP holds 2 data files (a_20261127_101500.csv, "
+        "b_20261127_101500.csv); send one data file per ZIP"
+    )
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_process_unknown_client_name(tmp_path: Path) -> None:
+    """A name that says no client, and no --client: a usage error, exit 1."""
+    result = purlgate("process", str(DATA / "comma_20261127_101500.csv"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot tell which client" in result.stderr
+
+
+def test_check_config_ok() -> None:
+    """The bundled configuration is valid."""
+    result = purlgate("check-config", cwd=Path.cwd())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "configuration OK"
+    assert "region usa: sftp-usa@idomoo.com; 1 client(s): acme (spring)" in result.stdout
+
+
+def test_check_config_names_the_problem(tmp_path: Path) -> None:
+    """Errors exit 2 and name region/client/project/field; a missing secret is named too."""
+    bad = tmp_path / "r.toml"
+    bad.write_text(
+        '[regions.usa]\ninbound_addresses=["a@b.example"]\ndata_dir="v"\n'
+        'public_base_url="https://x.example"\n'
+        '[clients.acme]\nname="A"\nregions=["usa"]\nzip_password={env="PG_NOPE_UNSET"}\n'
+        '[clients.acme.projects.spring]\npurl_prefix="../"\n'
+    )
+    result = purlgate("check-config", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "client acme, project spring, field purl_prefix: may not contain" in result.stderr
+    bad.write_text(bad.read_text().replace('purl_prefix="../"', ""))
+    result = purlgate("check-config", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "purlgate: configuration error: 1 problem(s):\n"
+        "  client acme, field zip_password: secret not set: environment variable PG_NOPE_UNSET"
+    )

@@ -1,0 +1,99 @@
+"""regions.toml: bundled defaults load; mistakes are named by region, client, project, field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from purlgate.config import SecretRef, load_config, parse_config
+from purlgate.errors import ConfigError
+
+GOOD_REGION = """
+[regions.usa]
+inbound_addresses = ["sftp-usa@idomoo.com"]
+data_dir = "var/usa"
+public_base_url = "https://purl.test"
+"""
+
+
+def test_bundled_defaults() -> None:
+    """Regions usa and eur with their addresses; demo client acme/spring keeps all columns."""
+    config = load_config(None)
+    assert config.regions["usa"].inbound_addresses == ["sftp-usa@idomoo.com"]
+    assert config.regions["eur"].inbound_addresses == ["sftp-eur@idomoo.com"]
+    spring = config.clients["acme"].projects["spring"]
+    assert spring.keep_all_columns and spring.purl_prefix == "PURL_" and spring.purl_suffix == ""
+    assert config.regions["usa"].data_dir == Path.cwd() / "var" / "usa"
+
+
+def test_repository_regions_toml_is_the_bundled_one() -> None:
+    """The top-level regions.toml is the file the package ships."""
+    root = Path(__file__).resolve().parents[1]
+    assert load_config(root / "regions.toml") == load_config(None)
+
+
+def test_errors_name_where_they_are() -> None:
+    """Each problem names its region, client, project and field."""
+    text = GOOD_REGION + """
+[regions.eur]
+inbound_addresses = ["not-an-address"]
+data_dir = "var/eur"
+public_base_url = "http://plain.example"
+
+[clients.acme]
+name = "Acme"
+regions = ["usa"]
+[clients.acme.projects.spring]
+delimiter = ":"
+keep_all_columns = false
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, source="t.toml")
+    msg = err.value.message
+    assert msg.startswith("t.toml: 3 problem(s):")
+    assert "region eur, field inbound_addresses: 'not-an-address' is not an email" in msg
+    assert "region eur, field public_base_url: must be an https:// URL" in msg
+    assert "client acme, project spring, field delimiter: Input should be ','" in msg
+
+
+def test_agreed_columns_or_keep_all() -> None:
+    """A project must keep all columns or list the agreed ones."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD_REGION + "\n[clients.acme]\nname='A'\nregions=['usa']\n"
+                     "[clients.acme.projects.spring]\nkeep_all_columns=false\n")
+    assert ("client acme, project spring: list the agreed 'columns' or set "
+            "keep_all_columns = true") in err.value.message
+
+
+def test_unknown_keys_are_refused() -> None:
+    """A typo is an error, not a silently ignored setting."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD_REGION + "\n[clients.acme]\nname='A'\nregions=['usa']\n"
+                     "[clients.acme.projects.p]\nprefix='X_'\n")
+    assert "client acme, project p, field prefix: Extra inputs are not permitted" in err.value.message
+
+
+def test_client_in_unknown_region() -> None:
+    """Clients must belong to configured regions."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD_REGION + "\n[clients.acme]\nname='A'\nregions=['apac']\n"
+                     "[clients.acme.projects.p]\n")
+    assert "client acme: unknown region(s) apac; known: usa" in err.value.message
+
+
+def test_secrets_by_reference_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret is an env var or a file; a plain string is refused."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD_REGION + "\n[clients.acme]\nname='A'\nregions=['usa']\n"
+                     "zip_password='hunter2'\n[clients.acme.projects.p]\n")
+    assert "client acme, field zip_password" in err.value.message
+    assert "hunter2" not in err.value.message
+    monkeypatch.setenv("PG_TEST_PW", "from-env")
+    assert SecretRef(env="PG_TEST_PW").reveal() == b"from-env"
+    f = tmp_path / "pw"
+    f.write_text("from-file\n")
+    assert SecretRef(file=f).reveal() == b"from-file"
+    with pytest.raises(ConfigError) as missing:
+        SecretRef(env="PG_TEST_UNSET_VAR").reveal()
+    assert missing.value.message == "secret not set: environment variable PG_TEST_UNSET_VAR"
