@@ -7,6 +7,8 @@ A reader of the folder (an SFTP client polling Downloads, a script waiting for t
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
@@ -88,3 +90,43 @@ def write_atomic(final: Path, data: bytes) -> Path:
     with AtomicFile(final) as out:
         out.file.write(data)
         return out.commit()
+
+
+class BackgroundWriter:
+    """Hand writes to a thread so that disk time overlaps the next block's work.
+
+    Writing a fresh file costs the kernel real time (block allocation); ``write``
+    releases the GIL, so on a second core it runs beside Arrow's kernels. At most
+    ``depth`` blocks wait in the queue: memory stays flat. The first error is raised
+    from ``write`` or ``close``.
+    """
+
+    def __init__(self, out: BinaryIO, depth: int = 4) -> None:
+        self._out = out
+        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="purl-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._out.write(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, data: memoryview | bytes) -> None:
+        self._raise()
+        self._queue.put(memoryview(data))
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()

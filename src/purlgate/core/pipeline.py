@@ -11,6 +11,7 @@ async callers run ``process`` in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -411,7 +412,7 @@ class BatchProcessor:
         numbers = reader.numbers
         rendered = 0  # ordinal of the next row handed to the renderer (token input)
         ok = 0
-        with AtomicFile(job.purl_path) as out:
+        with AtomicFile(job.purl_path) as out, contextlib.ExitStack() as stack:
             writer = LineWriter(
                 out.file,
                 delimiter=project.output_delimiter or dialect.delimiter,
@@ -419,6 +420,7 @@ class BatchProcessor:
                 encoding=project.output_encoding or dialect.encoding,
                 header=[*out_names, *dia.LINK_COLUMNS],
             )
+            stack.callback(writer.close)  # the writer thread ends on every path
             for columns in reader:
                 n = len(columns[0])
                 found: list[RowError] = []
@@ -467,6 +469,7 @@ class BatchProcessor:
                 raise NoDataError(
                     "no row could be used: every data row has an error (see the error list)"
                 )
+            writer.close()
             out.commit()
         return Counts(ok + errors.rows_with_errors, ok, errors.rows_with_errors)
 

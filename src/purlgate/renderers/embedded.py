@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from purlgate.core.render import RenderRequest, RenderResult
@@ -55,8 +54,8 @@ def parse_key(raw: bytes) -> bytes:
     return key
 
 
-def tokens(key: bytes, batch_id: int, first_index: int, count: int) -> pa.Array:
-    """Hex tokens for rows ``first_index .. first_index + count - 1`` of a batch."""
+def _token_digits(key: bytes, batch_id: int, first_index: int, count: int) -> np.ndarray:
+    """(count, 32) array of the hex digits of each row's token."""
     if not 0 <= batch_id < FIELD_LIMIT or first_index + count > FIELD_LIMIT:
         raise ValueError("batch id or row ordinal out of range")
     blocks = np.empty((count, 2), dtype=">u8")
@@ -64,10 +63,34 @@ def tokens(key: bytes, batch_id: int, first_index: int, count: int) -> pa.Array:
     blocks[:, 1] = np.arange(first_index, first_index + count, dtype=np.uint64)
     encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305
     digits = (encryptor.update(blocks.tobytes()) + encryptor.finalize()).hex().encode("ascii")
-    offsets = np.arange(0, TOKEN_HEX * count + 1, TOKEN_HEX, dtype=np.int32)
+    return np.frombuffer(digits, dtype=np.uint8).reshape(count, TOKEN_HEX)
+
+
+def _fixed_width(parts: list[bytes | np.ndarray], count: int) -> pa.Array:
+    """A string array whose every value is the concatenation of ``parts``.
+
+    Constant parts are bytes; per-row parts are (count, width) uint8 arrays. Every
+    value has the same length, so the offsets are a plain arithmetic sequence.
+    """
+    width = sum(len(p) if isinstance(p, bytes) else p.shape[1] for p in parts)
+    out = np.empty((count, width), dtype=np.uint8)
+    at = 0
+    for part in parts:
+        if isinstance(part, bytes):
+            out[:, at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
+            at += len(part)
+        else:
+            out[:, at : at + part.shape[1]] = part
+            at += part.shape[1]
+    offsets = np.arange(0, width * count + 1, width, dtype=np.int32)
     return pa.Array.from_buffers(
-        pa.string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(digits)]
+        pa.string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(out)]
     )
+
+
+def tokens(key: bytes, batch_id: int, first_index: int, count: int) -> pa.Array:
+    """Hex tokens for rows ``first_index .. first_index + count - 1`` of a batch."""
+    return _fixed_width([_token_digits(key, batch_id, first_index, count)], count)
 
 
 def decode(key: bytes, token: str) -> tuple[int, int] | None:
@@ -91,12 +114,13 @@ class EmbeddedRenderer:
 
     def __init__(self, key: bytes, public_base_url: str) -> None:
         self._key = key
-        self._thumb = f"{public_base_url}/t/"
-        self._page = f"{public_base_url}/p/"
+        self._thumb = f"{public_base_url}/t/".encode()
+        self._page = f"{public_base_url}/p/".encode()
 
     def render(self, request: RenderRequest) -> RenderResult:
-        tok = tokens(self._key, request.batch_id, request.first_index, request.num_rows)
+        n = request.num_rows
+        digits = _token_digits(self._key, request.batch_id, request.first_index, n)
         return RenderResult(
-            thumbnails=pc.binary_join_element_wise(self._thumb, tok, ".jpg", ""),
-            landing_pages=pc.binary_join_element_wise(self._page, tok, ""),
+            thumbnails=_fixed_width([self._thumb, digits, b".jpg"], n),
+            landing_pages=_fixed_width([self._page, digits], n),
         )
