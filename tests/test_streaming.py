@@ -103,3 +103,21 @@ def test_every_row_bad_is_failed_with_the_row_errors(harness: Harness) -> None:
         ["3", "email", "required value is empty"],
     ]
     assert not (harness.out / f"PURL_allbad_{T}.csv").exists()
+
+
+def test_progress_reaches_the_end(harness: Harness) -> None:
+    """The progress callback (the CLI's bar) moves forward and ends at the file size."""
+    data, _, _ = build(40_000, seed=5)
+    path = harness.write(f"prog_{T}.csv", data)
+    seen: list[tuple[int, int]] = []
+    from purlgate.core.pipeline import Submission
+
+    outcome = harness.processor.process(
+        Submission(path=path, received_name=path.name, channel="test", client_id="acme",
+                   project_id="spring"),
+        harness.out, lambda done, total: seen.append((done, total)),
+    )
+    assert outcome.state is BatchState.DONE_WITH_ERRORS  # build() sprinkles bad rows
+    assert len(seen) > 1
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1] == (len(data), len(data))
