@@ -51,7 +51,7 @@ def test_wrong_extension_lists_the_allowed_types(name: str) -> None:
     """Only .csv .tsv .txt .dat (or a .zip) are data files."""
     with pytest.raises(FileTypeError) as err:
         parse_data_name(name)
-    assert "send one of: .csv .tsv .txt .dat .zip" in err.value.message
+    assert "send one of: .csv .tsv .txt .dat .zip .pgp .gpg" in err.value.message
 
 
 @pytest.mark.parametrize("name", ["../x_20261127_101500.csv", ".hidden_20261127_101500.csv",
@@ -67,5 +67,10 @@ def test_output_names_follow_the_guide() -> None:
     data = parse_data_name("acme_spring_20261127_101500_00.Csv")
     assert purl_name(data, "PURL_", "") == "PURL_acme_spring_20261127_101500_00.Csv"
     assert purl_name(data, "", "_out") == "acme_spring_20261127_101500_00_out.Csv"
+    assert purl_name(data, "PURL_", "", encrypted=True) == (
+        "PURL_acme_spring_20261127_101500_00.Csv.gpg")
+    bare = parse_data_name("data_file_20261127_101500", from_pgp=True)
+    assert purl_name(bare, "PURL_", "", encrypted=True) == "PURL_data_file_20261127_101500.gpg"
+    assert purl_name(bare, "PURL_", "") == "PURL_data_file_20261127_101500.csv"
     assert flag_name("PURL_a.csv") == "PURL_a.csv.flg"
     assert error_name(data, "PURL_", "") == "PURL_acme_spring_20261127_101500_00_errors.csv"

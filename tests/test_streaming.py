@@ -11,6 +11,7 @@ import io
 import random
 
 from purlgate.core.lifecycle import BatchState
+from purlgate.core.pipeline import Submission
 from tests.conftest import Harness, read_csv
 
 T = "20261127_101500"
@@ -110,8 +111,6 @@ def test_progress_reaches_the_end(harness: Harness) -> None:
     data, _, _ = build(40_000, seed=5)
     path = harness.write(f"prog_{T}.csv", data)
     seen: list[tuple[int, int]] = []
-    from purlgate.core.pipeline import Submission
-
     outcome = harness.processor.process(
         Submission(path=path, received_name=path.name, channel="test", client_id="acme",
                    project_id="spring"),

@@ -19,6 +19,7 @@ from purlgate.core.archive import UnwrapLimits
 from purlgate.core.pipeline import BatchProcessor, Subscriber
 from purlgate.core.render import Renderer
 from purlgate.errors import ConfigError
+from purlgate.pgp import GpgKeyStore
 from purlgate.renderers.embedded import EmbeddedRenderer, load_or_create_key, parse_key
 from purlgate.store import SqliteBatchStore
 
@@ -43,6 +44,11 @@ class Region:
     data_dir: Path
     store: SqliteBatchStore
     processor: BatchProcessor
+    keys: GpgKeyStore | None = None
+
+    def close(self) -> None:
+        if self.keys is not None:
+            self.keys.close()
 
 
 def token_key(region: RegionConfig, data_dir: Path) -> bytes:
@@ -79,9 +85,17 @@ def build_region(
         max_compression_ratio=region.limits.max_compression_ratio,
         ratio_check_after_bytes=region.limits.ratio_check_after_bytes,
     )
+    keys = None
+    if region.pgp is not None:
+        client_keys = {
+            cid: (c.pgp_public_key, c.pgp_fingerprint)
+            for cid, c in clients.items()
+            if c.pgp_public_key is not None and c.pgp_fingerprint is not None
+        }
+        keys = GpgKeyStore.open(region.pgp, data_dir, client_keys)
     processor = BatchProcessor(
         region_id=region_id, clients=clients, limits=limits, store=store,
         renderer_for=renderer_for, clock=utc_now, work_root=data_dir / "work",
-        subscribers=subscribers,
+        subscribers=subscribers, crypto=keys,
     )
-    return Region(region_id, region, data_dir, store, processor)
+    return Region(region_id, region, data_dir, store, processor, keys)

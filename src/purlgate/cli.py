@@ -17,6 +17,7 @@ from purlgate.config import Config, load_config
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import Submission
 from purlgate.errors import ConfigError, PurlgateError
+from purlgate.pgp import check_passphrase
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -90,6 +91,7 @@ def _process(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+        region.close()
     batch = outcome.batch
     print(f"batch     {batch.id} ({region_id}, client {batch.client}, "
           f"project {batch.project or '-'})")
@@ -115,12 +117,26 @@ def _check_config(args: argparse.Namespace) -> int:
                 region.token_key.reveal()
             except ConfigError as exc:
                 problems.append(f"  region {region_id}, field token_key: {exc.message}")
+        if region.pgp is not None:
+            for field, ref in (("private_key", region.pgp.private_key),
+                               ("passphrase", region.pgp.passphrase)):
+                if ref is None:
+                    continue
+                try:
+                    secret = ref.reveal()
+                    if field == "passphrase":
+                        check_passphrase(secret.decode("utf-8", "replace"))
+                except ConfigError as exc:
+                    problems.append(f"  region {region_id}, field pgp.{field}: {exc.message}")
     for client_id, client in config.clients.items():
         if client.zip_password is not None:
             try:
                 client.zip_password.reveal()
             except ConfigError as exc:
                 problems.append(f"  client {client_id}, field zip_password: {exc.message}")
+        if client.pgp_public_key is not None and not client.pgp_public_key.is_file():
+            problems.append(f"  client {client_id}, field pgp_public_key: no file "
+                            f"{client.pgp_public_key}")
     if problems:
         raise ConfigError(f"{len(problems)} problem(s):\n" + "\n".join(problems))
     for region_id, region in config.regions.items():

@@ -21,6 +21,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -80,6 +81,26 @@ class SecretRef(_Model):
         return data.rstrip(b"\r\n")
 
 
+def _no_spaces(value: object) -> object:
+    """Fingerprints are often pasted in groups of four; compare them without spaces."""
+    return value.replace(" ", "").upper() if isinstance(value, str) else value
+
+
+FINGERPRINT_PATTERN = r"^[0-9A-F]{40}$|^[0-9A-F]{64}$"
+Fingerprint = Annotated[str, BeforeValidator(_no_spaces), Field(pattern=FINGERPRINT_PATTERN)]
+
+
+class PgpConfig(_Model):
+    """The region's own key pair. One GNUPGHOME per instance (created 0700)."""
+
+    fingerprint: Fingerprint  # our key, pinned: a keyring holding another key is refused
+    private_key: SecretRef | None = None  # armored secret key; None: already in ``home``
+    passphrase: SecretRef | None = None
+    home: Path | None = None  # default: <data_dir>/gnupg
+    sign_output: bool = False
+    timeout_seconds: float = Field(default=600.0, gt=0)
+
+
 class ColumnSpec(_Model):
     name: str = Field(min_length=1)
     required: bool = False
@@ -111,6 +132,8 @@ class ProjectConfig(_Model):
     output_delimiter: Delimiter | None = None
     notify: list[str] = Field(default_factory=list)
     render: RenderSettings = Field(default_factory=RenderSettings)
+    pgp_encrypt_output: bool = False  # PURL (and error) file encrypted to the client's key
+    pgp_require_signature: bool = False  # inbound PGP must be signed by the client's key
 
     @field_validator("notify")
     @classmethod
@@ -141,7 +164,22 @@ class ClientConfig(_Model):
     senders: list[str] = Field(default_factory=list)
     notify: list[str] = Field(default_factory=list)
     zip_password: SecretRef | None = None
+    pgp_public_key: Path | None = None  # armored or binary public key file (not a secret)
+    pgp_fingerprint: Fingerprint | None = None  # pinned: the key file must hold this key
     projects: dict[Identifier, ProjectConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _pgp_key_pinned(self) -> Self:
+        if (self.pgp_public_key is None) != (self.pgp_fingerprint is None):
+            raise ValueError("give both pgp_public_key and pgp_fingerprint, or neither")
+        uses = [pid for pid, p in self.projects.items()
+                if p.pgp_encrypt_output or p.pgp_require_signature]
+        if uses and self.pgp_fingerprint is None:
+            raise ValueError(
+                f"project(s) {', '.join(uses)} use PGP but the client has no "
+                "pgp_public_key / pgp_fingerprint"
+            )
+        return self
 
     @field_validator("senders", "notify")
     @classmethod
@@ -162,6 +200,7 @@ class RegionConfig(_Model):
     public_base_url: str
     token_key: SecretRef | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    pgp: PgpConfig | None = None
 
     @field_validator("inbound_addresses")
     @classmethod
@@ -195,6 +234,13 @@ class Config(_Model):
                     f"client {client_id}: unknown region(s) {', '.join(unknown)}; "
                     f"known: {', '.join(self.regions)}"
                 )
+            if client.pgp_fingerprint is not None:
+                keyless = [r for r in client.regions if self.regions[r].pgp is None]
+                if keyless:
+                    raise ValueError(
+                        f"client {client_id} has a PGP key but region(s) {', '.join(keyless)} "
+                        "have no [regions.<id>.pgp] key pair"
+                    )
         return self
 
     def clients_of(self, region_id: str) -> dict[str, ClientConfig]:

@@ -8,6 +8,7 @@
     │   ├── ArchiveError            a ZIP we refuse (paths, folders, nesting, size, ratio)
     │   │   └── ArchivePasswordError   encrypted without a known password, wrong password,
     │   │                              or ZipCrypto where AES is required
+    │   ├── PgpError                cannot decrypt, or the signature is not the agreed one
     │   ├── EncodingError           bytes that are neither UTF-8 nor Windows-1252
     │   ├── DelimiterError          no delimiter, or more than one, fits the header
     │   ├── HeaderError             missing required columns, duplicate or empty names
@@ -62,6 +63,11 @@ class ArchiveError(ClientInputError):
 
 class ArchivePasswordError(ArchiveError):
     code = "zip-password"
+    smtp_status = "5.7.5"
+
+
+class PgpError(ClientInputError):
+    code = "pgp"
     smtp_status = "5.7.5"
 
 

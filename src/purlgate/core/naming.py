@@ -15,6 +15,7 @@ from purlgate.errors import FileNameError, FileTypeError
 
 DATA_EXTENSIONS = ("csv", "tsv", "txt", "dat")
 ARCHIVE_EXTENSIONS = ("zip",)
+PGP_EXTENSIONS = ("pgp", "gpg")
 RECOMMENDED_FORM = "<client>_<project>_YYYYMMdd_HHMMss_mm.<ext>"
 MAX_NAME_LENGTH = 180
 
@@ -32,7 +33,7 @@ class DataName:
 
     name: str
     stem: str
-    extension: str  # as written by the client, without the dot
+    extension: str  # as written by the client, without the dot ("" only inside PGP)
     timestamp: datetime
     client_part: str | None  # from the recommended form only
     project_part: str | None
@@ -64,16 +65,32 @@ def _valid_timestamp(date: str, time: str) -> datetime | None:
         return None
 
 
-def parse_data_name(name: str) -> DataName:
-    """Apply the naming rule; the error shows the recommended form."""
+def strip_pgp(name: str) -> tuple[str, bool]:
+    """``x.csv.pgp`` -> (``x.csv``, True); other names are returned as they are."""
+    stem, ext = split_extension(name)
+    if ext.lower() in PGP_EXTENSIONS:
+        return stem, True
+    return name, False
+
+
+def parse_data_name(name: str, *, from_pgp: bool = False) -> DataName:
+    """Apply the naming rule; the error shows the recommended form.
+
+    Inside PGP the name may lack an extension (the guide's ``data_file.pgp``): the
+    decrypted content is then read as delimited text.
+    """
     check_safe_name(name)
     stem, ext = split_extension(name)
-    if ext.lower() not in DATA_EXTENSIONS:
-        allowed = " ".join(f".{e}" for e in (*DATA_EXTENSIONS, *ARCHIVE_EXTENSIONS))
+    if from_pgp and not ext:
+        stem, ext = name, ""
+    elif ext.lower() not in DATA_EXTENSIONS:
+        allowed = " ".join(
+            f".{e}" for e in (*DATA_EXTENSIONS, *ARCHIVE_EXTENSIONS, *PGP_EXTENSIONS)
+        )
         shown = f".{ext}" if ext else "no extension"
         raise FileTypeError(
             f"{name!r} is not a data file ({shown}); send one of: {allowed} "
-            "(a .zip holding exactly one data file)"
+            "(a .zip holding exactly one data file; .pgp/.gpg for encrypted files)"
         )
     match = _RECOMMENDED.match(stem)
     if match:
@@ -90,14 +107,22 @@ def parse_data_name(name: str) -> DataName:
     )
 
 
-def purl_name(data: DataName, prefix: str, suffix: str, extension: str | None = None) -> str:
-    """``<Prefix><ORIGINAL_FILE_NAME><Suffix>.<ORIGINAL_FILE_EXTENSION>``."""
-    return f"{prefix}{data.stem}{suffix}.{extension or data.extension}"
+def purl_name(data: DataName, prefix: str, suffix: str, *, encrypted: bool = False) -> str:
+    """``<Prefix><ORIGINAL_FILE_NAME><Suffix>.<ORIGINAL_FILE_EXTENSION>``.
+
+    Encrypted output adds ``.gpg``: ``data_file.pgp`` -> ``PURL_data_file.gpg``,
+    ``x.csv.pgp`` -> ``PURL_x.csv.gpg`` (which gpg decrypts to ``PURL_x.csv``).
+    """
+    base = f"{prefix}{data.stem}{suffix}"
+    if encrypted:
+        return f"{base}.{data.extension}.gpg" if data.extension else f"{base}.gpg"
+    return f"{base}.{data.extension or 'csv'}"
 
 
 def flag_name(purl: str) -> str:
     return f"{purl}.flg"
 
 
-def error_name(data: DataName, prefix: str, suffix: str) -> str:
-    return f"{prefix}{data.stem}{suffix}_errors.csv"
+def error_name(data: DataName, prefix: str, suffix: str, *, encrypted: bool = False) -> str:
+    name = f"{prefix}{data.stem}{suffix}_errors.csv"
+    return f"{name}.gpg" if encrypted else name

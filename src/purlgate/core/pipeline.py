@@ -1,7 +1,7 @@
 """The batch pipeline: one received file in, a PURL file (+ flag, + error file) out.
 
     intake (client, name rule, project, duplicate claim)
-      -> unwrap (ZIP) -> head (encoding, header, delimiter, columns)
+      -> unwrap (PGP, then ZIP) -> head (encoding, header, delimiter, columns)
       -> rows (stream) -> render -> PURL file (atomic) -> .flg -> error file
 
 No sockets and no configuration reads: the caller passes the clients, the store, the
@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from purlgate.config import ClientConfig, ProjectConfig
 from purlgate.core import dialect as dia
 from purlgate.core.archive import UnwrapLimits, unwrap
+from purlgate.core.crypto import Crypto, Decrypted, check_signature, looks_like_pgp
 from purlgate.core.files import AtomicFile
 from purlgate.core.lifecycle import (
     EVENT_OF_STATE,
@@ -45,6 +46,7 @@ from purlgate.core.naming import (
     parse_data_name,
     purl_name,
     split_extension,
+    strip_pgp,
 )
 from purlgate.core.render import Renderer, RenderRequest
 from purlgate.core.table import InvalidUtf8Error, LineWriter, RowReader
@@ -53,6 +55,7 @@ from purlgate.errors import (
     EncodingError,
     FileNameError,
     NoDataError,
+    PgpError,
     PurlgateError,
     ServerError,
     StorageError,
@@ -102,26 +105,34 @@ class RowError:
 
 @dataclass
 class _Job:
-    """What one batch run carries from step to step."""
+    """What one batch run carries from step to step, once its name is claimed."""
 
     batch_id: int
-    path: Path  # the data file (unwrapped)
+    client: ClientConfig
+    path: Path  # the data file (decrypted, unwrapped)
     data: DataName
     project: ProjectConfig
     renderer: Renderer
     out_dir: Path
+    work: Path  # the batch's scratch folder
     errors: ErrorLog
     progress: Progress | None
 
     @property
+    def encrypt(self) -> bool:
+        return self.project.pgp_encrypt_output
+
+    @property
     def purl_path(self) -> Path:
-        return self.out_dir / purl_name(self.data, self.project.purl_prefix,
-                                        self.project.purl_suffix)
+        p = self.project
+        return self.out_dir / purl_name(self.data, p.purl_prefix, p.purl_suffix,
+                                        encrypted=self.encrypt)
 
     @property
     def error_path(self) -> Path:
-        return self.out_dir / error_name(self.data, self.project.purl_prefix,
-                                         self.project.purl_suffix)
+        p = self.project
+        return self.out_dir / error_name(self.data, p.purl_prefix, p.purl_suffix,
+                                         encrypted=self.encrypt)
 
 
 class ErrorLog:
@@ -194,8 +205,10 @@ class BatchProcessor:
         clock: Callable[[], datetime],
         work_root: Path,
         subscribers: Sequence[Subscriber] = (),
+        crypto: Crypto | None = None,
     ) -> None:
         self.region_id = region_id
+        self.crypto = crypto
         self.clients = clients
         self.limits = limits
         self.store = store
@@ -304,32 +317,39 @@ class BatchProcessor:
         work = self.work_root / f"batch-{record.id}"
         work.mkdir(parents=True, exist_ok=True)
         errors = ErrorLog(work / "row-errors.csv")
-        project: ProjectConfig | None = None
-        data: DataName | None = None
+        job: _Job | None = None
         try:
             try:
+                source, name, decrypted = self._decrypt(submission, work)
                 unwrapped = unwrap(
-                    submission.path, submission.received_name, work,
+                    source, name, work,
                     password=submission.zip_password, require_aes=submission.require_aes,
                     limits=self.limits,
                 )
-                data = parse_data_name(unwrapped.data_name)
+                data = parse_data_name(
+                    unwrapped.data_name,
+                    from_pgp=decrypted is not None and not unwrapped.from_archive,
+                )
                 project_id = self.select_project(client_id, submission.project_id, data)
+                client = self.clients[client_id]
+                project = client.projects[project_id]
+                # Before the claim: a file that is not authentic must not take the name.
+                check_signature(decrypted or Decrypted(None), pinned=client.pgp_fingerprint,
+                                required=project.pgp_require_signature)
                 self.store.claim_name(record.id, project=project_id, data_name=data.name)
-                project = self.clients[client_id].projects[project_id]
-                return self._run(_Job(
-                    batch_id=record.id, path=unwrapped.path, data=data, project=project,
-                    renderer=self.renderer_for(client_id, project_id), out_dir=out_dir,
-                    errors=errors, progress=progress,
-                ))
+                job = _Job(
+                    batch_id=record.id, client=client, path=unwrapped.path, data=data,
+                    project=project, renderer=self.renderer_for(client_id, project_id),
+                    out_dir=out_dir, work=work, errors=errors, progress=progress,
+                )
+                return self._run(job)
             except ClientInputError as exc:
                 log.info("batch %d refused: %s", record.id, exc.code)
                 published = None
-                if project is not None and data is not None and project.error_file:
+                if job is not None and job.project.error_file:
                     # Only a batch that holds the name claim may write files named after it.
                     errors.batch_errors.append(exc.message)
-                    published = errors.publish(out_dir / error_name(
-                        data, project.purl_prefix, project.purl_suffix))
+                    published = self._publish_errors(job)
                 failed = self._move(
                     record.id, BatchState.FAILED, reason=exc.message, error_code=exc.code,
                     counts=Counts(errors.rows_with_errors, 0, errors.rows_with_errors),
@@ -367,13 +387,44 @@ class BatchProcessor:
         plan = dia.plan_columns(dialect.header, rules, project.keep_all_columns)
         return dialect, plan
 
+    def _decrypt(
+        self, submission: Submission, work: Path
+    ) -> tuple[Path, str, Decrypted | None]:
+        """Decrypt a PGP file (by extension or content); return what to unwrap next."""
+        name = submission.received_name
+        if not looks_like_pgp(submission.path, name):
+            return submission.path, name, None
+        if self.crypto is None:
+            raise PgpError(
+                "encrypted files are not set up for this region; send the file without PGP "
+                "encryption, or ask us to set up PGP for you"
+            )
+        target = work / "decrypted"
+        result = self.crypto.decrypt(submission.path, target)
+        return target, strip_pgp(name)[0], result
+
+    def _encrypt_to(self, source: Path, final: Path, job: _Job) -> Path:
+        recipient = job.client.pgp_fingerprint
+        if self.crypto is None or recipient is None:
+            raise ServerError("the project encrypts its results but PGP is not set up")
+        with AtomicFile(final) as out:
+            self.crypto.encrypt(source, out.file, recipient=recipient)
+            return out.commit()
+
+    def _publish_errors(self, job: _Job) -> Path:
+        if not job.encrypt:
+            return job.errors.publish(job.error_path)
+        plain = job.errors.publish(job.work / "errors-plain.csv")
+        return self._encrypt_to(plain, job.error_path, job)
+
     def _run(self, job: _Job) -> BatchOutcome:
         project, errors = job.project, job.errors
         dialect, plan = self._read_head(job.path, project, None)
         self._move(job.batch_id, BatchState.IN_PROGRESS)
-        purl_path = job.purl_path
+        # Encrypted results: the plain PURL file only ever exists in the scratch folder.
+        target = job.work / "purl-plain" if job.encrypt else job.purl_path
         try:
-            counts = self._transform(job, dialect, plan)
+            counts = self._transform(job, dialect, plan, target)
         except InvalidUtf8Error as exc:
             if project.encoding is not None:
                 raise EncodingError(
@@ -384,23 +435,26 @@ class BatchProcessor:
             # partial output was discarded by AtomicFile; start again from the top.
             errors.reset()
             dialect, plan = self._read_head(job.path, project, "windows-1252")
-            counts = self._transform(job, dialect, plan)
-        outputs = [purl_path]
+            counts = self._transform(job, dialect, plan, target)
+        purl = self._encrypt_to(target, job.purl_path, job) if job.encrypt else target
+        outputs = [purl]
         flag = None
         if project.flag_file:
-            with AtomicFile(purl_path.with_name(flag_name(purl_path.name))) as out:
+            with AtomicFile(purl.with_name(flag_name(purl.name))) as out:
                 flag = out.commit()
             outputs.append(flag)
         errors_path = None
         if project.error_file and not errors.empty:
-            errors_path = errors.publish(job.error_path)
+            errors_path = self._publish_errors(job)
             outputs.append(errors_path)
         state = BatchState.DONE_WITH_ERRORS if counts.rows_error else BatchState.DONE
         done = self._move(job.batch_id, state, counts=counts,
                           outputs=tuple(p.name for p in outputs))
-        return BatchOutcome(done, purl=purl_path, flag=flag, errors=errors_path)
+        return BatchOutcome(done, purl=purl, flag=flag, errors=errors_path)
 
-    def _transform(self, job: _Job, dialect: dia.Dialect, plan: dia.ColumnPlan) -> Counts:
+    def _transform(
+        self, job: _Job, dialect: dia.Dialect, plan: dia.ColumnPlan, target: Path
+    ) -> Counts:
         """Stream rows into the PURL file; publish it only if every block went through."""
         project, errors, progress = job.project, job.errors, job.progress
         header = dialect.header
@@ -412,7 +466,7 @@ class BatchProcessor:
         numbers = reader.numbers
         rendered = 0  # ordinal of the next row handed to the renderer (token input)
         ok = 0
-        with AtomicFile(job.purl_path) as out, contextlib.ExitStack() as stack:
+        with AtomicFile(target) as out, contextlib.ExitStack() as stack:
             writer = LineWriter(
                 out.file,
                 delimiter=project.output_delimiter or dialect.delimiter,
