@@ -24,7 +24,8 @@ def test_lifecycle_table_is_the_guide_s() -> None:
     """Initializing -> In Progress -> Done | Done with Errors | Failed; terminal states end."""
     assert TRANSITIONS[BatchState.INITIALIZING] == {BatchState.IN_PROGRESS, BatchState.FAILED}
     assert TRANSITIONS[BatchState.IN_PROGRESS] == {
-        BatchState.DONE, BatchState.DONE_WITH_ERRORS, BatchState.FAILED}
+        BatchState.DONE, BatchState.DONE_WITH_ERRORS, BatchState.FAILED,
+        BatchState.INITIALIZING}  # the last only to restart after a crash
     for state in (BatchState.DONE, BatchState.DONE_WITH_ERRORS, BatchState.FAILED):
         assert TRANSITIONS[state] == frozenset()
 

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS batches (
     rows_error INTEGER NOT NULL DEFAULT 0,
     outputs TEXT NOT NULL DEFAULT '[]',
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    intake_id TEXT UNIQUE
 );
 CREATE UNIQUE INDEX IF NOT EXISTS batches_claimed_name
     ON batches (client, project, data_name) WHERE data_name IS NOT NULL;
@@ -81,15 +82,15 @@ class SqliteBatchStore:
 
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
-        received_name: str, sha256: str | None, at: datetime,
+        received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
     ) -> BatchRecord:
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
                 "INSERT INTO batches (region, client, project, channel, received_name, sha256,"
-                " state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                " state, created_at, updated_at, intake_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (region, client, project, channel, received_name, sha256,
-                 BatchState.INITIALIZING.value, _ts(at), _ts(at)),
+                 BatchState.INITIALIZING.value, _ts(at), _ts(at), intake_id),
             )
             batch_id = int(cur.lastrowid or 0)
             db.execute(
@@ -169,6 +170,7 @@ class SqliteBatchStore:
             created_at=datetime.fromisoformat(row["created_at"]),
             updated_at=datetime.fromisoformat(row["updated_at"]),
             history=history,
+            intake_id=row["intake_id"],
         )
 
     def get(self, batch_id: int) -> BatchRecord:
@@ -184,6 +186,12 @@ class SqliteBatchStore:
                 "SELECT * FROM batches WHERE client = ? AND project = ? AND data_name = ?",
                 (client, project, data_name),
             ).fetchone()
+            return None if row is None else self._record(db, row)
+
+    def find_by_intake(self, intake_id: str) -> BatchRecord | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM batches WHERE intake_id = ?",
+                             (intake_id,)).fetchone()
             return None if row is None else self._record(db, row)
 
     def recent(self, limit: int = 50) -> list[BatchRecord]:

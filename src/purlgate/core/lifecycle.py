@@ -6,6 +6,7 @@ protocol. No I/O.
 
     Initializing -> In Progress -> Done | Done with Errors | Failed
     Initializing -> Failed
+    In Progress -> Initializing        only to restart a batch a crash interrupted
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class BatchState(StrEnum):
 TRANSITIONS: Mapping[BatchState, frozenset[BatchState]] = {
     BatchState.INITIALIZING: frozenset({BatchState.IN_PROGRESS, BatchState.FAILED}),
     BatchState.IN_PROGRESS: frozenset(
-        {BatchState.DONE, BatchState.DONE_WITH_ERRORS, BatchState.FAILED}
+        {BatchState.DONE, BatchState.DONE_WITH_ERRORS, BatchState.FAILED,
+         BatchState.INITIALIZING}
     ),
     BatchState.DONE: frozenset(),
     BatchState.DONE_WITH_ERRORS: frozenset(),
@@ -86,6 +88,7 @@ class BatchRecord:
     created_at: datetime
     updated_at: datetime
     history: tuple[tuple[BatchState, datetime], ...] = field(default=())
+    intake_id: str | None = None  # the channel's id of the received file (its spool id)
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,10 @@ class BatchStore(Protocol):
 
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
-        received_name: str, sha256: str | None, at: datetime,
+        received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
     ) -> BatchRecord: ...
+
+    def find_by_intake(self, intake_id: str) -> BatchRecord | None: ...
 
     def claim_name(self, batch_id: int, *, project: str, data_name: str) -> None: ...
 

@@ -33,6 +33,7 @@ from purlgate.core.crypto import Crypto, Decrypted, check_signature, looks_like_
 from purlgate.core.files import AtomicFile
 from purlgate.core.lifecycle import (
     EVENT_OF_STATE,
+    TERMINAL,
     BatchEvent,
     BatchRecord,
     BatchState,
@@ -81,6 +82,9 @@ class Submission:
     zip_password: bytes | None = None
     require_aes: bool = False
     sha256: str | None = None  # computed here when the channel did not
+    # The channel's durable id of this file (its spool entry). A second call with the
+    # same id returns the first outcome, or restarts the batch a crash interrupted.
+    intake_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class _Job:
     work: Path  # the batch's scratch folder
     errors: ErrorLog
     progress: Progress | None
+    restarted: bool = False  # a crash interrupted this batch: its own outputs may exist
 
     @property
     def encrypt(self) -> bool:
@@ -165,9 +170,9 @@ class ErrorLog:
     def empty(self) -> bool:
         return not self.rows_with_errors and not self.batch_errors
 
-    def publish(self, final: Path) -> Path:
+    def publish(self, final: Path, *, replace: bool = False) -> Path:
         self._file.close()
-        with AtomicFile(final) as out:
+        with AtomicFile(final, no_clobber=not replace) as out:
             text = io.TextIOWrapper(out.file, encoding="utf-8", newline="", write_through=True)
             writer = csv.writer(text, lineterminator="\n")
             writer.writerow(self.HEADER)
@@ -302,11 +307,25 @@ class BatchProcessor:
     ) -> BatchOutcome:
         """Run one batch to a terminal state. Client mistakes become a Failed outcome."""
         client_id = self.resolve_client(submission)
-        record = self.store.create(
-            region=self.region_id, client=client_id, project=submission.project_id,
-            channel=submission.channel, received_name=submission.received_name,
-            sha256=submission.sha256, at=self.clock(),
-        )
+        previous = (self.store.find_by_intake(submission.intake_id)
+                    if submission.intake_id is not None else None)
+        if previous is not None and previous.state in TERMINAL:
+            log.info("batch %d already %s for intake %s", previous.id, previous.state,
+                     submission.intake_id)
+            return _recorded_outcome(previous, out_dir)
+        restarted = previous is not None
+        if previous is not None:
+            log.warning("batch %d restarts after an interruption", previous.id)
+            record = previous
+            if previous.state is BatchState.IN_PROGRESS:
+                record = self.store.transition(previous.id, BatchState.INITIALIZING,
+                                               at=self.clock(), reason="restarted")
+        else:
+            record = self.store.create(
+                region=self.region_id, client=client_id, project=submission.project_id,
+                channel=submission.channel, received_name=submission.received_name,
+                sha256=submission.sha256, at=self.clock(), intake_id=submission.intake_id,
+            )
         digest: dict[str, str] = {}
         hasher = None
         if submission.sha256 is None:
@@ -315,6 +334,7 @@ class BatchProcessor:
             )
             hasher.start()
         work = self.work_root / f"batch-{record.id}"
+        shutil.rmtree(work, ignore_errors=True)  # a restarted batch starts from scratch
         work.mkdir(parents=True, exist_ok=True)
         errors = ErrorLog(work / "row-errors.csv")
         job: _Job | None = None
@@ -341,6 +361,7 @@ class BatchProcessor:
                     batch_id=record.id, client=client, path=unwrapped.path, data=data,
                     project=project, renderer=self.renderer_for(client_id, project_id),
                     out_dir=out_dir, work=work, errors=errors, progress=progress,
+                    restarted=restarted,
                 )
                 return self._run(job)
             except ClientInputError as exc:
@@ -407,13 +428,13 @@ class BatchProcessor:
         recipient = job.client.pgp_fingerprint
         if self.crypto is None or recipient is None:
             raise ServerError("the project encrypts its results but PGP is not set up")
-        with AtomicFile(final) as out:
+        with AtomicFile(final, no_clobber=not job.restarted) as out:
             self.crypto.encrypt(source, out.file, recipient=recipient)
             return out.commit()
 
     def _publish_errors(self, job: _Job) -> Path:
         if not job.encrypt:
-            return job.errors.publish(job.error_path)
+            return job.errors.publish(job.error_path, replace=job.restarted)
         plain = job.errors.publish(job.work / "errors-plain.csv")
         return self._encrypt_to(plain, job.error_path, job)
 
@@ -440,7 +461,8 @@ class BatchProcessor:
         outputs = [purl]
         flag = None
         if project.flag_file:
-            with AtomicFile(purl.with_name(flag_name(purl.name))) as out:
+            flag_path = purl.with_name(flag_name(purl.name))
+            with AtomicFile(flag_path, no_clobber=not job.restarted) as out:
                 flag = out.commit()
             outputs.append(flag)
         errors_path = None
@@ -466,7 +488,8 @@ class BatchProcessor:
         numbers = reader.numbers
         rendered = 0  # ordinal of the next row handed to the renderer (token input)
         ok = 0
-        with AtomicFile(target) as out, contextlib.ExitStack() as stack:
+        with AtomicFile(target, no_clobber=not job.restarted) as out, \
+                contextlib.ExitStack() as stack:
             writer = LineWriter(
                 out.file,
                 delimiter=project.output_delimiter or dialect.delimiter,
@@ -526,6 +549,20 @@ class BatchProcessor:
             writer.close()
             out.commit()
         return Counts(ok + errors.rows_with_errors, ok, errors.rows_with_errors)
+
+
+def _recorded_outcome(batch: BatchRecord, out_dir: Path) -> BatchOutcome:
+    """The outcome of a batch that already ended, from what the store recorded."""
+    names = list(batch.outputs)
+    flag = next((n for n in names if n.endswith(".flg")), None)
+    errors = next((n for n in names if "_errors.csv" in n), None)
+    purl = next((n for n in names if n not in (flag, errors)), None)
+    return BatchOutcome(
+        batch,
+        purl=out_dir / purl if purl else None,
+        flag=out_dir / flag if flag else None,
+        errors=out_dir / errors if errors else None,
+    )
 
 
 def _empty_required(
