@@ -6,14 +6,20 @@ channels added later are started here too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 
+from purlgate.channels.mail_worker import MailLedger, MailWorker, Notifier
+from purlgate.channels.outbox import Outbox, Sender, relay_sender
+from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
+from purlgate.channels.spool import Spool
 from purlgate.config import Config, RegionConfig
 from purlgate.core.archive import UnwrapLimits
 from purlgate.core.pipeline import BatchProcessor, Subscriber
@@ -22,6 +28,8 @@ from purlgate.errors import ConfigError
 from purlgate.pgp import GpgKeyStore
 from purlgate.renderers.embedded import EmbeddedRenderer, load_or_create_key, parse_key
 from purlgate.store import SqliteBatchStore
+
+log = logging.getLogger("purlgate.app")
 
 
 def use_jemalloc() -> None:
@@ -99,3 +107,67 @@ def build_region(
         subscribers=subscribers, crypto=keys,
     )
     return Region(region_id, region, data_dir, store, processor, keys)
+
+
+@dataclass
+class Gateway:
+    """A running region: the batch core plus the email channel around it."""
+
+    region: Region
+    spool: Spool
+    outbox: Outbox
+    worker: MailWorker
+    handler: SmtpHandler
+    smtp: asyncio.Server | None = None
+
+    @property
+    def smtp_port(self) -> int:
+        assert self.smtp is not None
+        return int(self.smtp.sockets[0].getsockname()[1])
+
+
+def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = None,
+                  sender: Sender | None = None) -> Gateway:
+    """Everything ``serve`` runs, built but not started (tests start pieces of it)."""
+    region_cfg = config.regions[region_id]
+    data_dir = data_dir or region_cfg.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    clients = config.clients_of(region_id)
+    outbox = Outbox(data_dir / "outbox", region_cfg.relay,
+                    sender=sender or relay_sender(region_cfg.relay))
+    notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox)
+    region = build_region(config, region_id, data_dir=data_dir, subscribers=[notifier])
+    spool = Spool(data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes)
+    worker = MailWorker(region=region_cfg, clients=clients, processor=region.processor,
+                        spool=spool, outbox=outbox,
+                        ledger=MailLedger(data_dir / "mail.sqlite3"),
+                        work_root=data_dir / "mail-work")
+    handler = SmtpHandler(inbound=set(region_cfg.inbound_addresses), clients=clients,
+                          spool=spool, on_accepted=worker.submit)
+    return Gateway(region, spool, outbox, worker, handler)
+
+
+async def serve(gateway: Gateway, stop: asyncio.Event,
+                on_ready: Callable[[Gateway], None] | None = None) -> None:
+    """Run the listener, the worker and the outbox until ``stop`` is set.
+
+    On stop the listener closes first (nothing new is accepted), the worker finishes
+    the entry in hand (the rest stays in the spool for the next start) and the outbox
+    ends after its current attempt.
+    """
+    config = gateway.region.config
+    gateway.smtp = await start_smtp(gateway.handler, config.smtp)
+    log.info("region %s: SMTP on %s:%d", gateway.region.id, config.smtp.host,
+             gateway.smtp_port)
+    if on_ready is not None:
+        on_ready(gateway)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(gateway.worker.run(stop))
+            tasks.create_task(gateway.outbox.run(stop))
+            await stop.wait()
+            gateway.smtp.close()
+    finally:
+        gateway.smtp.close()
+        await gateway.smtp.wait_closed()
+        gateway.region.close()

@@ -1,9 +1,11 @@
-"""The command line: ``purlgate process`` and ``purlgate check-config``."""
+"""The command line: ``purlgate serve``, ``process`` and ``check-config``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from purlgate import __version__
-from purlgate.app import build_region
+from purlgate.app import Gateway, build_gateway, build_region, serve
 from purlgate.config import Config, load_config
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import Submission
@@ -39,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--project", help="project id (default: from the file name)")
     p.add_argument("--out", type=Path, help="output folder (default: the file's folder)")
     p.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
+
+    s = sub.add_parser("serve", help="run a region: SMTP listener, worker, outbox")
+    s.add_argument("--region", required=True, help="the region this instance serves")
+    s.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
+    s.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
+    s.add_argument("--smtp-port", type=int, help="override the listener port (0: any free)")
 
     c = sub.add_parser("check-config", help="validate regions.toml and its secrets")
     c.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
@@ -108,6 +116,35 @@ def _process(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.region not in config.regions:
+        raise ConfigError(f"no region {args.region!r}; configured: {', '.join(config.regions)}")
+    if args.smtp_port is not None:
+        region = config.regions[args.region]
+        smtp = region.smtp.model_copy(update={"port": args.smtp_port})
+        config = config.model_copy(update={"regions": {
+            **config.regions, args.region: region.model_copy(update={"smtp": smtp})}})
+    gateway = build_gateway(config, args.region, data_dir=args.data_dir)
+
+    def ready(gw: Gateway) -> None:
+        smtp = gw.region.config.smtp
+        print(f"purlgate {__version__}: region {args.region} accepting mail for "
+              f"{', '.join(gw.region.config.inbound_addresses)} on "
+              f"{smtp.host}:{gw.smtp_port}; relay {gw.region.config.relay.host}:"
+              f"{gw.region.config.relay.port}", flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(gateway, stop, ready)
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     problems = []
@@ -157,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "process":
             return _process(args)
+        if args.command == "serve":
+            return _serve(args)
         return _check_config(args)
     except ConfigError as exc:
         print(f"purlgate: configuration error: {exc.message}", file=sys.stderr)

@@ -194,6 +194,62 @@ class LimitsConfig(_Model):
     ratio_check_after_bytes: int = Field(default=1024**2, ge=0)
 
 
+class SmtpConfig(_Model):
+    """The region's SMTP listener (the inbound addresses' MX points here)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=2525, ge=0, le=65535)
+    hostname: str = "purlgate.localhost"  # the name in our banner and Message-IDs
+    max_message_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    min_free_bytes: int = Field(default=256 * 1024 * 1024, ge=0)  # below: 452, not 250
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_starttls: bool = False
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.require_starttls and self.tls_cert is None:
+            raise ValueError("require_starttls needs tls_cert and tls_key")
+        return self
+
+
+class RelayConfig(_Model):
+    """Where replies and notifications go out: the relay, with a durable outbox."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=25, ge=1, le=65535)
+    starttls: bool = False
+    username: str | None = None
+    password: SecretRef | None = None
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    retry_first_seconds: float = Field(default=60.0, gt=0)  # then doubling
+    retry_max_seconds: float = Field(default=3600.0, gt=0)
+    expire_seconds: float = Field(default=2 * 24 * 3600.0, gt=0)
+    operator: str | None = None  # alerted when a message cannot be delivered
+
+    @field_validator("operator")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        return None if value is None else _email(value)
+
+
+class ImapConfig(_Model):
+    """Optional fallback: poll a mailbox that receives the inbound addresses' mail."""
+
+    host: str
+    port: int = Field(default=993, ge=1, le=65535)
+    tls: Literal["ssl", "starttls", "none"] = "ssl"
+    user: str
+    password: SecretRef
+    folder: str = "INBOX"
+    processed_folder: str = "Processed"
+    rejected_folder: str = "Rejected"
+    poll_seconds: float = Field(default=30.0, gt=0)
+    idle: bool = True  # use IDLE when the server offers it
+
+
 class RegionConfig(_Model):
     inbound_addresses: list[str] = Field(min_length=1)
     data_dir: Path
@@ -201,6 +257,9 @@ class RegionConfig(_Model):
     token_key: SecretRef | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     pgp: PgpConfig | None = None
+    smtp: SmtpConfig = Field(default_factory=SmtpConfig)
+    relay: RelayConfig = Field(default_factory=RelayConfig)
+    imap: ImapConfig | None = None
 
     @field_validator("inbound_addresses")
     @classmethod

@@ -9,6 +9,7 @@
     │   │   └── ArchivePasswordError   encrypted without a known password, wrong password,
     │   │                              or ZipCrypto where AES is required
     │   ├── PgpError                cannot decrypt, or the signature is not the agreed one
+    │   ├── MessageError            an email without exactly one ZIP attachment
     │   ├── EncodingError           bytes that are neither UTF-8 nor Windows-1252
     │   ├── DelimiterError          no delimiter, or more than one, fits the header
     │   ├── HeaderError             missing required columns, duplicate or empty names
@@ -64,6 +65,10 @@ class ArchiveError(ClientInputError):
 class ArchivePasswordError(ArchiveError):
     code = "zip-password"
     smtp_status = "5.7.5"
+
+
+class MessageError(ClientInputError):
+    code = "bad-message"
 
 
 class PgpError(ClientInputError):

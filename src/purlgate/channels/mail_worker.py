@@ -1,0 +1,172 @@
+"""From a spooled message to a queued reply, once per message.
+
+For each spool entry: find the one ZIP, hand it to the batch core (AES required, the
+client's password), queue the reply (keyed by the spool id), then drop the entry. A
+crash anywhere repeats the entry after restart; the core returns the batch it already
+ran for that spool id, and the outbox ignores a reply key it already has: one PURL
+file, one reply. The same message delivered twice (same Message-ID and attachment
+sha256, by SMTP twice or SMTP and IMAP) is processed once: the ledger remembers which
+spool entry owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sqlite3
+from collections.abc import Mapping
+from contextlib import closing
+from pathlib import Path
+
+from purlgate.channels.mail_message import message_id, parse, zip_attachment
+from purlgate.channels.outbox import Outbox
+from purlgate.channels.replies import failure_reply, notification, success_reply
+from purlgate.channels.smtp_listener import client_of
+from purlgate.channels.spool import Spool, SpoolEntry
+from purlgate.config import ClientConfig, RegionConfig
+from purlgate.core.lifecycle import BatchEvent, BatchState
+from purlgate.core.pipeline import BatchProcessor, Submission
+from purlgate.errors import ConfigError, MessageError
+
+log = logging.getLogger("purlgate.mail")
+
+
+class MailLedger:
+    """Which spool entry owns a message (Message-ID + attachment sha256)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS deliveries (key TEXT PRIMARY KEY,"
+                       " intake_id TEXT NOT NULL)")
+
+    def claim(self, key: str, intake_id: str) -> str:
+        """The owner of ``key``: ``intake_id`` if it is the first to ask."""
+        with closing(sqlite3.connect(self.path, timeout=30)) as db, db:
+            db.execute("INSERT OR IGNORE INTO deliveries (key, intake_id) VALUES (?, ?)",
+                       (key, intake_id))
+            row = db.execute("SELECT intake_id FROM deliveries WHERE key = ?",
+                             (key,)).fetchone()
+        return str(row[0])
+
+
+class MailWorker:
+    def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
+                 processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: MailLedger,
+                 work_root: Path) -> None:
+        self.region = region
+        self.clients = clients
+        self.processor = processor
+        self.spool = spool
+        self.outbox = outbox
+        self.ledger = ledger
+        self.work_root = work_root
+        self._queue: asyncio.Queue[SpoolEntry] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def submit(self, entry: SpoolEntry) -> None:
+        """Hand over a spooled entry (from the loop or from another thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, entry)
+        else:
+            self._queue.put_nowait(entry)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        for entry in self.spool.pending():  # what a previous run accepted but did not finish
+            self._queue.put_nowait(entry)
+        while not stop.is_set():
+            getter = asyncio.ensure_future(self._queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if getter not in done:
+                getter.cancel()
+                break
+            entry = getter.result()
+            try:
+                await asyncio.to_thread(self.handle, entry)
+            except Exception:
+                # The entry stays in the spool and is tried again at the next start.
+                log.exception("mail entry %s could not be handled; kept for retry", entry.id)
+
+    def _reply_from(self, entry: SpoolEntry) -> str:
+        inbound = [a.lower() for a in self.region.inbound_addresses]
+        to = [r for r in entry.meta.get("rcpt_tos", []) if r in inbound]
+        return to[0] if to else inbound[0]
+
+    def handle(self, entry: SpoolEntry) -> None:
+        if not entry.path.exists():
+            return  # finished meanwhile (submitted twice)
+        sender = str(entry.meta.get("mail_from", "")).lower()
+        client_id = client_of(sender, self.clients)
+        if client_id is None:  # cannot happen for SMTP/IMAP intake; never reply
+            log.warning("spool entry %s has no known sender; dropped without reply", entry.id)
+            self.spool.finish(entry)
+            return
+        message = parse(entry.raw)
+        ours = self._reply_from(entry)
+        key = f"reply-{entry.id}"
+        try:
+            attachment = zip_attachment(message)
+        except MessageError as exc:
+            self.outbox.enqueue(failure_reply(message, exc.message, sender=ours, to=sender),
+                                sender=ours, recipients=[sender], key=key)
+            self.spool.finish(entry)
+            return
+        owner = self.ledger.claim(f"{message_id(message) or ''}|{attachment.sha256}", entry.id)
+        if owner != entry.id:
+            log.info("spool entry %s repeats entry %s; processed once", entry.id, owner)
+            self.spool.finish(entry)
+            return
+        client = self.clients[client_id]
+        if client.zip_password is None:
+            raise ConfigError(f"client {client_id} mails data files but has no zip_password")
+        password = client.zip_password.reveal()
+        work = self.work_root / entry.id
+        upload = work / "in" / attachment.filename
+        upload.parent.mkdir(parents=True, exist_ok=True)
+        upload.write_bytes(attachment.data)
+        out_dir = work / "out"
+        out_dir.mkdir(exist_ok=True)
+        outcome = self.processor.process(
+            Submission(path=upload, received_name=attachment.filename,
+                       channel=str(entry.meta.get("channel", "smtp")), client_id=client_id,
+                       zip_password=password, require_aes=True, sha256=attachment.sha256,
+                       intake_id=entry.id),
+            out_dir,
+        )
+        batch = outcome.batch
+        if batch.state is BatchState.FAILED or outcome.purl is None:
+            reply = failure_reply(message, batch.reason or "the file could not be processed",
+                                  sender=ours, to=sender, batch=batch)
+        else:
+            files = [p for p in (outcome.purl, outcome.errors) if p is not None]
+            reply = success_reply(message, batch, files, password, sender=ours, to=sender)
+        self.outbox.enqueue(reply, sender=ours, recipients=[sender], key=key)
+        self.spool.finish(entry)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class Notifier:
+    """Lifecycle events to the project's and client's notification addresses."""
+
+    def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
+                 outbox: Outbox) -> None:
+        self.sender = region.inbound_addresses[0]
+        self.clients = clients
+        self.outbox = outbox
+
+    def __call__(self, event: BatchEvent) -> None:
+        batch = event.batch
+        client = self.clients.get(batch.client)
+        if client is None:
+            return
+        project = client.projects.get(batch.project or "")
+        to = list(dict.fromkeys([*(project.notify if project else []), *client.notify]))
+        if not to:
+            return
+        self.outbox.enqueue(notification(event, sender=self.sender, to=to),
+                            sender=self.sender, recipients=to,
+                            key=f"notify-{batch.region}-{batch.id}-{event.kind.value}")

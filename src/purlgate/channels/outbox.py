@@ -1,0 +1,209 @@
+"""The durable outbox: replies and notifications, retried until delivered or expired.
+
+Each message is a ``.eml`` (sent byte for byte on every try, so the Message-ID never
+changes) and a ``.json`` of its envelope and attempts, written fsynced before
+``enqueue`` returns. A 4xx answer, a timeout or a refused connection is retried with
+doubling delays; a 5xx or the expiry moves it to ``failed/`` and alerts the operator.
+An optional key makes enqueueing idempotent: the same key is queued at most once,
+which is what lets a restarted worker re-enqueue safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from purlgate.config import RelayConfig
+from purlgate.core.files import AtomicFile
+
+log = logging.getLogger("purlgate.outbox")
+KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+class TemporaryDeliveryError(Exception):
+    pass
+
+
+class PermanentDeliveryError(Exception):
+    pass
+
+
+Sender = Callable[[bytes, str, Sequence[str]], Awaitable[None]]
+
+
+def relay_sender(relay: RelayConfig) -> Sender:
+    """Deliver through the configured relay; failures sorted into temporary/permanent."""
+    password = relay.password.reveal().decode() if relay.password else None
+
+    async def send(data: bytes, sender: str, recipients: Sequence[str]) -> None:
+        try:
+            await aiosmtplib.send(
+                data, sender=sender, recipients=list(recipients), hostname=relay.host,
+                port=relay.port, start_tls=relay.starttls, username=relay.username,
+                password=password, timeout=relay.timeout_seconds,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            if all(500 <= c < 600 for c in codes):
+                raise PermanentDeliveryError(f"recipients refused ({codes})") from exc
+            raise TemporaryDeliveryError(f"recipients deferred ({codes})") from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if 500 <= exc.code < 600:
+                raise PermanentDeliveryError(f"relay answered {exc.code}") from exc
+            raise TemporaryDeliveryError(f"relay answered {exc.code}") from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise TemporaryDeliveryError(f"relay unreachable: {type(exc).__name__}") from exc
+
+    return send
+
+
+@dataclass
+class Item:
+    id: str
+    eml: Path
+    meta: dict[str, Any]
+
+
+class Outbox:
+    def __init__(self, root: Path, relay: RelayConfig, *, sender: Sender,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.relay = relay
+        self._send = sender
+        self._clock = clock
+        self.queue, self.sent, self.failed = root / "queue", root / "sent", root / "failed"
+        for folder in (self.queue, self.sent, self.failed):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- enqueue (any thread) -------------------------------------------------------
+
+    def enqueue(self, message: EmailMessage, *, sender: str, recipients: Sequence[str],
+                key: str | None = None, alert: bool = True) -> bool:
+        """Queue durably; False if ``key`` was queued before (then nothing is done)."""
+        if not recipients:
+            return False
+        item_id = key or make_msgid().strip("<>").split("@")[0]
+        item_id = "".join(c if c in KEY_CHARS else "_" for c in item_id.lower())
+        with self._lock:
+            if any((folder / f"{item_id}.json").exists()
+                   for folder in (self.queue, self.sent, self.failed)):
+                return False
+            if "Message-ID" not in message:
+                message["Message-ID"] = make_msgid(domain=sender.rsplit("@", maxsplit=1)[-1])
+            if "Date" not in message:
+                message["Date"] = formatdate(localtime=False, usegmt=True)
+            now = self._clock()
+            meta = {"sender": sender, "recipients": list(recipients), "attempts": 0,
+                    "created_at": now, "next_at": now, "last_error": None, "alert": alert}
+            with AtomicFile(self.queue / f"{item_id}.eml") as out:
+                out.file.write(bytes(message))
+                out.commit()
+            with AtomicFile(self.queue / f"{item_id}.json") as out:  # the commit point
+                out.file.write(json.dumps(meta).encode())
+                out.commit()
+        self._poke()
+        return True
+
+    def _poke(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+                loop.call_soon_threadsafe(wake.set)
+
+    # -- delivery (the event loop) ----------------------------------------------------
+
+    def items(self) -> list[Item]:
+        found = []
+        for meta_path in sorted(self.queue.glob("*.json")):
+            eml = meta_path.with_suffix(".eml")
+            if eml.exists():
+                found.append(Item(meta_path.stem, eml, json.loads(meta_path.read_text())))
+        return found
+
+    def _save(self, item: Item, folder: Path) -> None:
+        with AtomicFile(folder / f"{item.id}.json", no_clobber=False) as out:
+            out.file.write(json.dumps(item.meta).encode())
+            out.commit()
+        if folder != self.queue:
+            item.eml.replace(folder / item.eml.name)
+            (self.queue / f"{item.id}.json").unlink(missing_ok=True)
+
+    async def deliver_due(self) -> float | None:
+        """Try every message that is due; return seconds until the next one is."""
+        for item in self.items():
+            if item.meta["next_at"] <= self._clock():
+                await self._attempt(item)
+        waiting = [item.meta["next_at"] for item in self.items()]
+        return max(0.0, min(waiting) - self._clock()) if waiting else None
+
+    async def _attempt(self, item: Item) -> None:
+        meta = item.meta
+        meta["attempts"] += 1
+        try:
+            await self._send(item.eml.read_bytes(), meta["sender"], meta["recipients"])
+        except TemporaryDeliveryError as exc:
+            meta["last_error"] = str(exc)
+            if self._clock() - meta["created_at"] >= self.relay.expire_seconds:
+                log.error("outbox %s expired after %d attempts: %s", item.id,  # noqa: TRY400 - expected, no trace
+                          meta["attempts"], exc)
+                self._save(item, self.failed)
+                self._alert(item, "expired")
+                return
+            delay = min(self.relay.retry_first_seconds * 2 ** (meta["attempts"] - 1),
+                        self.relay.retry_max_seconds)
+            meta["next_at"] = self._clock() + delay
+            log.warning("outbox %s deferred (%s); retry in %.0f s", item.id, exc, delay)
+            self._save(item, self.queue)
+        except PermanentDeliveryError as exc:
+            meta["last_error"] = str(exc)
+            log.error("outbox %s failed permanently: %s", item.id, exc)  # noqa: TRY400
+            self._save(item, self.failed)
+            self._alert(item, "refused")
+        else:
+            log.info("outbox %s delivered after %d attempt(s)", item.id, meta["attempts"])
+            meta["delivered_at"] = self._clock()
+            self._save(item, self.sent)
+
+    def _alert(self, item: Item, why: str) -> None:
+        if not item.meta.get("alert") or not self.relay.operator:
+            return
+        note = EmailMessage()
+        note["From"] = item.meta["sender"]
+        note["To"] = self.relay.operator
+        note["Subject"] = f"[purlgate] undeliverable message {item.id} ({why})"
+        note.set_content(
+            f"purlgate could not deliver outbox message {item.id}.\n"
+            f"Recipients: {', '.join(item.meta['recipients'])}\n"
+            f"Attempts: {item.meta['attempts']}\nLast error: {item.meta['last_error']}\n"
+            f"The message is kept in {self.failed}.\n"
+        )
+        self.enqueue(note, sender=item.meta["sender"], recipients=[self.relay.operator],
+                     key=f"alert-{item.id}", alert=False)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until ``stop``; wakes on new messages and on retry deadlines."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        while not stop.is_set():
+            self._wake.clear()
+            next_due = await self.deliver_due()
+            waiters = [asyncio.ensure_future(self._wake.wait()),
+                       asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=next_due, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()

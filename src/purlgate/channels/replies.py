@@ -1,0 +1,108 @@
+"""What we mail back: threaded replies with an AES-256 ZIP, and batch notifications.
+
+Replies go to the client's registered address that sent the message (never Reply-To),
+threaded with ``Re:``, In-Reply-To and References. Bodies carry status and counts,
+never row data. The ZIP is encrypted with the client's own password using WinZip AES
+256 (pyzipper), which 7-Zip, WinZip and macOS's archive tools open.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+
+import pyzipper
+
+from purlgate.core.lifecycle import BatchEvent, BatchRecord, BatchState, EventKind
+
+
+def aes_zip(files: Sequence[Path], password: bytes) -> bytes:
+    buf = io.BytesIO()
+    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
+                             encryption=pyzipper.WZ_AES) as zf:
+        zf.setpassword(password)
+        zf.setencryption(pyzipper.WZ_AES, nbits=256)
+        for path in files:
+            zf.write(path, arcname=path.name)
+    return buf.getvalue()
+
+
+def _threaded(original: EmailMessage | None, *, sender: str, to: str,
+              fallback_subject: str) -> EmailMessage:
+    reply = EmailMessage()
+    reply["From"] = sender
+    reply["To"] = to
+    subject = str(original.get("Subject", "")).strip() if original is not None else ""
+    subject = subject or fallback_subject
+    reply["Subject"] = subject if subject.lower().startswith("re:") else f"Re: {subject}"
+    reply["Message-ID"] = make_msgid(domain=sender.rsplit("@", maxsplit=1)[-1])
+    parent = str(original.get("Message-ID", "")).strip() if original is not None else ""
+    if parent:
+        reply["In-Reply-To"] = parent
+        references = str(original.get("References", "")).split() if original else []
+        reply["References"] = " ".join([*references, parent])
+    return reply
+
+
+def _summary(batch: BatchRecord) -> str:
+    c = batch.counts
+    return (f"Batch: {batch.id} (project {batch.project or '-'})\n"
+            f"File: {batch.data_name or batch.received_name}\n"
+            f"Status: {batch.state}\n"
+            f"Rows read: {c.rows_total}; in the PURL file: {c.rows_ok}; "
+            f"with errors: {c.rows_error}\n")
+
+
+def success_reply(original: EmailMessage | None, batch: BatchRecord, files: Sequence[Path],
+                  password: bytes, *, sender: str, to: str) -> EmailMessage:
+    reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
+    names = ", ".join(p.name for p in files)
+    reply.set_content(
+        "Your data file was processed.\n\n" + _summary(batch) +
+        f"\nThe attached ZIP holds {names}. It is protected with the same password as the "
+        "file you sent (AES-256; open it with 7-Zip, WinZip or your system's archive tool).\n"
+    )
+    zip_name = f"{files[0].name.rsplit('.', 1)[0]}.zip"
+    reply.add_attachment(aes_zip(files, password), maintype="application",
+                         subtype="zip", filename=zip_name)
+    return reply
+
+
+def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to: str,
+                  batch: BatchRecord | None = None) -> EmailMessage:
+    reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
+    reference = f"\nReference: batch {batch.id}\n" if batch is not None else ""
+    reply.set_content(
+        "Your data file could not be processed.\n\n"
+        f"What to fix: {reason}.\n" + reference +
+        "\nNothing from this message was processed. Please send a new message with the "
+        "corrected file.\n"
+    )
+    return reply
+
+
+SUBJECTS = {
+    EventKind.LOADED: "batch loaded",
+    EventKind.SUMMARY: "batch done",
+    EventKind.FAILED: "batch failed",
+}
+
+
+def notification(event: BatchEvent, *, sender: str, to: Sequence[str]) -> EmailMessage:
+    batch = event.batch
+    title = SUBJECTS[event.kind]
+    if event.kind is EventKind.SUMMARY and batch.state is BatchState.DONE_WITH_ERRORS:
+        title = "batch done with errors"
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = ", ".join(to)
+    message["Subject"] = f"[purlgate] {title}: {batch.data_name or batch.received_name}"
+    reason = f"Reason: {batch.reason}\n" if event.kind is EventKind.FAILED else ""
+    message.set_content(
+        f"purlgate {title} for client {batch.client}.\n\n" + _summary(batch) + reason +
+        f"Channel: {batch.channel}\n"
+    )
+    return message

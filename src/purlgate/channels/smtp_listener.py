@@ -1,0 +1,109 @@
+"""The SMTP listener: aiosmtpd hooks that map SMTP onto the spool, and back to replies.
+
+No open relay: RCPT is accepted only for the region's inbound addresses (else
+550 5.7.1). MAIL FROM must be an allowed sender of a client and the From header the
+same address (else 550 5.7.1, during the session: an unknown sender never gets a
+bounce or a reply). SIZE is advertised and enforced by aiosmtpd (552 at MAIL for a
+declared size, 552 after DATA for a body over the limit, with the excess discarded).
+250 is said only after the message is fsynced in the spool; a fault answers 451 and
+low disk 452, and neither leaves a spool file. aiosmtpd ends DATA only on a line that
+is exactly ".", so "\\n.\\r\\n" or "\\r.\\r\\n" inside a message cannot smuggle a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from purlgate.channels.mail_message import header_addresses
+from purlgate.channels.spool import Spool, SpoolEntry, SpoolFullError
+from purlgate.config import ClientConfig, SmtpConfig
+
+log = logging.getLogger("purlgate.smtp")
+
+REFUSED_SENDER = "550 5.7.1 Sender not authorized to submit data files here"
+REFUSED_RCPT = "550 5.7.1 Relaying denied: this server accepts mail for its own addresses only"
+REFUSED_FROM = "550 5.7.1 From header must be the authorized sender of the envelope"
+LOCAL_ERROR = "451 4.3.0 Local error in processing; please try again later"
+NO_SPACE = "452 4.3.1 Insufficient system storage; please try again later"
+
+
+def client_of(sender: str, clients: Mapping[str, ClientConfig]) -> str | None:
+    sender = sender.lower()
+    return next((cid for cid, c in clients.items() if sender in c.senders), None)
+
+
+class SmtpHandler:
+    def __init__(self, *, inbound: set[str], clients: Mapping[str, ClientConfig],
+                 spool: Spool, on_accepted: Callable[[SpoolEntry], None]) -> None:
+        self.inbound = {a.lower() for a in inbound}
+        self.clients = clients
+        self.spool = spool
+        self.on_accepted = on_accepted
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
+                          address: str, mail_options: list[str]) -> str:
+        if client_of(address, self.clients) is None:
+            log.info("refused sender from %s", session.peer[0] if session.peer else "?")
+            return REFUSED_SENDER
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
+                          address: str, rcpt_options: list[str]) -> str:
+        if address.lower() not in self.inbound:
+            return REFUSED_RCPT
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session,  # noqa: N802
+                          envelope: Envelope) -> str:
+        try:
+            raw = envelope.original_content or b""
+            sender = (envelope.mail_from or "").lower()
+            if header_addresses(raw, "From") != [sender]:
+                return REFUSED_FROM
+            meta = {"channel": "smtp", "mail_from": sender,
+                    "rcpt_tos": [r.lower() for r in envelope.rcpt_tos]}
+            entry = await asyncio.to_thread(self.spool.accept, raw, meta)
+        except SpoolFullError:
+            log.warning("spool below its free-space floor: answering 452")
+            return NO_SPACE
+        except Exception:
+            log.exception("accepting a message failed: answering 451")
+            return LOCAL_ERROR
+        self.on_accepted(entry)
+        return f"250 2.0.0 OK queued as {entry.id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %s", type(error).__name__)
+        return LOCAL_ERROR
+
+
+def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+async def start_smtp(handler: SmtpHandler, config: SmtpConfig) -> asyncio.Server:
+    """Listen on config.host:config.port (port 0: any free port)."""
+    context = tls_context(config)
+
+    def factory() -> Any:
+        return SMTP(handler, data_size_limit=config.max_message_bytes,
+                    hostname=config.hostname, ident="purlgate ESMTP",
+                    tls_context=context, require_starttls=config.require_starttls,
+                    enable_SMTPUTF8=True)
+
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(factory, host=config.host, port=config.port)

@@ -1,0 +1,130 @@
+"""Building client mail the way real clients do, and a real SMTP sink as the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zipfile
+from dataclasses import dataclass, field
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import make_msgid
+
+import pyzipper
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+PASSWORD = b"Acme-Zip-2026!"
+SENDER = "data-team@acme.example"
+INBOUND = "sftp-usa@idomoo.com"
+
+
+def rows(n: int = 20) -> bytes:
+    lines = ["first_name,last_name,email"] + [f"Zoë{i},Tester,u{i}@acme.example"
+                                              for i in range(n)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def aes_zip(files: dict[str, bytes], password: bytes = PASSWORD) -> bytes:
+    buf = io.BytesIO()
+    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
+                             encryption=pyzipper.WZ_AES) as z:
+        z.setpassword(password)
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def plain_zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def client_mail(attachments: list[tuple[str, bytes, str]] | None = None, *,
+                sender: str = SENDER, to: str = INBOUND, subject: str = "Spring batch",
+                msgid: str | None = None, disposition: str = "attachment",
+                alternative: bool = True) -> bytes:
+    """multipart/mixed with a multipart/alternative body, like Outlook or Gmail."""
+    msg = EmailMessage()
+    msg["From"] = f"Acme Data <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = msgid or make_msgid(domain="acme.example")
+    msg.set_content("Please find our file attached.")
+    if alternative:
+        msg.add_alternative("<p>Please find our file attached.</p>", subtype="html")
+    for filename, data, ctype in attachments or []:
+        maintype, subtype = ctype.split("/")
+        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename,
+                           disposition=disposition)
+    return msg.as_bytes(policy=policy.SMTP)
+
+
+@dataclass
+class Captured:
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        parsed = BytesParser(policy=policy.default).parsebytes(self.raw)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+
+@dataclass
+class Sink:
+    """A real SMTP server standing in for the relay; records what it is given."""
+
+    messages: list[Captured] = field(default_factory=list)
+    answer: str = "250 2.0.0 OK"
+    server: asyncio.Server | None = None
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.answer.startswith("250"):
+            self.messages.append(Captured(str(envelope.mail_from), list(envelope.rcpt_tos),
+                                          bytes(envelope.original_content or b"")))
+        return self.answer
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def start(self) -> Sink:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: SMTP(self), "127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def wait_for(self, count: int, timeout: float = 30.0) -> list[Captured]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.messages) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"expected {count} messages, got {len(self.messages)}: "
+                                     + "; ".join(str(m.message["Subject"])
+                                                 for m in self.messages))
+            await asyncio.sleep(0.05)
+        return self.messages
+
+    async def wait_to(self, address: str, count: int = 1,
+                      timeout: float = 30.0) -> list[Captured]:
+        """Wait until ``count`` messages for ``address`` arrived (others may interleave)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.to(address)) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"expected {count} messages to {address}, got "
+                                     f"{len(self.to(address))}")
+            await asyncio.sleep(0.05)
+        return self.to(address)
+
+    def to(self, address: str) -> list[Captured]:
+        return [m for m in self.messages if address in m.rcpt_tos]

@@ -1,0 +1,465 @@
+"""The email channel end to end, against real servers on 127.0.0.1.
+
+The gateway's aiosmtpd listener (port 0) is driven by aiosmtplib, smtplib and swaks;
+its relay is a real aiosmtpd sink; replies are opened with pyzipper and with 7z.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import io
+import ipaddress
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+import pytest_asyncio
+import pyzipper
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from purlgate.app import Gateway, build_gateway, serve
+from purlgate.config import parse_config
+from tests.mail_helpers import (
+    INBOUND,
+    PASSWORD,
+    SENDER,
+    Captured,
+    Sink,
+    aes_zip,
+    client_mail,
+    plain_zip,
+    rows,
+)
+
+T = "20261127_101500"
+CONFIG = """
+[regions.usa]
+inbound_addresses = ["sftp-usa@idomoo.com"]
+data_dir = "var/usa"
+public_base_url = "https://purl.test"
+
+[regions.usa.smtp]
+port = 0
+max_message_bytes = {max_bytes}
+min_free_bytes = {min_free}
+{tls}
+
+[regions.usa.relay]
+host = "127.0.0.1"
+port = {relay_port}
+retry_first_seconds = 0.2
+operator = "ops@idomoo.example"
+
+[clients.acme]
+name = "Acme"
+regions = ["usa"]
+senders = ["data-team@acme.example"]
+notify = ["campaigns@acme.example"]
+zip_password = {{ env = "PG_TEST_ACME_ZIP" }}
+
+[clients.acme.projects.spring]
+
+[clients.globex]
+name = "Globex"
+regions = ["usa"]
+senders = ["files@globex.example"]
+
+[clients.globex.projects.main]
+"""
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    sink: Sink
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    data_dir: Path
+
+    @property
+    def port(self) -> int:
+        return self.gateway.smtp_port
+
+    async def send(self, raw: bytes, *, sender: str = SENDER, to: str = INBOUND) -> None:
+        await aiosmtplib.send(raw, sender=sender, recipients=[to], hostname="127.0.0.1",
+                              port=self.port, start_tls=False)
+
+    def spooled(self) -> list[Path]:
+        return sorted((self.data_dir / "spool" / "incoming").glob("*.eml"))
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+
+
+async def start(tmp_path: Path, sink: Sink, *, max_bytes: int = 5_000_000,
+                min_free: int = 0, data_dir: Path | None = None, tls: str = "") -> Running:
+    config = parse_config(CONFIG.format(relay_port=sink.port, max_bytes=max_bytes,
+                                        min_free=min_free, tls=tls))
+    data_dir = data_dir or tmp_path / "state"
+    gateway = build_gateway(config, "usa", data_dir=data_dir)
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(gateway, stop, lambda _: ready.set()))
+    await asyncio.wait_for(ready.wait(), 10)
+    return Running(gateway, sink, stop, task, data_dir)
+
+
+@pytest_asyncio.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s = await Sink().start()
+    yield s
+    await s.stop()
+
+
+@pytest_asyncio.fixture
+async def running(tmp_path: Path, sink: Sink,
+                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Running]:
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    r = await start(tmp_path, sink)
+    yield r
+    await r.shutdown()
+
+
+def good_mail(name: str = f"acme_spring_{T}_00", **kw: object) -> bytes:
+    return client_mail([(f"{name}.zip", aes_zip({f"{name}.csv": rows()}), "application/zip")],
+                       **kw)  # type: ignore[arg-type]
+
+
+def reply_zip(captured: Captured) -> dict[str, bytes]:
+    parts = list(captured.message.iter_attachments())
+    assert len(parts) == 1
+    data = parts[0].get_payload(decode=True)
+    with pyzipper.AESZipFile(io.BytesIO(data)) as z:
+        z.setpassword(PASSWORD)
+        return {n: z.read(n) for n in z.namelist()}
+
+
+@pytest.mark.asyncio
+async def test_happy_path_reply_and_notifications(running: Running, tmp_path: Path) -> None:
+    """A 20-row AES ZIP gets a threaded reply with the PURL file in an AES-256 ZIP that
+    pyzipper and 7-Zip open with the same password; notifications go to the project."""
+    raw = good_mail(msgid="<m1@acme.example>")
+    await running.send(raw)
+    replies = await running.sink.wait_to(SENDER)
+    await running.sink.wait_to("campaigns@acme.example", 2)
+    assert len(replies) == 1
+    reply = replies[0].message
+    assert reply["From"] == INBOUND and reply["To"] == SENDER
+    assert reply["Subject"] == "Re: Spring batch"
+    assert reply["In-Reply-To"] == "<m1@acme.example>"
+    assert reply["References"] == "<m1@acme.example>"
+    body = reply.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Status: Done" in body and "Rows read: 20; in the PURL file: 20" in body
+    assert "Zoë" not in body, "no row data in a reply body"
+    files = reply_zip(replies[0])
+    assert list(files) == [f"PURL_acme_spring_{T}_00.csv"]
+    lines = files[f"PURL_acme_spring_{T}_00.csv"].decode().splitlines()
+    assert len(lines) == 21 and lines[0].endswith(",thumbnail_1,landingPage")
+    # 7-Zip opens it too, and sees AES-256.
+    seven = shutil.which("7z")
+    assert seven, "7z is needed (p7zip-full)"
+    zpath = tmp_path / "reply.zip"
+    zpath.write_bytes(next(reply.iter_attachments()).get_payload(decode=True))
+    listing = subprocess.run([seven, "l", "-slt", f"-p{PASSWORD.decode()}", str(zpath)],
+                             capture_output=True, text=True, check=True).stdout
+    assert "Method = AES-256 Deflate" in listing
+    out = tmp_path / "7z-out"
+    subprocess.run([seven, "x", f"-p{PASSWORD.decode()}", f"-o{out}", str(zpath)],
+                   capture_output=True, check=True)
+    assert (out / f"PURL_acme_spring_{T}_00.csv").read_bytes() == \
+        files[f"PURL_acme_spring_{T}_00.csv"]
+    notes = running.sink.to("campaigns@acme.example")
+    assert sorted(str(n.message["Subject"]) for n in notes) == [
+        f"[purlgate] batch done: acme_spring_{T}_00.csv",
+        f"[purlgate] batch loaded: acme_spring_{T}_00.csv",
+    ]
+    assert all("Zoë" not in n.raw.decode("utf-8", "replace") for n in notes)
+    assert running.spooled() == []
+
+
+@pytest.mark.asyncio
+async def test_no_open_relay(running: Running) -> None:
+    """Any recipient but the region's address: 550 5.7.1, nothing stored."""
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as err:
+        await running.send(good_mail(), to="someone@elsewhere.example")
+    assert err.value.recipients[0].code == 550
+    assert "5.7.1 Relaying denied" in err.value.recipients[0].message
+    assert running.spooled() == []
+
+
+@pytest.mark.asyncio
+async def test_unknown_sender_refused_in_session(running: Running) -> None:
+    """An unknown envelope sender is refused at MAIL; no bounce, no reply is ever sent."""
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as err:
+        await running.send(good_mail(sender="mallory@evil.example"),
+                           sender="mallory@evil.example")
+    assert err.value.code == 550
+    assert "5.7.1" in err.value.message
+    await asyncio.sleep(0.5)
+    assert running.sink.messages == []
+    assert running.spooled() == []
+
+
+@pytest.mark.asyncio
+async def test_from_header_must_match_envelope(running: Running) -> None:
+    """A known envelope sender with another From header is refused after DATA."""
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await running.send(good_mail(sender="mallory@evil.example"))
+    assert err.value.code == 550
+    assert "From header" in err.value.message
+    assert running.spooled() == []
+
+
+@pytest.mark.asyncio
+async def test_size_limits(tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIZE over the limit: 552 at MAIL. A body over it: 552 after DATA. Nothing stored."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    r = await start(tmp_path, sink, max_bytes=20_000)
+    try:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=r.port, start_tls=False)
+        await client.connect()
+        await client.ehlo()
+        assert "size" in client.esmtp_extensions
+        response = await client.execute_command(f"MAIL FROM:<{SENDER}> SIZE=50000".encode())
+        assert response.code == 552
+        await client.execute_command(b"RSET")
+        # No SIZE declared: the body itself goes over the limit.
+        await client.mail(SENDER)
+        await client.rcpt(INBOUND)
+        big = client_mail([("big.zip", b"x" * 60_000, "application/zip")])
+        with pytest.raises(aiosmtplib.SMTPDataError) as err:
+            await client.data(big)
+        assert err.value.code == 552
+        await client.quit()
+        assert r.spooled() == []
+    finally:
+        await r.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_low_disk_answers_452(tmp_path: Path, sink: Sink,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the free-space floor the answer is 452 and nothing is stored."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    r = await start(tmp_path, sink, min_free=1 << 62)
+    try:
+        with pytest.raises(aiosmtplib.SMTPDataError) as err:
+            await r.send(good_mail())
+        assert err.value.code == 452
+        assert r.spooled() == []
+        assert list((r.data_dir / "spool" / "tmp").iterdir()) == []
+    finally:
+        await r.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_fault_in_handler_answers_451(running: Running,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault while storing answers 451 (never aiosmtpd's 500) and leaves no spool file."""
+    def broken(raw: bytes, meta: dict[str, object]) -> None:
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(running.gateway.spool, "accept", broken)
+    with pytest.raises(aiosmtplib.SMTPDataError) as err:
+        await running.send(good_mail())
+    assert err.value.code == 451
+    assert running.spooled() == []
+
+
+@pytest.mark.asyncio
+async def test_smuggling_is_one_message(running: Running) -> None:
+    """Bare-LF and bare-CR dots inside DATA do not end it: one message, one spool entry."""
+    smuggled = (b"From: " + SENDER.encode() + b"\r\nTo: " + INBOUND.encode() +
+                b"\r\nSubject: s\r\n\r\nhello\n.\r\nMAIL FROM:<" + SENDER.encode() +
+                b">\r\nRCPT TO:<" + INBOUND.encode() + b">\r\nDATA\r\nsecond\r.\r\nend\r\n")
+    accepted: list[str] = []
+    original = running.gateway.handler.on_accepted
+    running.gateway.handler.on_accepted = lambda e: (accepted.append(e.id), original(e))  # type: ignore[assignment,func-returns-value]
+    # Raw bytes on the wire: smtplib would "fix" the bare LF and CR and hide the attack.
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+
+    async def say(line: bytes) -> bytes:
+        writer.write(line)
+        await writer.drain()
+        return await reader.readline()
+
+    await reader.readline()  # banner
+    assert (await say(b"HELO client.example\r\n")).startswith(b"250")
+    assert (await say(f"MAIL FROM:<{SENDER}>\r\n".encode())).startswith(b"250")
+    assert (await say(f"RCPT TO:<{INBOUND}>\r\n".encode())).startswith(b"250")
+    assert (await say(b"DATA\r\n")).startswith(b"354")
+    answer = await say(smuggled + b".\r\n")
+    assert answer.startswith(b"250 2.0.0 OK queued as")
+    writer.write(b"QUIT\r\n")
+    await writer.drain()
+    writer.close()
+    assert len(accepted) == 1
+    replies = await running.sink.wait_to(SENDER)
+    await asyncio.sleep(0.5)
+    assert len(running.sink.messages) == 1, "one (failure) reply for one message"
+    assert "no ZIP attachment" in replies[0].raw.decode()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("attachments", "reason"),
+    [
+        ([("a.zip", aes_zip({f"a_{T}.csv": rows()}, b"not-the-password"), "application/zip")],
+         "the password does not open the ZIP; use the agreed password"),
+        ([("a.zip", plain_zip({f"a_{T}.csv": rows()}), "application/zip")],
+         "the ZIP is not password-protected; protect it with the agreed password using "
+         "AES-256 encryption"),
+        ([], "the message has no ZIP attachment; attach the data file zipped with the agreed "
+             "password (AES-256)"),
+        ([("a.zip", aes_zip({f"a_{T}.csv": rows()}), "application/zip"),
+          ("b.zip", aes_zip({f"b_{T}.csv": rows()}), "application/zip")],
+         "the message has 2 ZIP attachments (a.zip, b.zip); send one ZIP per message"),
+        ([("a.zip", aes_zip({f"a_{T}.csv": rows(), f"b_{T}.csv": rows()}), "application/zip")],
+         f"the ZIP holds 2 data files (a_{T}.csv, b_{T}.csv); send one data file per ZIP"),
+    ],
+    ids=["wrong-password", "not-encrypted", "no-attachment", "two-attachments", "two-files"],
+)
+async def test_failure_replies(running: Running, attachments: list[tuple[str, bytes, str]],
+                               reason: str) -> None:
+    """Each failure gets a plain reply to the sender saying what to fix, no attachment."""
+    await running.send(client_mail(attachments))
+    replies = await running.sink.wait_to(SENDER)
+    await asyncio.sleep(0.3)
+    assert len(replies) == 1
+    reply = replies[0].message
+    assert list(reply.iter_attachments()) == []
+    body = reply.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert f"What to fix: {reason}." in body
+    assert "not-the-password" not in replies[0].raw.decode()
+    assert PASSWORD.decode() not in replies[0].raw.decode()
+
+
+@pytest.mark.asyncio
+async def test_zipcrypto_refused_on_this_channel(running: Running, tmp_path: Path) -> None:
+    """A ZipCrypto ZIP with the right password is still refused: AES is required."""
+    src = tmp_path / "zc"
+    src.mkdir()
+    (src / f"a_{T}.csv").write_bytes(rows())
+    subprocess.run(["zip", "-q", "-P", PASSWORD.decode(), "a.zip", f"a_{T}.csv"], cwd=src,
+                   check=True)
+    await running.send(client_mail([("a.zip", (src / "a.zip").read_bytes(),
+                                     "application/x-zip-compressed")]))
+    reply = (await running.sink.wait_to(SENDER))[0]
+    body = reply.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "old ZipCrypto encryption" in body
+
+
+@pytest.mark.asyncio
+async def test_same_message_twice_is_processed_once(running: Running) -> None:
+    """The same Message-ID and attachment delivered twice: one batch, one reply."""
+    raw = good_mail(msgid="<twice@acme.example>")
+    await running.send(raw)
+    await running.send(raw)
+    await running.sink.wait_to(SENDER)
+    await asyncio.sleep(1.0)
+    assert len(running.sink.to(SENDER)) == 1
+    assert running.gateway.region.store.recent() and \
+        len(running.gateway.region.store.recent()) == 1
+
+
+@pytest.mark.asyncio
+async def test_two_messages_same_data_name(running: Running) -> None:
+    """Different messages whose ZIPs hold the same data-file name: one done, one refused."""
+    await asyncio.gather(running.send(good_mail(msgid="<a@acme.example>")),
+                         running.send(good_mail(msgid="<b@acme.example>", subject="again")))
+    await running.sink.wait_to(SENDER, 2)
+    bodies = sorted(m.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+                    for m in running.sink.to(SENDER))
+    assert len(bodies) == 2
+    assert sum("Status: Done" in b for b in bodies) == 1
+    assert sum("was already received for project spring" in b for b in bodies) == 1
+
+
+@pytest.mark.asyncio
+async def test_swaks_client(running: Running, tmp_path: Path) -> None:
+    """The swaks command-line client delivers a fixture the same way."""
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks is needed (Debian package swaks)"
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(good_mail(name=f"acme_spring_{T}_07"))
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [swaks, "--server", f"127.0.0.1:{running.port}", "--from", SENDER, "--to", INBOUND,
+         "--data", f"@{eml}", "--silent", "2"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert reply_zip((await running.sink.wait_to(SENDER))[0])
+
+
+@pytest.mark.asyncio
+async def test_reply_arrives_once_after_a_kill(tmp_path: Path, sink: Sink,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """250 said, then the service dies before replying: after restart the reply arrives,
+    exactly once, and a further restart sends nothing more."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    r = await start(tmp_path, sink)
+    r.gateway.worker.submit = lambda entry: None  # type: ignore[method-assign]  # dies before work
+    await r.send(good_mail())
+    assert len(r.spooled()) == 1
+    await r.shutdown()
+    assert sink.messages == []
+    r2 = await start(tmp_path, sink, data_dir=r.data_dir)
+    await sink.wait_to(SENDER)
+    await r2.shutdown()
+    r3 = await start(tmp_path, sink, data_dir=r.data_dir)
+    await asyncio.sleep(1.0)
+    await r3.shutdown()
+    assert len(sink.to(SENDER)) == 1
+    assert r3.spooled() == []
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1, made with the cryptography package."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "purlgate.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.mark.asyncio
+async def test_starttls_required(tmp_path: Path, sink: Sink,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With require_starttls, plain MAIL is refused (530); after STARTTLS mail is taken."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    cert, key = self_signed(tmp_path)
+    r = await start(tmp_path, sink, tls=f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+                                        "require_starttls = true")
+    try:
+        plain = aiosmtplib.SMTP(hostname="127.0.0.1", port=r.port, start_tls=False)
+        await plain.connect()
+        await plain.ehlo()
+        assert "starttls" in plain.esmtp_extensions
+        response = await plain.execute_command(f"MAIL FROM:<{SENDER}>".encode())
+        assert response.code == 530
+        await plain.quit()
+        await aiosmtplib.send(good_mail(), sender=SENDER, recipients=[INBOUND],
+                              hostname="127.0.0.1", port=r.port, start_tls=True,
+                              validate_certs=False)
+        assert reply_zip((await sink.wait_to(SENDER))[0])
+    finally:
+        await r.shutdown()

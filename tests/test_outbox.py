@@ -1,0 +1,148 @@
+"""The outbox: nothing queued is lost; retries keep the Message-ID; 5xx and expiry alert."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from aiosmtpd.smtp import SMTP
+
+from purlgate.channels.outbox import (
+    Outbox,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+    relay_sender,
+)
+from purlgate.config import RelayConfig
+from tests.mail_helpers import Sink
+
+RELAY = RelayConfig(retry_first_seconds=60, retry_max_seconds=600, expire_seconds=3600,
+                    operator="ops@idomoo.example")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Script:
+    """A sender that fails as told, then succeeds; records what it was given."""
+
+    def __init__(self, *failures: Exception) -> None:
+        self.failures = list(failures)
+        self.sent: list[tuple[bytes, str, list[str]]] = []
+
+    async def __call__(self, data: bytes, sender: str, recipients: Sequence[str]) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.sent.append((data, sender, list(recipients)))
+
+
+def note(subject: str = "hello") -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = "sftp-usa@idomoo.com"
+    m["To"] = "data-team@acme.example"
+    m["Subject"] = subject
+    m.set_content("body")
+    return m
+
+
+def test_retries_with_growing_delays_and_the_same_message_id(tmp_path: Path) -> None:
+    """Two 4xx-like failures, then success: delays 60 s then 120 s; one Message-ID."""
+    clock, script = Clock(), Script(TemporaryDeliveryError("451"), TemporaryDeliveryError("421"))
+    box = Outbox(tmp_path, RELAY, sender=script, clock=clock)
+    box.enqueue(note(), sender="sftp-usa@idomoo.com", recipients=["a@acme.example"], key="r1")
+    assert asyncio.run(box.deliver_due()) == pytest.approx(60)
+    clock.now += 59
+    assert asyncio.run(box.deliver_due()) == pytest.approx(1)  # not due yet: no attempt
+    clock.now += 1
+    assert asyncio.run(box.deliver_due()) == pytest.approx(120)
+    clock.now += 120
+    assert asyncio.run(box.deliver_due()) is None
+    assert len(script.sent) == 1
+    assert box.items() == []
+    assert (tmp_path / "sent" / "r1.json").exists()
+
+
+def test_queued_mail_survives_a_restart(tmp_path: Path) -> None:
+    """A new Outbox on the same folder delivers what the old one had queued, same bytes."""
+    clock = Clock()
+    first = Outbox(tmp_path, RELAY, sender=Script(TemporaryDeliveryError("down")), clock=clock)
+    first.enqueue(note(), sender="s@idomoo.com", recipients=["a@acme.example"], key="r1")
+    asyncio.run(first.deliver_due())
+    queued = (tmp_path / "queue" / "r1.eml").read_bytes()
+    script = Script()
+    clock.now += 3600 - 1
+    asyncio.run(Outbox(tmp_path, RELAY, sender=script, clock=clock).deliver_due())
+    assert script.sent[0][0] == queued
+
+
+def test_same_key_is_queued_once(tmp_path: Path) -> None:
+    """Enqueueing a key again (a restarted worker) does nothing, even after delivery."""
+    script = Script()
+    box = Outbox(tmp_path, RELAY, sender=script, clock=Clock())
+    assert box.enqueue(note(), sender="s@idomoo.com", recipients=["a@x.example"], key="r1")
+    assert not box.enqueue(note(), sender="s@idomoo.com", recipients=["a@x.example"], key="r1")
+    asyncio.run(box.deliver_due())
+    assert not box.enqueue(note(), sender="s@idomoo.com", recipients=["a@x.example"], key="r1")
+    asyncio.run(box.deliver_due())
+    assert len(script.sent) == 1
+
+
+def test_permanent_failure_stops_and_alerts_the_operator(tmp_path: Path) -> None:
+    """A 5xx stops retrying at once and queues an alert to the operator address."""
+    script = Script(PermanentDeliveryError("550"))
+    box = Outbox(tmp_path, RELAY, sender=script, clock=Clock())
+    box.enqueue(note(), sender="s@idomoo.com", recipients=["gone@acme.example"], key="r1")
+    asyncio.run(box.deliver_due())
+    asyncio.run(box.deliver_due())
+    assert (tmp_path / "failed" / "r1.eml").exists()
+    assert [r for _, _, r in script.sent] == [["ops@idomoo.example"]]
+    assert b"undeliverable message r1 (refused)" in script.sent[0][0]
+
+
+def test_expiry_stops_and_alerts(tmp_path: Path) -> None:
+    """Temporary failures past the expiry (2 days by default) stop and alert."""
+    clock = Clock()
+    script = Script(*[TemporaryDeliveryError("down")] * 20)
+    box = Outbox(tmp_path, RELAY, sender=script, clock=clock)
+    box.enqueue(note(), sender="s@idomoo.com", recipients=["a@acme.example"], key="r1")
+    for _ in range(12):
+        asyncio.run(box.deliver_due())
+        clock.now += 600
+    assert (tmp_path / "failed" / "r1.eml").exists()
+    assert (tmp_path / "queue" / "alert-r1.json").exists() or \
+        (tmp_path / "sent" / "alert-r1.json").exists()
+
+
+@pytest.mark.asyncio
+async def test_relay_down_then_up(tmp_path: Path) -> None:
+    """Against a real relay: refused connection is retried; once it listens, delivered."""
+    sink = await Sink().start()
+    port = sink.port
+    await sink.stop()  # the relay is down
+    relay = RelayConfig(host="127.0.0.1", port=port, retry_first_seconds=0.2,
+                        retry_max_seconds=0.5, timeout_seconds=5)
+    box = Outbox(tmp_path, relay, sender=relay_sender(relay))
+    box.enqueue(note("retry me"), sender="s@idomoo.com", recipients=["a@acme.example"], key="r1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(box.run(stop))
+    await asyncio.sleep(0.5)
+    assert (tmp_path / "queue" / "r1.eml").exists()
+    meta = box.items()[0].meta
+    assert meta["attempts"] >= 1 and "unreachable" in meta["last_error"]
+    loop = asyncio.get_running_loop()
+    up = Sink()
+    up.server = await loop.create_server(lambda: SMTP(up), "127.0.0.1", port)
+    await up.wait_for(1, timeout=10)
+    stop.set()
+    await task
+    await up.stop()
+    assert up.messages[0].message["Subject"] == "retry me"
+    assert box.items() == []
