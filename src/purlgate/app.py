@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from purlgate.channels.imap_poller import ImapPoller
 from purlgate.channels.mail_worker import MailLedger, MailWorker, Notifier
 from purlgate.channels.outbox import Outbox, Sender, relay_sender
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
@@ -118,6 +120,7 @@ class Gateway:
     outbox: Outbox
     worker: MailWorker
     handler: SmtpHandler
+    imap: ImapPoller | None = None
     smtp: asyncio.Server | None = None
 
     @property
@@ -144,7 +147,11 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
                         work_root=data_dir / "mail-work")
     handler = SmtpHandler(inbound=set(region_cfg.inbound_addresses), clients=clients,
                           spool=spool, on_accepted=worker.submit)
-    return Gateway(region, spool, outbox, worker, handler)
+    imap = None
+    if region_cfg.imap is not None:
+        imap = ImapPoller(region_cfg.imap, inbound=region_cfg.inbound_addresses,
+                          clients=clients, spool=spool, on_accepted=worker.submit)
+    return Gateway(region, spool, outbox, worker, handler, imap)
 
 
 async def serve(gateway: Gateway, stop: asyncio.Event,
@@ -161,13 +168,18 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
              gateway.smtp_port)
     if on_ready is not None:
         on_ready(gateway)
+    imap_stop = threading.Event()
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(gateway.worker.run(stop))
             tasks.create_task(gateway.outbox.run(stop))
+            if gateway.imap is not None:
+                tasks.create_task(asyncio.to_thread(gateway.imap.run, imap_stop))
             await stop.wait()
             gateway.smtp.close()
+            imap_stop.set()
     finally:
+        imap_stop.set()
         gateway.smtp.close()
         await gateway.smtp.wait_closed()
         gateway.region.close()

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from contextlib import closing
 from pathlib import Path
 
-from purlgate.channels.mail_message import message_id, parse, zip_attachment
+from purlgate.channels.mail_message import Attachment, message_id, parse, zip_attachment
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.replies import failure_reply, notification, success_reply
 from purlgate.channels.smtp_listener import client_of
@@ -109,15 +109,22 @@ class MailWorker:
         ours = self._reply_from(entry)
         key = f"reply-{entry.id}"
         try:
-            attachment = zip_attachment(message)
+            attachment: Attachment | None = zip_attachment(message)
+            problem = None
         except MessageError as exc:
-            self.outbox.enqueue(failure_reply(message, exc.message, sender=ours, to=sender),
-                                sender=ours, recipients=[sender], key=key)
-            self.spool.finish(entry)
-            return
-        owner = self.ledger.claim(f"{message_id(message) or ''}|{attachment.sha256}", entry.id)
+            attachment, problem = None, exc
+        # One message, one answer: the same Message-ID and attachment again (SMTP twice,
+        # SMTP and IMAP, an IMAP re-fetch after a crash) is dropped silently.
+        digest = attachment.sha256 if attachment is not None else "no-zip"
+        owner = self.ledger.claim(f"{message_id(message) or entry.id}|{digest}", entry.id)
         if owner != entry.id:
             log.info("spool entry %s repeats entry %s; processed once", entry.id, owner)
+            self.spool.finish(entry)
+            return
+        if attachment is None:
+            assert problem is not None
+            self.outbox.enqueue(failure_reply(message, problem.message, sender=ours, to=sender),
+                                sender=ours, recipients=[sender], key=key)
             self.spool.finish(entry)
             return
         client = self.clients[client_id]
