@@ -20,6 +20,7 @@ from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import Submission
 from purlgate.errors import ConfigError, PurlgateError
 from purlgate.pgp import check_passphrase
+from purlgate.replay import replay, table
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -48,9 +49,36 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
     s.add_argument("--smtp-port", type=int, help="override the listener port (0: any free)")
 
+    r = sub.add_parser("replay", help="QA: send fixture emails and check the replies")
+    r.add_argument("files", type=Path, nargs="+", help="fixture .eml files")
+    r.add_argument("--smtp", required=True, type=_host_port, help="the instance, HOST:PORT")
+    r.add_argument("--capture", type=_host_port,
+                   help="run an SMTP sink here (the instance's relay) and check replies")
+    r.add_argument("--manifest", type=Path,
+                   help="expected outcomes (default: manifest.toml beside the files)")
+    r.add_argument("--region", help="only the fixtures of this region")
+    r.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per reply")
+
     c = sub.add_parser("check-config", help="validate regions.toml and its secrets")
     c.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
     return parser
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    manifest = args.manifest or args.files[0].parent / "manifest.toml"
+    results = asyncio.run(replay(
+        list(args.files), smtp=args.smtp, capture=args.capture, manifest=manifest,
+        region=args.region, timeout=args.timeout,
+    ))
+    print(table(results))
+    return EXIT_OK if results and all(r.ok for r in results) else EXIT_FAILED
 
 
 def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
@@ -196,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _process(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "replay":
+            return _replay(args)
         return _check_config(args)
     except ConfigError as exc:
         print(f"purlgate: configuration error: {exc.message}", file=sys.stderr)

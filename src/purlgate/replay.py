@@ -1,0 +1,178 @@
+"""QA replay: send fixture emails to a running instance and check what comes back.
+
+    purlgate replay fixtures/emails/*.eml --smtp 127.0.0.1:2525 --capture 127.0.0.1:2526
+
+Each fixture is sent in manifest order and, with ``--capture``, its reply is awaited on
+an SMTP sink that the instance's relay points at (matched by In-Reply-To), then checked
+against ``manifest.toml``: the status, the AES ZIP opening with the agreed password, the
+PURL file's row count and columns; failures by the text of the reply; refusals by the
+SMTP code. The expectations assume a fresh instance (names are claimed for ever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import tomllib
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pyzipper
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass
+class Result:
+    file: str
+    expected: str
+    got: str
+    ok: bool
+
+
+class Capture:
+    """The relay's stand-in: keeps every message the instance sends out."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session,  # noqa: N802
+                          envelope: Envelope) -> str:
+        parsed = BytesParser(policy=policy.default).parsebytes(envelope.original_content or b"")
+        assert isinstance(parsed, EmailMessage)
+        self.messages.append(parsed)
+        return "250 2.0.0 OK"
+
+    async def reply_to(self, message_id: str, timeout: float) -> EmailMessage | None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            for m in self.messages:
+                if str(m.get("In-Reply-To", "")).strip() == message_id:
+                    return m
+            await asyncio.sleep(0.1)
+        return None
+
+
+def load_manifest(path: Path) -> tuple[dict[str, dict[str, Any]], bytes | None]:
+    data = tomllib.loads(path.read_text("utf-8"))
+    password = None
+    if "password_file" in data:
+        password = (path.parent / data["password_file"]).read_bytes().strip()
+    return {e["file"]: e for e in data.get("email", [])}, password
+
+
+def _inflate(raw: bytes, size: int) -> bytes:
+    """Pad a message past ``size`` bytes with a filler attachment (oversize checks)."""
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    message.add_attachment(b"\0" * size, maintype="application", subtype="octet-stream",
+                           filename="filler.bin")
+    return message.as_bytes(policy=policy.SMTP)
+
+
+def _check_reply(reply: EmailMessage, want: dict[str, Any], password: bytes | None) -> str:
+    """Empty string when the reply is what the manifest says; else what is wrong."""
+    body_part = reply.get_body(("plain",))
+    body = body_part.get_content() if body_part is not None else ""
+    attachments = list(reply.iter_attachments())
+    if want["expect"] == "failure":
+        if attachments:
+            return "a failure reply must have no attachment"
+        return "" if want["reason"] in body else f"reply does not say {want['reason']!r}"
+    if f"Status: {want['status']}" not in body:
+        return f"status is not {want['status']}"
+    if len(attachments) != 1 or password is None:
+        return "no single ZIP attachment (or no password to open it)"
+    data = attachments[0].get_payload(decode=True)
+    if not isinstance(data, bytes):
+        return "the attachment is not a file"
+    try:
+        with pyzipper.AESZipFile(io.BytesIO(data)) as z:
+            z.setpassword(password)
+            names = [n for n in z.namelist() if n.startswith("PURL_")]
+            purl = z.read(names[0]) if names else b""
+    except (RuntimeError, pyzipper.BadZipFile) as exc:
+        return f"the ZIP does not open with the password ({type(exc).__name__})"
+    if not purl:
+        return "no PURL file in the ZIP"
+    text = purl.decode(want.get("encoding", "utf-8-sig"))
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=want.get("delimiter", ",")))
+    if rows[0] != want["columns"]:
+        return f"columns are {rows[0]}"
+    if len(rows) - 1 != want["rows"]:
+        return f"{len(rows) - 1} rows, expected {want['rows']}"
+    return ""
+
+
+async def replay(files: list[Path], *, smtp: tuple[str, int],
+                 capture: tuple[str, int] | None, manifest: Path, region: str | None,
+                 timeout: float = 60.0) -> list[Result]:
+    expected, password = load_manifest(manifest)
+    order = list(expected)
+    files = sorted(files, key=lambda p: order.index(p.name) if p.name in order else 1_000)
+    sink = Capture()
+    server = None
+    if capture is not None:
+        server = await asyncio.get_running_loop().create_server(
+            lambda: SMTP(sink), capture[0], capture[1])
+    results: list[Result] = []
+    try:
+        for path in files:
+            want = expected.get(path.name)
+            if want is None:
+                results.append(Result(path.name, "?", "not in the manifest", ok=False))
+                continue
+            if region is not None and want.get("region") not in (None, region):
+                continue
+            results.append(await _one(path, want, password=password, smtp=smtp,
+                                      sink=sink if server else None, timeout=timeout))
+    finally:
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+    return results
+
+
+async def _one(path: Path, want: dict[str, Any], *, password: bytes | None,
+               smtp: tuple[str, int], sink: Capture | None, timeout: float) -> Result:
+    raw = path.read_bytes()
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    sender = message["From"].addresses[0].addr_spec
+    recipient = message["To"].addresses[0].addr_spec
+    if "inflate_to" in want:
+        raw = _inflate(raw, int(want["inflate_to"]))
+    expected = want["expect"] + (f" {want['code']}" if "code" in want else "")
+    try:
+        await aiosmtplib.send(raw, sender=sender, recipients=[recipient], hostname=smtp[0],
+                              port=smtp[1], start_tls=False, timeout=timeout)
+    except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError) as exc:
+        return Result(path.name, expected, f"refused {exc.code}",
+                      ok=want["expect"] == "refused" and exc.code == want.get("code"))
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        code = exc.recipients[0].code
+        return Result(path.name, expected, f"refused {code}",
+                      ok=want["expect"] == "refused" and code == want.get("code"))
+    if want["expect"] == "refused":
+        return Result(path.name, expected, "accepted (250)", ok=False)
+    if sink is None:
+        return Result(path.name, expected, "accepted (250); reply not checked", ok=True)
+    reply = await sink.reply_to(str(message["Message-ID"]).strip(), timeout)
+    if reply is None:
+        return Result(path.name, expected, f"no reply within {timeout:g} s", ok=False)
+    problem = _check_reply(reply, want, password)
+    return Result(path.name, expected, problem or "as expected", ok=not problem)
+
+
+def table(results: list[Result]) -> str:
+    width = max([len(r.file) for r in results] + [4])
+    lines = [f"{'file':<{width}}  {'expected':<12}  result  detail"]
+    lines += [f"{r.file:<{width}}  {r.expected:<12}  {'PASS' if r.ok else 'FAIL':<6}  {r.got}"
+              for r in results]
+    passed = sum(r.ok for r in results)
+    lines.append(f"{passed} passed, {len(results) - passed} failed")
+    return "\n".join(lines)
