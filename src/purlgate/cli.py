@@ -16,6 +16,7 @@ from tqdm import tqdm
 from purlgate import __version__
 from purlgate.app import Gateway, build_gateway, build_region, serve
 from purlgate.config import Config, load_config
+from purlgate.core.archive import needs_password
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import Submission
 from purlgate.errors import ConfigError, PurlgateError
@@ -102,7 +103,11 @@ def _process(args: argparse.Namespace) -> int:
                                 else next(iter(config.regions)))
     region = build_region(config, region_id, data_dir=args.data_dir)
     client = config.clients.get(client_id) if client_id else None
-    password = client.zip_password.reveal() if client and client.zip_password else None
+    # The password is read only when it matters, for an encrypted ZIP (a missing secret
+    # is then a configuration error); a plain file or ZIP does not need it.
+    password = None
+    if client and client.zip_password and needs_password(path, path.name):
+        password = client.zip_password.reveal()
     out_dir: Path = args.out or path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
 

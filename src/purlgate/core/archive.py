@@ -47,6 +47,17 @@ def is_zip(path: Path, received_name: str) -> bool:
         return f.read(4) in ZIP_MAGIC
 
 
+def needs_password(path: Path, received_name: str) -> bool:
+    """True for a ZIP with an encrypted entry (read from its directory, nothing extracted)."""
+    if not is_zip(path, received_name):
+        return False
+    try:
+        with pyzipper.AESZipFile(path) as zf:
+            return any(info.flag_bits & 0x1 for info in zf.infolist())
+    except (pyzipper.BadZipFile, EOFError, ValueError, OSError):
+        return False  # unwrap reports what is wrong with it
+
+
 def _check_entry_name(raw: str) -> PurePosixPath:
     """Refuse names that point anywhere but one file at the top level."""
     if "\0" in raw:
