@@ -93,7 +93,7 @@ class Running:
                               port=self.port, start_tls=False)
 
     def spooled(self) -> list[Path]:
-        return sorted((self.data_dir / "spool" / "incoming").glob("*.eml"))
+        return sorted((self.data_dir / "spool" / "incoming").glob("*.msg"))
 
     async def shutdown(self) -> None:
         self.stop.set()

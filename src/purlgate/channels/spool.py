@@ -1,9 +1,14 @@
 """The durable spool: a received message is on disk (fsynced) before we say yes.
 
-``accept`` writes the raw message and its envelope to a temporary name, fsyncs both,
-renames the message into ``incoming/`` (the commit point) and fsyncs the folder. Only
-then may SMTP answer 250 or IMAP move the message. ``pending`` lists what a restart
-must still process; ``finish`` removes an entry once its reply is queued.
+One file per message, ``incoming/<id>.msg``: a first line ``PURLGATE-ENVELOPE <json>``
+(channel, envelope sender and recipients, size) and then the raw message, byte for
+byte. ``accept`` writes it under a temporary name, fsyncs it, renames it into
+``incoming/`` (the commit point) and fsyncs the folder; only then may SMTP answer 250
+or IMAP move the message. Folder fsyncs are group-committed: concurrent sessions whose
+renames happened before one fsync started share it, which keeps acceptance close to
+one fsync per message. ``finish`` deletes an entry once its reply is queued; a deletion
+lost in a crash only brings the entry back, and it is then answered from the batch
+store and the outbox keys, not processed twice.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +25,8 @@ from typing import Any
 
 from purlgate.core.files import fsync_dir
 from purlgate.errors import ServerError
+
+MAGIC = b"PURLGATE-ENVELOPE "
 
 
 class SpoolFullError(ServerError):
@@ -30,20 +38,44 @@ class SpoolFullError(ServerError):
 @dataclass(frozen=True)
 class SpoolEntry:
     id: str
-    path: Path  # the raw message
-    meta: dict[str, Any]  # channel, mail_from, rcpt_tos, received_at
+    path: Path
+    meta: dict[str, Any]  # channel, mail_from, rcpt_tos, size
 
     @property
     def raw(self) -> bytes:
-        return self.path.read_bytes()
+        with self.path.open("rb") as f:
+            f.readline()
+            return f.read()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+class GroupSync:
+    """fsync a folder for many callers at once: one sync covers every earlier rename."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._completed = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._completed < mine:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covers = self._requested  # every rename before this point
+                self._cond.release()
+                try:
+                    fsync_dir(self.folder)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._completed = max(self._completed, covers)
 
 
 class Spool:
@@ -57,9 +89,7 @@ class Spool:
         # Leftovers of a crash before the commit point were never acknowledged.
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
-        for meta in self.incoming.glob("*.json"):
-            if not meta.with_suffix(".eml").exists():
-                meta.unlink()
+        self._sync = GroupSync(self.incoming)
 
     def accept(self, raw: bytes, meta: dict[str, Any]) -> SpoolEntry:
         """Durably store one message; raise SpoolFullError or ServerError, never half."""
@@ -67,29 +97,32 @@ class Spool:
         if free - len(raw) < self.min_free_bytes:
             raise SpoolFullError("insufficient storage, try again later")
         entry_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
-        meta = {**meta, "id": entry_id}
-        tmp_eml, tmp_meta = self.tmp / f"{entry_id}.eml", self.tmp / f"{entry_id}.json"
+        meta = {**meta, "id": entry_id, "size": len(raw)}
+        tmp = self.tmp / f"{entry_id}.msg"
+        final = self.incoming / tmp.name
         try:
-            _write_synced(tmp_meta, json.dumps(meta).encode())
-            _write_synced(tmp_eml, raw)
-            tmp_meta.rename(self.incoming / tmp_meta.name)
-            tmp_eml.rename(self.incoming / tmp_eml.name)  # the commit point
-            fsync_dir(self.incoming)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + json.dumps(meta).encode() + b"\n")
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.rename(final)  # the commit point, made durable by the folder sync
+            self._sync.sync()
         except OSError as exc:
-            for p in (tmp_eml, tmp_meta, self.incoming / tmp_meta.name):
-                p.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             raise ServerError("could not store the message") from exc
-        return SpoolEntry(entry_id, self.incoming / f"{entry_id}.eml", meta)
+        return SpoolEntry(entry_id, final, meta)
 
     def pending(self) -> list[SpoolEntry]:
         entries = []
-        for eml in sorted(self.incoming.glob("*.eml")):
-            meta_path = eml.with_suffix(".json")
-            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-            entries.append(SpoolEntry(eml.stem, eml, meta))
+        for path in sorted(self.incoming.glob("*.msg")):
+            with path.open("rb") as f:
+                first = f.readline()
+            if first.startswith(MAGIC):
+                entries.append(SpoolEntry(path.stem, path, json.loads(first[len(MAGIC):])))
         return entries
 
     def finish(self, entry: SpoolEntry) -> None:
         entry.path.unlink(missing_ok=True)
-        entry.path.with_suffix(".json").unlink(missing_ok=True)
-        fsync_dir(self.incoming)
