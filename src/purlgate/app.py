@@ -14,12 +14,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import asyncssh
 import pyarrow as pa
 
+from purlgate.channels.defender import Defender
 from purlgate.channels.imap_poller import ImapPoller
 from purlgate.channels.mail_worker import MailLedger, MailWorker, Notifier
 from purlgate.channels.outbox import Outbox, Sender, relay_sender
+from purlgate.channels.sftp_server import (
+    SftpService,
+    SftpSpool,
+    SftpWorker,
+    close_sessions,
+    load_or_create_host_key,
+    start_sftp,
+)
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.config import Config, RegionConfig
@@ -121,7 +132,16 @@ class Gateway:
     worker: MailWorker
     handler: SmtpHandler
     imap: ImapPoller | None = None
+    sftp_service: SftpService | None = None
+    sftp_worker: SftpWorker | None = None
+    host_key: asyncssh.SSHKey | None = None
     smtp: asyncio.Server | None = None
+    sftp: Any = None  # asyncssh's acceptor
+
+    @property
+    def sftp_port(self) -> int:
+        assert self.sftp is not None
+        return int(self.sftp.sockets[0].getsockname()[1])
 
     @property
     def smtp_port(self) -> int:
@@ -151,7 +171,19 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     if region_cfg.imap is not None:
         imap = ImapPoller(region_cfg.imap, inbound=region_cfg.inbound_addresses,
                           clients=clients, spool=spool, on_accepted=worker.submit)
-    return Gateway(region, spool, outbox, worker, handler, imap)
+    gateway = Gateway(region, spool, outbox, worker, handler, imap)
+    if region_cfg.sftp is not None:
+        sftp_cfg = region_cfg.sftp
+        service = SftpService(
+            config=sftp_cfg, root=data_dir / "sftp", clients=clients, store=region.store,
+            spool=SftpSpool(data_dir / "sftp-spool"), defender=Defender(sftp_cfg.defender),
+        )
+        sftp_worker = SftpWorker(service, region.processor)
+        service.on_upload = sftp_worker.submit
+        gateway.sftp_service, gateway.sftp_worker = service, sftp_worker
+        gateway.host_key = load_or_create_host_key(
+            sftp_cfg.host_key or data_dir / "ssh_host_ed25519_key")
+    return gateway
 
 
 async def serve(gateway: Gateway, stop: asyncio.Event,
@@ -166,6 +198,10 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
     gateway.smtp = await start_smtp(gateway.handler, config.smtp)
     log.info("region %s: SMTP on %s:%d", gateway.region.id, config.smtp.host,
              gateway.smtp_port)
+    if gateway.sftp_service is not None and gateway.host_key is not None:
+        gateway.sftp = await start_sftp(gateway.sftp_service, gateway.host_key)
+        log.info("region %s: SFTP on %s:%d", gateway.region.id,
+                 gateway.sftp_service.config.host, gateway.sftp_port)
     if on_ready is not None:
         on_ready(gateway)
     imap_stop = threading.Event()
@@ -175,11 +211,20 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
             tasks.create_task(gateway.outbox.run(stop))
             if gateway.imap is not None:
                 tasks.create_task(asyncio.to_thread(gateway.imap.run, imap_stop))
+            if gateway.sftp_worker is not None:
+                tasks.create_task(gateway.sftp_worker.run(stop))
             await stop.wait()
             gateway.smtp.close()
+            if gateway.sftp is not None:
+                gateway.sftp.close()
             imap_stop.set()
     finally:
         imap_stop.set()
+        if gateway.sftp is not None:
+            gateway.sftp.close()
+            await gateway.sftp.wait_closed()
+        if gateway.sftp_service is not None:
+            await close_sessions(gateway.sftp_service)
         gateway.smtp.close()
         await gateway.smtp.wait_closed()
         gateway.region.close()

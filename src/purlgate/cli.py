@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import signal
 import sys
@@ -20,6 +21,7 @@ from purlgate.core.archive import needs_password
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import Submission
 from purlgate.errors import ConfigError, PurlgateError
+from purlgate.passwords import hash_password
 from purlgate.pgp import check_passphrase
 from purlgate.replay import replay, table
 
@@ -60,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--region", help="only the fixtures of this region")
     r.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per reply")
 
+    sub.add_parser("hash-password",
+                   help="read a password (prompt or stdin) and print its scrypt hash for "
+                        "an SFTP account's password_hash")
+
     c = sub.add_parser("check-config", help="validate regions.toml and its secrets")
     c.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
     return parser
@@ -70,6 +76,21 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host or "127.0.0.1", int(port)
+
+
+def _hash_password() -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("purlgate: the passwords differ", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("purlgate: empty password", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_password(password))
+    return EXIT_OK
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -162,9 +183,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     def ready(gw: Gateway) -> None:
         smtp = gw.region.config.smtp
+        sftp = (f"; SFTP on {gw.region.config.sftp.host}:{gw.sftp_port}"
+                if gw.region.config.sftp is not None and gw.sftp is not None else "")
         print(f"purlgate {__version__}: region {args.region} accepting mail for "
               f"{', '.join(gw.region.config.inbound_addresses)} on "
-              f"{smtp.host}:{gw.smtp_port}; relay {gw.region.config.relay.host}:"
+              f"{smtp.host}:{gw.smtp_port}{sftp}; relay {gw.region.config.relay.host}:"
               f"{gw.region.config.relay.port}", flush=True)
 
     async def main() -> None:
@@ -231,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "hash-password":
+            return _hash_password()
         return _check_config(args)
     except ConfigError as exc:
         print(f"purlgate: configuration error: {exc.message}", file=sys.stderr)

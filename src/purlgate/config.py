@@ -12,6 +12,7 @@ Secrets are never values in the file: ``{ env = "NAME" }`` or ``{ file = "/path"
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -166,12 +167,15 @@ class ClientConfig(_Model):
     zip_password: SecretRef | None = None
     pgp_public_key: Path | None = None  # armored or binary public key file (not a secret)
     pgp_fingerprint: Fingerprint | None = None  # pinned: the key file must hold this key
+    sftp: ClientSftpConfig | None = None
     projects: dict[Identifier, ProjectConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _pgp_key_pinned(self) -> Self:
         if (self.pgp_public_key is None) != (self.pgp_fingerprint is None):
             raise ValueError("give both pgp_public_key and pgp_fingerprint, or neither")
+        if self.sftp is not None and self.sftp.flat and len(self.projects) != 1:
+            raise ValueError("sftp.flat needs exactly one project")
         uses = [pid for pid, p in self.projects.items()
                 if p.pgp_encrypt_output or p.pgp_require_signature]
         if uses and self.pgp_fingerprint is None:
@@ -250,6 +254,52 @@ class ImapConfig(_Model):
     idle: bool = True  # use IDLE when the server offers it
 
 
+class DefenderConfig(_Model):
+    """Brute-force defence per source IP, in the manner of SFTPGo's defender."""
+
+    enabled: bool = True
+    threshold: int = Field(default=15, gt=0)  # score at which the IP is banned
+    score_valid: int = Field(default=1, ge=0)  # a successful login
+    score_invalid: int = Field(default=2, ge=0)  # a failed password
+    score_no_auth: int = Field(default=2, ge=0)  # a connection that never logged in
+    observation_seconds: float = Field(default=1800.0, gt=0)
+    ban_seconds: float = Field(default=1800.0, gt=0)
+    ban_increase: float = Field(default=1.5, ge=1.0)  # each repeat ban lasts this much longer
+    safelist: list[str] = Field(default_factory=list)  # IPs or CIDRs never banned
+
+    @field_validator("safelist")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
+
+
+class SftpConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=2222, ge=0, le=65535)
+    host_key: Path | None = None  # default: <data_dir>/ssh_host_ed25519_key, made once
+    login_timeout_seconds: float = Field(default=30.0, gt=0)
+    defender: DefenderConfig = Field(default_factory=DefenderConfig)
+
+
+class ClientSftpConfig(_Model):
+    """A client's SFTP account. Passwords are stored only as a slow hash."""
+
+    username: Identifier
+    password_hash: str | None = None  # from `purlgate hash-password`
+    authorized_keys: list[str] = Field(default_factory=list)  # OpenSSH public key lines
+    flat: bool = False  # one project: /Uploads and /Downloads at the top
+
+    @model_validator(mode="after")
+    def _some_way_in(self) -> Self:
+        if self.password_hash is None and not self.authorized_keys:
+            raise ValueError("give a password_hash, authorized_keys, or both")
+        if self.password_hash is not None and not self.password_hash.startswith("scrypt$"):
+            raise ValueError("password_hash must come from `purlgate hash-password`")
+        return self
+
+
 class RegionConfig(_Model):
     inbound_addresses: list[str] = Field(min_length=1)
     data_dir: Path
@@ -260,6 +310,7 @@ class RegionConfig(_Model):
     smtp: SmtpConfig = Field(default_factory=SmtpConfig)
     relay: RelayConfig = Field(default_factory=RelayConfig)
     imap: ImapConfig | None = None
+    sftp: SftpConfig | None = None
 
     @field_validator("inbound_addresses")
     @classmethod
@@ -300,6 +351,18 @@ class Config(_Model):
                         f"client {client_id} has a PGP key but region(s) {', '.join(keyless)} "
                         "have no [regions.<id>.pgp] key pair"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _unique_sftp_usernames(self) -> Self:
+        seen: dict[str, str] = {}
+        for client_id, client in self.clients.items():
+            if client.sftp is None:
+                continue
+            other = seen.setdefault(client.sftp.username, client_id)
+            if other != client_id:
+                raise ValueError(f"clients {other} and {client_id} share the SFTP username "
+                                 f"{client.sftp.username}")
         return self
 
     def clients_of(self, region_id: str) -> dict[str, ClientConfig]:

@@ -188,6 +188,15 @@ class SqliteBatchStore:
             ).fetchone()
             return None if row is None else self._record(db, row)
 
+    def first_received(self, client: str, project: str, name: str) -> datetime | None:
+        """When a file of this name (as sent, or the data file inside) first arrived."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT MIN(created_at) FROM batches WHERE client = ? AND project = ?"
+                " AND (received_name = ? OR data_name = ?)", (client, project, name, name),
+            ).fetchone()
+        return datetime.fromisoformat(row[0]) if row and row[0] else None
+
     def find_by_intake(self, intake_id: str) -> BatchRecord | None:
         with self._connect() as db:
             row = db.execute("SELECT * FROM batches WHERE intake_id = ?",

@@ -1,0 +1,515 @@
+"""The SFTP channel: per-client accounts, Uploads in, Downloads out (asyncssh).
+
+Each client sees only its own tree, ``/<project>/Uploads`` and ``/<project>/Downloads``
+(or ``/Uploads`` and ``/Downloads`` for a flat one-project account). No path leads out:
+``..`` is refused, every component is checked with lstat so a planted symlink is
+refused too, and symlinks cannot be made. ``Uploads``: create, write, rename, list.
+``Downloads``: list, read, delete. Nothing else.
+
+An upload counts when the client closes a file it wrote under a final name, or renames
+a temporary name (``.filepart``, ``.part``, ``.tmp``, a leading dot: WinSCP, FileZilla)
+to a final one. Before that close or rename is answered OK, the file is moved into the
+durable SFTP spool (fsynced, renamed, folder fsynced). A transfer cut off mid-way (the
+connection drops with the file open) is deleted, never processed. A name already
+received for the client and project, or being received in another session, is refused
+at open with the time it arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+from asyncssh import SFTPError
+
+from purlgate.channels.defender import Defender, Event
+from purlgate.channels.spool import GroupSync
+from purlgate.config import ClientConfig, SftpConfig
+from purlgate.core.naming import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS, PGP_EXTENSIONS
+from purlgate.core.pipeline import BatchProcessor, Submission
+from purlgate.passwords import verify_password
+from purlgate.store import SqliteBatchStore
+
+log = logging.getLogger("purlgate.sftp")
+TEMP_SUFFIXES = (".filepart", ".part", ".tmp")
+ALLOWED = (*DATA_EXTENSIONS, *ARCHIVE_EXTENSIONS, *PGP_EXTENSIONS)
+WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC | asyncssh.FXF_APPEND
+
+
+def denied(reason: str) -> SFTPError:
+    return SFTPError(asyncssh.FX_PERMISSION_DENIED, reason)
+
+
+def is_temp(name: str) -> bool:
+    return name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
+
+
+def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
+    """The region's persistent host key: made once (0600), never regenerated."""
+    if path.exists():
+        return asyncssh.read_private_key(str(path))
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.export_private_key())
+    return key
+
+
+@dataclass(frozen=True)
+class Account:
+    client_id: str
+    client: ClientConfig
+    keys: frozenset[bytes]  # public key blobs
+
+    @property
+    def password_hash(self) -> str | None:
+        return self.client.sftp.password_hash if self.client.sftp else None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A completed upload waiting in the SFTP spool."""
+
+    id: str
+    path: Path
+    meta: dict[str, Any]
+
+
+class SftpSpool:
+    """``incoming/<id>/`` holds one uploaded file and ``meta.json``; the rename of the
+    folder from ``tmp/`` is the commit point."""
+
+    def __init__(self, root: Path) -> None:
+        self.incoming, self.tmp = root / "incoming", root / "tmp"
+        for folder in (self.incoming, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for leftover in self.tmp.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        self._sync = GroupSync(self.incoming)
+
+    def adopt(self, source: Path, name: str, meta: dict[str, Any]) -> Upload:
+        entry_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+        staging = self.tmp / entry_id
+        staging.mkdir(mode=0o700)
+        target = staging / name
+        source.rename(target)  # same filesystem: the data is not copied
+        with target.open("rb") as f:
+            os.fsync(f.fileno())
+        meta = {**meta, "id": entry_id, "name": name}
+        (staging / "meta.json").write_text(json.dumps(meta))
+        fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        staging.rename(self.incoming / entry_id)
+        self._sync.sync()
+        return Upload(entry_id, self.incoming / entry_id / name, meta)
+
+    def pending(self) -> list[Upload]:
+        found = []
+        for folder in sorted(self.incoming.iterdir()):
+            meta_path = folder / "meta.json"
+            if meta_path.exists():
+                meta = json.loads(meta_path.read_text())
+                found.append(Upload(folder.name, folder / meta["name"], meta))
+        return found
+
+    def finish(self, upload: Upload) -> None:
+        shutil.rmtree(self.incoming / upload.id, ignore_errors=True)
+
+
+class SftpService:
+    """What every SFTP session shares: accounts, homes, names in flight, the spool."""
+
+    def __init__(self, *, config: SftpConfig, root: Path, clients: Mapping[str, ClientConfig],
+                 store: SqliteBatchStore, spool: SftpSpool, defender: Defender,
+                 on_upload: Callable[[Upload], None] | None = None) -> None:
+        self.config = config
+        self.root = root
+        self.clients = clients
+        self.store = store
+        self.spool = spool
+        self.defender = defender
+        # Set by the wiring once the worker exists (the worker needs the service too).
+        self.on_upload: Callable[[Upload], None] = on_upload or (lambda upload: None)
+        self.accounts: dict[str, Account] = {}
+        for client_id, client in clients.items():
+            if client.sftp is None:
+                continue
+            keys = frozenset(asyncssh.import_public_key(k).public_data
+                             for k in client.sftp.authorized_keys)
+            self.accounts[client.sftp.username] = Account(client_id, client, keys)
+            self.ensure_home(client_id, client)
+        self._lock = threading.Lock()
+        self.connections: set[asyncssh.SSHServerConnection] = set()
+        self._in_flight: dict[tuple[str, str, str], str] = {}
+        for upload in spool.pending():
+            m = upload.meta
+            self._in_flight[(m["client"], m["project"], m["name"])] = "spooled"
+
+    def home(self, client_id: str) -> Path:
+        return self.root / client_id
+
+    def ensure_home(self, client_id: str, client: ClientConfig) -> None:
+        home = self.home(client_id)
+        flat = client.sftp is not None and client.sftp.flat
+        for project in client.projects:
+            base = home if flat else home / project
+            for area in ("Uploads", "Downloads"):
+                (base / area).mkdir(parents=True, exist_ok=True)
+
+    def reserve(self, client_id: str, project: str, name: str, owner: str) -> None:
+        """Refuse a name already received or being received; else hold it."""
+        first = self.store.first_received(client_id, project, name)
+        if first is not None:
+            when = first.strftime("%Y-%m-%d %H:%M:%S UTC")
+            raise SFTPError(asyncssh.FX_FAILURE,
+                            f"a file named {name} was received at {when}; "
+                            "upload it under a new name")
+        with self._lock:
+            holder = self._in_flight.get((client_id, project, name))
+            if holder is not None and holder != owner:
+                raise SFTPError(asyncssh.FX_FAILURE,
+                                f"a file named {name} is being received already; "
+                                "upload it under a new name")
+            self._in_flight[(client_id, project, name)] = owner
+
+    def release(self, client_id: str, project: str, name: str, owner: str) -> None:
+        with self._lock:
+            if self._in_flight.get((client_id, project, name)) == owner:
+                del self._in_flight[(client_id, project, name)]
+
+    def done(self, client_id: str, project: str, name: str) -> None:
+        with self._lock:
+            self._in_flight.pop((client_id, project, name), None)
+
+
+class _SshConnection(asyncssh.SSHServer):
+    """One SSH connection: the defender's view of logins."""
+
+    def __init__(self, service: SftpService) -> None:
+        self.service = service
+        self.ip = "?"
+        self.authenticated = False
+        self.attempted = False
+        self.conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        self.service.connections.add(conn)
+        peer = conn.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else "?"
+        if self.service.defender.banned(self.ip):
+            log.info("refused connection from banned %s", self.ip)
+            conn.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.service.connections.discard(self.conn)
+        if not self.authenticated and not self.attempted:
+            self.service.defender.record(self.ip, Event.NO_AUTH)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        self.attempted = True
+        account = self.service.accounts.get(username)
+        stored = account.password_hash if account else None
+        ok = stored is not None and await asyncio.to_thread(verify_password, password, stored)
+        if not ok:
+            log.info("failed password login for %r from %s", username, self.ip)
+            if self.service.defender.record(self.ip, Event.INVALID) and self.conn is not None:
+                self.conn.close()
+        return ok
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        account = self.service.accounts.get(username)
+        return account is not None and key.public_data in account.keys
+
+    def auth_completed(self) -> None:
+        self.authenticated = True
+        self.service.defender.record(self.ip, Event.VALID)
+
+
+@dataclass
+class _Open:
+    """A file handle we gave out, and what it is for."""
+
+    file: Any
+    real: Path
+    project: str | None
+    name: str
+    upload: bool
+
+    def fileno(self) -> int:  # asyncssh's fstat and fsync use it
+        return int(self.file.fileno())
+
+
+class ClientSftp(asyncssh.SFTPServer):
+    """One client's view: its own tree, the area rules, uploads into the spool."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], service: SftpService) -> None:
+        username = chan.get_extra_info("username")
+        self.service = service
+        self.account = service.accounts[username]
+        self.session = uuid.uuid4().hex
+        self.home = service.home(self.account.client_id).resolve()
+        self.flat = bool(self.account.client.sftp and self.account.client.sftp.flat)
+        super().__init__(chan, chroot=str(self.home).encode())
+
+    # -- paths ---------------------------------------------------------------------
+
+    def _virtual(self, path: bytes) -> str:
+        text = path.decode("utf-8", "surrogateescape")
+        parts = [p for p in text.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise denied("paths with .. are not allowed")
+        return "/" + "/".join(parts)
+
+    def _real(self, virtual: str) -> Path:
+        real = self.home
+        for part in [p for p in virtual.split("/") if p]:
+            real = real / part
+            try:
+                if stat.S_ISLNK(os.lstat(real).st_mode):
+                    raise denied("symbolic links are not allowed")
+            except FileNotFoundError:
+                break
+        return self.home / virtual.lstrip("/")
+
+    def map_path(self, path: bytes) -> bytes:
+        return str(self._real(self._virtual(path))).encode("utf-8", "surrogateescape")
+
+    def _place(self, path: bytes) -> tuple[str | None, str | None, str]:
+        """(project, area, file name) of a virtual path; area None outside the areas."""
+        parts = [p for p in self._virtual(path).split("/") if p]
+        projects = list(self.account.client.projects)
+        if self.flat:
+            project, rest = projects[0], parts
+        else:
+            if not parts or parts[0] not in projects:
+                return None, None, "/".join(parts)
+            project, rest = parts[0], parts[1:]
+        if rest and rest[0] in ("Uploads", "Downloads"):
+            return project, rest[0], "/".join(rest[1:])
+        return project, None, "/".join(rest)
+
+    async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+        """As asyncssh's, but "." and ".." describe the listed folder itself: a ".." path
+        is never mapped (and would be refused)."""
+        real = self.map_path(path)
+        attrs = asyncssh.SFTPAttrs.from_local(os.lstat(real))
+        for name in (b".", b".."):
+            yield asyncssh.SFTPName(name, attrs=attrs)
+        with os.scandir(real) as entries:
+            for entry in entries:
+                yield asyncssh.SFTPName(
+                    os.fsencode(entry.name),
+                    attrs=asyncssh.SFTPAttrs.from_local(entry.stat(follow_symlinks=False)))
+
+    # -- files -------------------------------------------------------------------------
+
+    def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+        project, area, name = self._place(path)
+        real = self._real(self._virtual(path))
+        if pflags & WRITE_FLAGS:
+            if area != "Uploads" or not name or "/" in name or project is None:
+                raise denied("files can be uploaded to Uploads only")
+            if not is_temp(name):
+                self._check_type(name)
+                self.service.reserve(self.account.client_id, project, name, self.session)
+            fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            return _Open(os.fdopen(fd, "wb"), real, project, name, upload=True)
+        if pflags & asyncssh.FXF_READ:
+            if area != "Downloads" or not name or "/" in name:
+                raise denied("files can be read from Downloads only")
+            return _Open(real.open("rb"), real, project, name, upload=False)
+        raise denied("unsupported open mode")
+
+    def _check_type(self, name: str) -> None:
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if ext not in ALLOWED:
+            allowed = " ".join(f".{e}" for e in ALLOWED)
+            raise denied(f"{name} is not a data file; allowed types: {allowed}")
+
+    def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        assert isinstance(file_obj, _Open)
+        file_obj.file.seek(offset)
+        return bytes(file_obj.file.read(size))
+
+    def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        assert isinstance(file_obj, _Open)
+        file_obj.file.seek(offset)
+        return int(file_obj.file.write(data))
+
+    async def close(self, file_obj: object) -> None:
+        assert isinstance(file_obj, _Open)
+        file_obj.file.close()
+        if not file_obj.upload:
+            return
+        if self.channel.is_closing():
+            # The connection dropped with the file open: a cut-off transfer.
+            log.info("cut-off upload of %s discarded", file_obj.name)
+            file_obj.real.unlink(missing_ok=True)
+            if file_obj.project is not None:
+                self.service.release(self.account.client_id, file_obj.project, file_obj.name,
+                                     self.session)
+            return
+        if not is_temp(file_obj.name):
+            await self._complete(file_obj.real, file_obj.project or "", file_obj.name)
+
+    async def _complete(self, real: Path, project: str, name: str) -> None:
+        meta = {"client": self.account.client_id, "project": project, "name": name}
+        try:
+            upload = await asyncio.to_thread(self.service.spool.adopt, real, name, meta)
+        except OSError as exc:
+            log.exception("could not spool upload %s", name)
+            raise SFTPError(asyncssh.FX_FAILURE,
+                            "the upload could not be stored; please try again") from exc
+        self.service.on_upload(upload)
+
+    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        project, area, old = self._place(oldpath)
+        new_project, new_area, new = self._place(newpath)
+        if area != "Uploads" or new_area != "Uploads" or project != new_project or \
+                project is None or "/" in old or "/" in new or not new:
+            raise denied("renaming is allowed within Uploads only")
+        real_old = self._real(self._virtual(oldpath))
+        if not real_old.is_file():
+            raise SFTPError(asyncssh.FX_NO_SUCH_FILE, "no such file")
+        if is_temp(new):
+            real_old.rename(self._real(self._virtual(newpath)))
+            return
+        self._check_type(new)
+        self.service.reserve(self.account.client_id, project, new, self.session)
+        await self._complete(real_old, project, new)
+
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self.rename(oldpath, newpath)
+
+    def remove(self, path: bytes) -> None:
+        _, area, name = self._place(path)
+        if area != "Downloads" or not name or "/" in name:
+            raise denied("files can be deleted from Downloads only")
+        real = self._real(self._virtual(path))
+        try:
+            real.unlink()
+        except FileNotFoundError as exc:
+            raise SFTPError(asyncssh.FX_NO_SUCH_FILE, "no such file") from exc
+
+    def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        """Clients set times after an upload; accepted and ignored."""
+
+    def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
+        """Accepted and ignored, as setstat."""
+
+    def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        raise denied("folders cannot be created")
+
+    def rmdir(self, path: bytes) -> None:
+        raise denied("folders cannot be removed")
+
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        raise denied("symbolic links are not allowed")
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        raise denied("links are not allowed")
+
+    def readlink(self, path: bytes) -> bytes:
+        raise denied("symbolic links are not allowed")
+
+
+async def close_sessions(service: SftpService, timeout: float = 10.0) -> None:
+    """Close every live session (an upload still open is then a cut-off transfer)."""
+    sessions = list(service.connections)
+    for conn in sessions:
+        conn.close()
+    for conn in sessions:
+        try:
+            await asyncio.wait_for(conn.wait_closed(), timeout)
+        except TimeoutError:
+            log.warning("an SFTP session did not close in %.0f s", timeout)
+
+
+async def start_sftp(service: SftpService, host_key: asyncssh.SSHKey) -> Any:
+    config = service.config
+    return await asyncssh.create_server(
+        lambda: _SshConnection(service), config.host, config.port,
+        server_host_keys=[host_key],
+        sftp_factory=lambda chan: ClientSftp(chan, service),
+        allow_scp=False, login_timeout=config.login_timeout_seconds,
+        encryption_algs=["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                         "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"],
+    )
+
+
+class SftpWorker:
+    """Runs the batch core on spooled uploads; results land in the project's Downloads."""
+
+    def __init__(self, service: SftpService, processor: BatchProcessor) -> None:
+        self.service = service
+        self.processor = processor
+        self._queue: asyncio.Queue[Upload] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def submit(self, upload: Upload) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, upload)
+        else:
+            self._queue.put_nowait(upload)
+
+    def downloads(self, client_id: str, project: str) -> Path:
+        client = self.service.clients[client_id]
+        flat = client.sftp is not None and client.sftp.flat
+        home = self.service.home(client_id)
+        return home / "Downloads" if flat else home / project / "Downloads"
+
+    def handle(self, upload: Upload) -> None:
+        m = upload.meta
+        self.processor.process(
+            Submission(path=upload.path, received_name=m["name"], channel="sftp",
+                       client_id=m["client"], project_id=m["project"], intake_id=upload.id),
+            self.downloads(m["client"], m["project"]),
+        )
+        self.service.spool.finish(upload)
+        self.service.done(m["client"], m["project"], m["name"])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        for upload in self.service.spool.pending():
+            self._queue.put_nowait(upload)
+        while not stop.is_set():
+            getter = asyncio.ensure_future(self._queue.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if getter not in done:
+                getter.cancel()
+                break
+            upload = getter.result()
+            try:
+                await asyncio.to_thread(self.handle, upload)
+            except Exception:
+                log.exception("upload %s could not be processed; kept for retry", upload.id)
+

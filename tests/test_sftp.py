@@ -1,0 +1,407 @@
+"""The SFTP channel against a real asyncssh server, driven by the clients people use:
+the OpenSSH sftp client (key, and password through sshpass), paramiko and asyncssh."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import paramiko
+import pytest
+import pytest_asyncio
+
+from purlgate.app import Gateway, build_gateway, serve
+from purlgate.config import parse_config
+from purlgate.passwords import hash_password
+from tests.mail_helpers import Sink
+
+T = "20261127_101500"
+PASSWORD = "acme sftp pass 2026"
+CSV = b"first_name,email\nZo\xc3\xab,z@acme.example\nAda,a@acme.example\n"
+HASH = hash_password(PASSWORD)
+
+
+@dataclass
+class Keys:
+    acme: Path
+    globex: Path
+    acme_pub: str
+    globex_pub: str
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    root = tmp_path_factory.mktemp("ssh")
+    pubs = {}
+    for name in ("acme", "globex"):
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        (root / name).write_bytes(key.export_private_key())
+        (root / name).chmod(0o600)
+        pubs[name] = key.export_public_key().decode().strip()
+    return Keys(root / "acme", root / "globex", pubs["acme"], pubs["globex"])
+
+
+def config(keys: Keys, relay: int, safelist: str = "") -> str:
+    return f"""
+[regions.usa]
+inbound_addresses = ["sftp-usa@idomoo.com"]
+data_dir = "var/usa"
+public_base_url = "https://purl.test"
+[regions.usa.relay]
+port = {relay}
+[regions.usa.sftp]
+port = 0
+[regions.usa.sftp.defender]
+threshold = 6
+safelist = [{safelist}]
+
+[clients.acme]
+name = "Acme"
+regions = ["usa"]
+[clients.acme.sftp]
+username = "acme"
+password_hash = "{HASH}"
+authorized_keys = ["{keys.acme_pub}"]
+[clients.acme.projects.spring]
+[clients.acme.projects.autumn]
+
+[clients.globex]
+name = "Globex"
+regions = ["usa"]
+[clients.globex.sftp]
+username = "globex"
+authorized_keys = ["{keys.globex_pub}"]
+flat = true
+[clients.globex.projects.main]
+"""
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    data_dir: Path
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    sink: Sink
+
+    @property
+    def port(self) -> int:
+        return self.gateway.sftp_port
+
+    def downloads(self, project: str = "spring") -> Path:
+        return self.data_dir / "sftp" / "acme" / project / "Downloads"
+
+    def uploads(self, project: str = "spring") -> Path:
+        return self.data_dir / "sftp" / "acme" / project / "Uploads"
+
+    async def wait_for(self, path: Path, timeout: float = 30) -> Path:
+        for _ in range(int(timeout * 20)):
+            if path.exists():
+                return path
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{path.name} did not appear")
+
+    def connect(self, user: str = "acme", key: Path | None = None,
+                password: str | None = None) -> object:
+        return asyncssh.connect("127.0.0.1", self.port, username=user, known_hosts=None,
+                                client_keys=[str(key)] if key else None, password=password,
+                                agent_path=None)
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+        await self.sink.stop()
+
+
+async def start(tmp_path: Path, keys: Keys, *, data_dir: Path | None = None,
+                safelist: str = "") -> Running:
+    sink = await Sink().start()
+    data_dir = data_dir or tmp_path / "state"
+    gateway = build_gateway(parse_config(config(keys, sink.port, safelist)), "usa",
+                            data_dir=data_dir)
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(gateway, stop, lambda _: ready.set()))
+    await asyncio.wait_for(ready.wait(), 10)
+    return Running(gateway, data_dir, stop, task, sink)
+
+
+@pytest_asyncio.fixture
+async def running(tmp_path: Path, keys: Keys) -> AsyncIterator[Running]:
+    r = await start(tmp_path, keys)
+    yield r
+    await r.shutdown()
+
+
+def openssh(r: Running, commands: str, *, key: Path | None = None,
+            password: str | None = None, user: str = "acme") -> subprocess.CompletedProcess[str]:
+    sftp = shutil.which("sftp")
+    assert sftp, "the OpenSSH sftp client is needed (openssh-client)"
+    args = [sftp, "-b", "-", "-P", str(r.port), "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    if key is not None:
+        args += ["-i", str(key), "-o", "PasswordAuthentication=no", "-o", "IdentitiesOnly=yes"]
+    else:
+        sshpass = shutil.which("sshpass")
+        assert sshpass, "sshpass is needed"
+        # -b implies BatchMode=yes (no password prompt); an earlier -o wins for ssh.
+        args = [sshpass, "-p", password or "", args[0], "-o", "BatchMode=no", *args[1:],
+                "-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password"]
+    return subprocess.run([*args, f"{user}@127.0.0.1"], input=commands, text=True,
+                          capture_output=True, timeout=60, check=False,
+                          env={**os.environ, "SSH_AUTH_SOCK": ""})
+
+
+@pytest.mark.asyncio
+async def test_openssh_key_upload_and_download(running: Running, keys: Keys,
+                                               tmp_path: Path) -> None:
+    """OpenSSH sftp with a key: put into Uploads; the PURL file, its .flg, appear in
+    Downloads and download intact; Uploads is left empty."""
+    local = tmp_path / f"acme_spring_{T}_00.csv"
+    local.write_bytes(CSV)
+    result = await asyncio.to_thread(openssh, running, f"put {local} /spring/Uploads/\n",
+                                     key=keys.acme)
+    assert result.returncode == 0, result.stderr
+    purl = await running.wait_for(running.downloads() / f"PURL_acme_spring_{T}_00.csv.flg")
+    got = tmp_path / "got.csv"
+    result = await asyncio.to_thread(
+        openssh, running, f"get /spring/Downloads/PURL_acme_spring_{T}_00.csv {got}\n",
+        key=keys.acme)
+    assert result.returncode == 0, result.stderr
+    lines = got.read_bytes().decode().splitlines()
+    assert lines[0] == "first_name,email,thumbnail_1,landingPage"
+    assert lines[1].startswith("Zoë,z@acme.example,https://purl.test/t/")
+    assert purl.exists()
+    assert list(running.uploads().iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_openssh_password_login(running: Running, tmp_path: Path) -> None:
+    """OpenSSH sftp with a password (sshpass): the upload is processed."""
+    local = tmp_path / f"pw_{T}.csv"
+    local.write_bytes(CSV)
+    result = await asyncio.to_thread(openssh, running, f"put {local} /autumn/Uploads/\n",
+                                     password=PASSWORD)
+    assert result.returncode == 0, result.stderr
+    await running.wait_for(running.downloads("autumn") / f"PURL_pw_{T}.csv")
+
+
+@pytest.mark.asyncio
+async def test_paramiko_client(running: Running, keys: Keys) -> None:
+    """paramiko: upload with a password, then list and read the result."""
+    def session() -> list[str]:
+        transport = paramiko.Transport(("127.0.0.1", running.port))
+        try:
+            transport.connect(username="acme", password=PASSWORD)
+            sftp = paramiko.SFTPClient.from_transport(transport)
+            assert sftp is not None
+            with sftp.open(f"/spring/Uploads/pm_{T}.csv", "wb") as f:
+                f.write(CSV)
+            for _ in range(600):
+                if f"PURL_pm_{T}.csv.flg" in sftp.listdir("/spring/Downloads"):
+                    break
+                time.sleep(0.05)
+            with sftp.open(f"/spring/Downloads/PURL_pm_{T}.csv", "rb") as f:
+                return f.read().decode().splitlines()
+        finally:
+            transport.close()
+
+    lines = await asyncio.to_thread(session)
+    assert len(lines) == 3 and lines[0].endswith(",thumbnail_1,landingPage")
+
+
+@pytest.mark.asyncio
+async def test_winscp_style_filepart_rename(running: Running, keys: Keys) -> None:
+    """Upload to name.filepart, then rename: processed once, under the final name."""
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        async with sftp.open(f"/spring/Uploads/ws_{T}.csv.filepart", "wb") as f:
+            await f.write(CSV)
+        await asyncio.sleep(0.3)
+        assert not (running.downloads() / f"PURL_ws_{T}.csv").exists(), "not before rename"
+        await sftp.rename(f"/spring/Uploads/ws_{T}.csv.filepart", f"/spring/Uploads/ws_{T}.csv")
+    await running.wait_for(running.downloads() / f"PURL_ws_{T}.csv.flg")
+    assert list(running.uploads().iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_cut_off_upload_is_never_processed(running: Running, keys: Keys) -> None:
+    """The connection drops mid-upload: nothing is processed and nothing is left."""
+    conn = await running.connect(key=keys.acme)
+    sftp = await conn.start_sftp_client()
+    f = await sftp.open(f"/spring/Uploads/cut_{T}.csv", "wb")
+    await f.write(CSV[:20])
+    conn.abort()
+    await asyncio.sleep(1.0)
+    assert running.gateway.region.store.recent() == []
+    assert list(running.uploads().iterdir()) == []
+    assert running.gateway.sftp_service is not None
+    assert running.gateway.sftp_service.spool.pending() == []
+    # The name was never received: it can be uploaded again.
+    async with running.connect(key=keys.acme) as c2, c2.start_sftp_client() as s2, \
+            s2.open(f"/spring/Uploads/cut_{T}.csv", "wb") as f2:
+        await f2.write(CSV)
+    await running.wait_for(running.downloads() / f"PURL_cut_{T}.csv")
+
+
+@pytest.mark.asyncio
+async def test_same_name_again_is_refused_at_open(running: Running, keys: Keys) -> None:
+    """The second upload of a name is refused at open, with when it first arrived."""
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        async with sftp.open(f"/spring/Uploads/dup_{T}.csv", "wb") as f:
+            await f.write(CSV)
+        await running.wait_for(running.downloads() / f"PURL_dup_{T}.csv.flg")
+        with pytest.raises(asyncssh.SFTPFailure) as err:
+            await sftp.open(f"/spring/Uploads/dup_{T}.csv", "wb")
+        assert f"a file named dup_{T}.csv was received at " in err.value.reason
+        assert err.value.reason.endswith("; upload it under a new name")
+    assert len(running.gateway.region.store.recent()) == 1
+
+
+@pytest.mark.asyncio
+async def test_same_name_from_two_sessions_at_once(running: Running, keys: Keys) -> None:
+    """Two sessions upload one name at the same moment: exactly one is processed."""
+    async def upload() -> str:
+        async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+            try:
+                async with sftp.open(f"/spring/Uploads/race_{T}.csv", "wb") as f:
+                    await f.write(CSV)
+                    await asyncio.sleep(0.2)
+            except asyncssh.SFTPError as exc:
+                return f"refused: {exc.reason}"
+            return "ok"
+
+    results = await asyncio.gather(upload(), upload())
+    assert sorted(r.split(":")[0] for r in results) == ["ok", "refused"]
+    await running.wait_for(running.downloads() / f"PURL_race_{T}.csv.flg")
+    await asyncio.sleep(0.5)
+    assert len(running.gateway.region.store.recent()) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("path", "mode"),
+    [
+        (f"/spring/Downloads/x_{T}.csv", "wb"),
+        (f"/spring/Uploads/x_{T}.xlsx", "wb"),
+        ("/../../etc/passwd", "rb"),
+        ("/spring/Uploads/../../../etc/passwd", "rb"),
+        (f"/spring/Uploads/up_{T}.csv", "rb"),
+    ],
+    ids=["write-downloads", "wrong-type", "dotdot", "dotdot-nested", "read-uploads"],
+)
+async def test_refused_paths(running: Running, keys: Keys, path: str, mode: str) -> None:
+    """Writes outside Uploads, other file types, .. and reads outside Downloads: refused."""
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        with pytest.raises(asyncssh.SFTPError) as err:
+            await sftp.open(path, mode)
+    if path.endswith(".xlsx"):
+        assert "not a data file; allowed types: .csv .tsv .txt .dat .zip .pgp .gpg" in \
+            err.value.reason
+
+
+@pytest.mark.asyncio
+async def test_the_tree_is_the_client_s_own(running: Running, keys: Keys) -> None:
+    """Only the client's projects are visible; absolute paths stay inside its tree, and
+    no folder, link or deletion outside the rules is allowed."""
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        assert sorted(await sftp.listdir("/")) == [".", "..", "autumn", "spring"]
+        assert sorted(await sftp.listdir("/spring")) == [".", "..", "Downloads", "Uploads"]
+        with pytest.raises(asyncssh.SFTPError):
+            await sftp.listdir("/etc")
+        for call in (sftp.mkdir("/spring/Uploads/sub"), sftp.rmdir("/spring/Uploads"),
+                     sftp.symlink("/etc/passwd", "/spring/Uploads/l"),
+                     sftp.remove("/spring/Uploads/x.csv")):
+            with pytest.raises(asyncssh.SFTPError):
+                await call
+
+
+@pytest.mark.asyncio
+async def test_planted_symlink_is_refused(running: Running, keys: Keys) -> None:
+    """A symlink someone planted in Downloads that points outside cannot be followed."""
+    (running.downloads() / "escape.csv").symlink_to("/etc/passwd")
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        with pytest.raises(asyncssh.SFTPError) as err:
+            await sftp.open("/spring/Downloads/escape.csv", "rb")
+    assert "symbolic links are not allowed" in err.value.reason
+
+
+@pytest.mark.asyncio
+async def test_client_cannot_reach_another_client(running: Running, keys: Keys) -> None:
+    """globex (flat, key-only) sees /Uploads and /Downloads only; acme's files are out of
+    reach by any path."""
+    (running.downloads() / f"PURL_secret_{T}.csv").write_bytes(b"acme only")
+    async with running.connect(user="globex", key=keys.globex) as conn, \
+            conn.start_sftp_client() as sftp:
+        assert sorted(await sftp.listdir("/")) == [".", "..", "Downloads", "Uploads"]
+        for path in (f"/acme/spring/Downloads/PURL_secret_{T}.csv",
+                     f"/../acme/spring/Downloads/PURL_secret_{T}.csv",
+                     f"../../acme/spring/Downloads/PURL_secret_{T}.csv"):
+            with pytest.raises(asyncssh.SFTPError):
+                await sftp.open(path, "rb")
+
+
+@pytest.mark.asyncio
+async def test_key_only_account_refuses_passwords(running: Running, keys: Keys) -> None:
+    """globex has keys only: a password login fails, whatever the password."""
+    with pytest.raises(asyncssh.PermissionDenied):
+        async with running.connect(user="globex", password=PASSWORD):
+            pass
+
+
+@pytest.mark.asyncio
+async def test_defender_bans_after_failures(running: Running, keys: Keys) -> None:
+    """Repeated wrong passwords ban the IP: then even the right key is turned away."""
+    for _ in range(3):
+        with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError, OSError)):
+            async with running.connect(password="wrong"):
+                pass
+    assert running.gateway.sftp_service is not None
+    assert running.gateway.sftp_service.defender.banned("127.0.0.1")
+    with pytest.raises((asyncssh.DisconnectError, ConnectionError, OSError)):
+        async with running.connect(key=keys.acme) as conn:
+            await conn.start_sftp_client()
+
+
+@pytest.mark.asyncio
+async def test_safelist_is_never_banned(tmp_path: Path, keys: Keys) -> None:
+    """A safelisted network keeps access after many failures."""
+    r = await start(tmp_path, keys, safelist='"127.0.0.0/8"')
+    try:
+        for _ in range(5):
+            with pytest.raises(asyncssh.PermissionDenied):
+                async with r.connect(password="wrong"):
+                    pass
+        async with r.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+            assert "spring" in await sftp.listdir("/")
+    finally:
+        await r.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_restart_between_upload_and_purl(tmp_path: Path, keys: Keys) -> None:
+    """Upload accepted, then the service stops before processing: after restart the
+    PURL file appears, once; the host key is the same."""
+    r = await start(tmp_path, keys)
+    assert r.gateway.sftp_service is not None
+    r.gateway.sftp_service.on_upload = lambda upload: None  # dies before the work
+    fingerprint = r.gateway.host_key.get_fingerprint() if r.gateway.host_key else ""
+    async with r.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp, \
+            sftp.open(f"/spring/Uploads/rs_{T}.csv", "wb") as f:
+        await f.write(CSV)
+    await r.shutdown()
+    assert not (r.downloads() / f"PURL_rs_{T}.csv").exists()
+    r2 = await start(tmp_path, keys, data_dir=r.data_dir)
+    try:
+        await r2.wait_for(r2.downloads() / f"PURL_rs_{T}.csv.flg")
+        assert r2.gateway.host_key is not None
+        assert r2.gateway.host_key.get_fingerprint() == fingerprint
+        assert len(r2.gateway.region.store.recent()) == 1
+    finally:
+        await r2.shutdown()
