@@ -39,6 +39,7 @@ def config_text(smtp_port: int, relay_port: int) -> str:
     text = (ROOT / "src" / "purlgate" / "regions.toml").read_text()
     text = text.replace("port = 2525\n", f"port = {smtp_port}\n")
     text = text.replace("port = 2526\n", f"port = {relay_port}\n")
+    text = text.replace("port = 2222\n", "port = 0\n")
     return text.replace('{ file = "fixtures/secrets/', f'{{ file = "{ROOT}/fixtures/secrets/')
 
 
