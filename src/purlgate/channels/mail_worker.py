@@ -11,7 +11,6 @@ spool entry owns it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import sqlite3
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from purlgate.channels.mail_message import Attachment, message_id, parse, zip_attachment
 from purlgate.channels.outbox import Outbox
+from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.replies import failure_reply, notification, success_reply
 from purlgate.channels.smtp_listener import client_of
 from purlgate.channels.spool import Spool, SpoolEntry
@@ -62,34 +62,9 @@ class MailWorker:
         self.outbox = outbox
         self.ledger = ledger
         self.work_root = work_root
-        self._queue: asyncio.Queue[SpoolEntry] = asyncio.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def submit(self, entry: SpoolEntry) -> None:
-        """Hand over a spooled entry (from the loop or from another thread)."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, entry)
-        else:
-            self._queue.put_nowait(entry)
-
-    async def run(self, stop: asyncio.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        for entry in self.spool.pending():  # what a previous run accepted but did not finish
-            self._queue.put_nowait(entry)
-        while not stop.is_set():
-            getter = asyncio.ensure_future(self._queue.get())
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if getter not in done:
-                getter.cancel()
-                break
-            entry = getter.result()
-            try:
-                await asyncio.to_thread(self.handle, entry)
-            except Exception:
-                # The entry stays in the spool and is tried again at the next start.
-                log.exception("mail entry %s could not be handled; kept for retry", entry.id)
+        self._worker = QueueWorker("mail", handle=self.handle, pending=spool.pending)
+        self.submit = self._worker.submit
+        self.run = self._worker.run
 
     def _reply_from(self, entry: SpoolEntry) -> str:
         inbound = [a.lower() for a in self.region.inbound_addresses]

@@ -35,6 +35,7 @@ import asyncssh
 from asyncssh import SFTPError
 
 from purlgate.channels.defender import Defender, Event
+from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.spool import GroupSync
 from purlgate.config import ClientConfig, SftpConfig
 from purlgate.core.naming import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS, PGP_EXTENSIONS
@@ -470,14 +471,9 @@ class SftpWorker:
     def __init__(self, service: SftpService, processor: BatchProcessor) -> None:
         self.service = service
         self.processor = processor
-        self._queue: asyncio.Queue[Upload] = asyncio.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def submit(self, upload: Upload) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, upload)
-        else:
-            self._queue.put_nowait(upload)
+        self._worker = QueueWorker("sftp", handle=self.handle, pending=service.spool.pending)
+        self.submit = self._worker.submit
+        self.run = self._worker.run
 
     def downloads(self, client_id: str, project: str) -> Path:
         client = self.service.clients[client_id]
@@ -494,22 +490,3 @@ class SftpWorker:
         )
         self.service.spool.finish(upload)
         self.service.done(m["client"], m["project"], m["name"])
-
-    async def run(self, stop: asyncio.Event) -> None:
-        self._loop = asyncio.get_running_loop()
-        for upload in self.service.spool.pending():
-            self._queue.put_nowait(upload)
-        while not stop.is_set():
-            getter = asyncio.ensure_future(self._queue.get())
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if getter not in done:
-                getter.cancel()
-                break
-            upload = getter.result()
-            try:
-                await asyncio.to_thread(self.handle, upload)
-            except Exception:
-                log.exception("upload %s could not be processed; kept for retry", upload.id)
-
