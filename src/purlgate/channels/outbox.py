@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -111,7 +112,8 @@ class Outbox:
             meta = {"sender": sender, "recipients": list(recipients), "attempts": 0,
                     "created_at": now, "next_at": now, "last_error": None, "alert": alert}
             with AtomicFile(self.queue / f"{item_id}.eml") as out:
-                out.file.write(bytes(message))
+                # CRLF, as on the wire: the stored file is exactly what every try sends.
+                out.file.write(message.as_bytes(policy=policy.SMTP))
                 out.commit()
             with AtomicFile(self.queue / f"{item_id}.json") as out:  # the commit point
                 out.file.write(json.dumps(meta).encode())
