@@ -147,39 +147,42 @@ class Outbox:
 
     async def deliver_due(self) -> float | None:
         """Try every message that is due; return seconds until the next one is."""
-        for item in self.items():
+        for item in await asyncio.to_thread(self.items):
             if item.meta["next_at"] <= self._clock():
                 await self._attempt(item)
-        waiting = [item.meta["next_at"] for item in self.items()]
+        waiting = [item.meta["next_at"] for item in await asyncio.to_thread(self.items)]
         return max(0.0, min(waiting) - self._clock()) if waiting else None
 
     async def _attempt(self, item: Item) -> None:
         meta = item.meta
         meta["attempts"] += 1
+        data = await asyncio.to_thread(item.eml.read_bytes)
         try:
-            await self._send(item.eml.read_bytes(), meta["sender"], meta["recipients"])
+            await self._send(data, meta["sender"], meta["recipients"])
         except TemporaryDeliveryError as exc:
             meta["last_error"] = str(exc)
             if self._clock() - meta["created_at"] >= self.relay.expire_seconds:
                 log.error("outbox %s expired after %d attempts: %s", item.id,  # noqa: TRY400 - expected, no trace
                           meta["attempts"], exc)
-                self._save(item, self.failed)
-                self._alert(item, "expired")
+                await asyncio.to_thread(self._fail, item, "expired")
                 return
             delay = min(self.relay.retry_first_seconds * 2 ** (meta["attempts"] - 1),
                         self.relay.retry_max_seconds)
             meta["next_at"] = self._clock() + delay
             log.warning("outbox %s deferred (%s); retry in %.0f s", item.id, exc, delay)
-            self._save(item, self.queue)
+            await asyncio.to_thread(self._save, item, self.queue)
         except PermanentDeliveryError as exc:
             meta["last_error"] = str(exc)
             log.error("outbox %s failed permanently: %s", item.id, exc)  # noqa: TRY400
-            self._save(item, self.failed)
-            self._alert(item, "refused")
+            await asyncio.to_thread(self._fail, item, "refused")
         else:
             log.info("outbox %s delivered after %d attempt(s)", item.id, meta["attempts"])
             meta["delivered_at"] = self._clock()
-            self._save(item, self.sent)
+            await asyncio.to_thread(self._save, item, self.sent)
+
+    def _fail(self, item: Item, why: str) -> None:
+        self._save(item, self.failed)
+        self._alert(item, why)
 
     def _alert(self, item: Item, why: str) -> None:
         if not item.meta.get("alert") or not self.relay.operator:

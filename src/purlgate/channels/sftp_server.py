@@ -331,7 +331,7 @@ class ClientSftp(asyncssh.SFTPServer):
 
     # -- files -------------------------------------------------------------------------
 
-    def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
+    async def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
         project, area, name = self._place(path)
         real = self._real(self._virtual(path))
         if pflags & WRITE_FLAGS:
@@ -339,7 +339,8 @@ class ClientSftp(asyncssh.SFTPServer):
                 raise denied("files can be uploaded to Uploads only")
             if not is_temp(name):
                 self._check_type(name)
-                self.service.reserve(self.account.client_id, project, name, self.session)
+                await asyncio.to_thread(self.service.reserve, self.account.client_id,
+                                        project, name, self.session)
             fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             return _Open(os.fdopen(fd, "wb"), real, project, name, upload=True)
         if pflags & asyncssh.FXF_READ:
@@ -403,7 +404,8 @@ class ClientSftp(asyncssh.SFTPServer):
             real_old.rename(self._real(self._virtual(newpath)))
             return
         self._check_type(new)
-        self.service.reserve(self.account.client_id, project, new, self.session)
+        await asyncio.to_thread(self.service.reserve, self.account.client_id, project, new,
+                                self.session)
         await self._complete(real_old, project, new)
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
