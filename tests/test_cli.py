@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from purlgate.passwords import verify_password
 from tests.conftest import DATA, read_csv
 
 DEMO = "acme_spring_20261127_101500_00.csv"
@@ -109,3 +110,16 @@ def test_check_config_names_the_problem(tmp_path: Path) -> None:
         "purlgate: configuration error: 1 problem(s):\n"
         "  client acme, field zip_password: secret not set: environment variable PG_NOPE_UNSET"
     )
+
+
+def test_hash_password_from_stdin(tmp_path: Path) -> None:
+    """`purlgate hash-password` prints a scrypt hash that verifies the password it read."""
+    exe = Path(sys.executable).with_name("purlgate")
+    result = subprocess.run([str(exe), "hash-password"], input="s3cret pass\n", text=True,
+                            capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    stored = result.stdout.strip()
+    assert stored.startswith("scrypt$32768$8$1$")
+    assert verify_password("s3cret pass", stored)
+    assert not verify_password("s3cret pas", stored)
+    assert "s3cret" not in stored

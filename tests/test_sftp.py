@@ -190,7 +190,12 @@ async def test_openssh_password_login(running: Running, tmp_path: Path) -> None:
     result = await asyncio.to_thread(openssh, running, f"put {local} /autumn/Uploads/\n",
                                      password=PASSWORD)
     assert result.returncode == 0, result.stderr
-    await running.wait_for(running.downloads("autumn") / f"PURL_pw_{T}.csv")
+    await running.wait_for(running.downloads("autumn") / f"PURL_pw_{T}.csv.flg")
+    got = tmp_path / "got.csv"
+    result = await asyncio.to_thread(
+        openssh, running, f"get /autumn/Downloads/PURL_pw_{T}.csv {got}\n", password=PASSWORD)
+    assert result.returncode == 0, result.stderr
+    assert got.read_bytes().splitlines()[1].startswith(b"Zo\xc3\xab,z@acme.example,https://")
 
 
 @pytest.mark.asyncio
@@ -228,6 +233,10 @@ async def test_winscp_style_filepart_rename(running: Running, keys: Keys) -> Non
         await sftp.rename(f"/spring/Uploads/ws_{T}.csv.filepart", f"/spring/Uploads/ws_{T}.csv")
     await running.wait_for(running.downloads() / f"PURL_ws_{T}.csv.flg")
     assert list(running.uploads().iterdir()) == []
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp, \
+            sftp.open(f"/spring/Downloads/PURL_ws_{T}.csv", "rb") as f:
+        lines = (await f.read()).splitlines()
+    assert len(lines) == 3 and lines[0].endswith(b",thumbnail_1,landingPage")
 
 
 @pytest.mark.asyncio

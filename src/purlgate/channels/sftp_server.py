@@ -263,8 +263,12 @@ class _Open:
     name: str
     upload: bool
 
-    def fileno(self) -> int:  # asyncssh's fstat and fsync use it
+    # asyncssh's default fstat, fsync and fstatvfs treat the handle as a file.
+    def fileno(self) -> int:
         return int(self.file.fileno())
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 class ClientSftp(asyncssh.SFTPServer):
