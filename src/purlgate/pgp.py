@@ -117,17 +117,27 @@ class GpgKeyStore:
             check_passphrase(passphrase)
         store = cls(home, fingerprint=config.fingerprint, passphrase=passphrase,
                     sign=config.sign_output, timeout=config.timeout_seconds)
-        gpg = store._gpg()
+        try:
+            store._import_keys(config, client_keys)
+        except BaseException:
+            store.close()  # gpg started an agent for this home; do not leave it running
+            raise
+        return store
+
+    def _import_keys(self, config: PgpConfig,
+                     client_keys: Mapping[str, tuple[Path, str]]) -> None:
+        """Import and pin our secret key and each client's public key."""
+        gpg = self._gpg()
         if config.private_key is not None:
-            imported = gpg.import_keys(config.private_key.reveal(), passphrase=passphrase)
-            if store.fingerprint not in {f.upper() for f in imported.fingerprints}:
+            imported = gpg.import_keys(config.private_key.reveal(), passphrase=self._passphrase)
+            if self.fingerprint not in {f.upper() for f in imported.fingerprints}:
                 raise ConfigError(
                     "the region's PGP private_key does not hold the key with fingerprint "
-                    f"{store.fingerprint}"
+                    f"{self.fingerprint}"
                 )
         secret = {k["fingerprint"].upper() for k in gpg.list_keys(secret=True)}
-        if store.fingerprint not in secret:
-            raise ConfigError(f"no secret key {store.fingerprint} in GNUPGHOME {home}")
+        if self.fingerprint not in secret:
+            raise ConfigError(f"no secret key {self.fingerprint} in GNUPGHOME {self.home}")
         for client_id, (key_file, pinned) in client_keys.items():
             try:
                 data = key_file.read_bytes()
@@ -141,7 +151,6 @@ class GpgKeyStore:
                     f"client {client_id}: pgp_public_key {key_file} must hold exactly the key "
                     f"{pinned.upper()} (it holds {', '.join(sorted(found)) or 'no key'})"
                 )
-        return store
 
     def _gpg(self) -> _TimedGPG:
         try:
