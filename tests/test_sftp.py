@@ -342,6 +342,16 @@ async def test_planted_symlink_is_refused(running: Running, keys: Keys) -> None:
 
 
 @pytest.mark.asyncio
+async def test_results_being_written_cannot_be_read(running: Running, keys: Keys) -> None:
+    """A hidden .part file in Downloads (a result still being written) is not readable."""
+    (running.downloads() / f".PURL_x_{T}.csv.part").write_bytes(b"half")
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        with pytest.raises(asyncssh.SFTPError) as err:
+            await sftp.open(f"/spring/Downloads/.PURL_x_{T}.csv.part", "rb")
+    assert err.value.reason == "this file is still being written"
+
+
+@pytest.mark.asyncio
 async def test_client_cannot_reach_another_client(running: Running, keys: Keys) -> None:
     """globex (flat, key-only) sees /Uploads and /Downloads only; acme's files are out of
     reach by any path."""

@@ -18,6 +18,7 @@ at open with the time it arrived.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -271,6 +272,17 @@ class _Open:
         self.file.flush()
 
 
+def _open_nofollow(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except FileNotFoundError as exc:
+        raise SFTPError(asyncssh.FX_NO_SUCH_FILE, "no such file") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise denied("symbolic links are not allowed") from exc
+        raise
+
+
 class ClientSftp(asyncssh.SFTPServer):
     """One client's view: its own tree, the area rules, uploads into the spool."""
 
@@ -345,12 +357,16 @@ class ClientSftp(asyncssh.SFTPServer):
                 self._check_type(name)
                 await asyncio.to_thread(self.service.reserve, self.account.client_id,
                                         project, name, self.session)
-            fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # O_NOFOLLOW: a link planted after the lstat checks is still not followed.
+            fd = _open_nofollow(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             return _Open(os.fdopen(fd, "wb"), real, project, name, upload=True)
         if pflags & asyncssh.FXF_READ:
             if area != "Downloads" or not name or "/" in name:
                 raise denied("files can be read from Downloads only")
-            return _Open(real.open("rb"), real, project, name, upload=False)
+            if name.startswith("."):
+                raise denied("this file is still being written")
+            fd = _open_nofollow(real, os.O_RDONLY)
+            return _Open(os.fdopen(fd, "rb"), real, project, name, upload=False)
         raise denied("unsupported open mode")
 
     def _check_type(self, name: str) -> None:
@@ -391,6 +407,7 @@ class ClientSftp(asyncssh.SFTPServer):
             upload = await asyncio.to_thread(self.service.spool.adopt, real, name, meta)
         except OSError as exc:
             log.exception("could not spool upload %s", name)
+            self.service.release(self.account.client_id, project, name, self.session)
             raise SFTPError(asyncssh.FX_FAILURE,
                             "the upload could not be stored; please try again") from exc
         self.service.on_upload(upload)
