@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tls_helpers import self_signed
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,9 +35,11 @@ def free_port() -> int:
 @dataclass
 class Dovecot:
     root: Path
-    port: int
+    port: int  # plain IMAP, STARTTLS offered
     process: subprocess.Popen[bytes]
     users: list[tuple[str, str]]
+    tls_port: int  # implicit TLS (imaps)
+    cert: Path  # the CA to trust for both
 
     def add_user(self) -> tuple[str, str]:
         """A fresh mailbox. Users are written before start: Dovecot re-reads the
@@ -74,21 +78,25 @@ class Dovecot:
             c.logout()
 
 
-def _config(root: Path, port: int) -> str:
+def _config(root: Path, port: int, tls_port: int) -> str:
     if os.getuid() == 0:
         mail_user, internal = "mail", ""
     else:
         mail_user = getpass.getuser()
         internal = f"default_internal_user = {mail_user}\ndefault_login_user = {mail_user}\n"
     uid = pwd.getpwnam(mail_user).pw_uid
+    dh_file = Path("/usr/share/dovecot/dh.pem")
+    dh = f"ssl_dh = <{dh_file}\n" if dh_file.exists() else ""
     return f"""
 base_dir = {root}/run
 state_dir = {root}/state
 log_path = {root}/dovecot.log
 {internal}protocols = imap
 listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
+ssl = yes
+ssl_cert = <{root}/cert.pem
+ssl_key = <{root}/key.pem
+{dh}disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:{root}/mail/%u
 mail_uid = {mail_user}
@@ -108,7 +116,9 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {tls_port}
+    ssl = yes
   }}
 }}
 """
@@ -125,8 +135,9 @@ def dovecot() -> Iterator[Dovecot]:
     (root / "passwd").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in users))
     if os.getuid() == 0:
         shutil.chown(root / "mail", "mail", "mail")
-    port = free_port()
-    (root / "dovecot.conf").write_text(_config(root, port))
+    port, tls_port = free_port(), free_port()
+    cert, _ = self_signed(root)
+    (root / "dovecot.conf").write_text(_config(root, port, tls_port))
     process = subprocess.Popen([binary, "-F", "-c", str(root / "dovecot.conf")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
@@ -139,7 +150,7 @@ def dovecot() -> Iterator[Dovecot]:
                 log = (root / "dovecot.log").read_text() if (root / "dovecot.log").exists() else ""
                 raise AssertionError(f"dovecot did not start: {log}") from None
             time.sleep(0.1)
-    yield Dovecot(root, port, process, users)
+    yield Dovecot(root, port, process, users, tls_port, cert)
     process.terminate()
     process.wait(timeout=15)
     shutil.rmtree(root, ignore_errors=True)

@@ -7,9 +7,7 @@ its relay is a real aiosmtpd sink; replies are opened with pyzipper and with 7z.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import io
-import ipaddress
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -20,10 +18,6 @@ import aiosmtplib
 import pytest
 import pytest_asyncio
 import pyzipper
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from purlgate.app import Gateway, build_gateway, serve
 from purlgate.config import parse_config
@@ -38,6 +32,7 @@ from tests.mail_helpers import (
     plain_zip,
     rows,
 )
+from tests.tls_helpers import self_signed
 
 T = "20261127_101500"
 CONFIG = """
@@ -422,25 +417,6 @@ async def test_reply_arrives_once_after_a_kill(tmp_path: Path, sink: Sink,
     await r3.shutdown()
     assert len(sink.to(SENDER)) == 1
     assert r3.spooled() == []
-
-
-def self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for 127.0.0.1, made with the cryptography package."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "purlgate.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 @pytest.mark.asyncio

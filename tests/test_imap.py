@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -163,3 +164,29 @@ def test_unreachable_server_is_retried_not_fatal(tmp_path: Path,
     thread.join(10)
     assert not thread.is_alive()
     assert not poller.connected.is_set()
+
+
+@pytest.mark.parametrize("mode", ["ssl", "starttls"])
+def test_tls_modes_verify_the_server(dovecot: Dovecot, account: tuple[str, str],  # noqa: F811
+                                     tmp_path: Path, mode: str) -> None:
+    """Implicit TLS and STARTTLS both work with the configured CA, and both refuse a
+    server whose certificate the CA does not vouch for."""
+    user, password = account
+    dovecot.append(user, password, mail(f"<tls-{mode}@acme.example>"))
+    port = dovecot.tls_port if mode == "ssl" else dovecot.port
+    config = parse_config(CONFIG.format(relay_port=25, max_bytes=1, min_free=0, tls=""))
+    trusted = ImapConfig(host="127.0.0.1", port=port, tls=mode, ca_file=dovecot.cert,
+                         user=user, password=SecretRef(env="PG_TEST_IMAP_PW"))
+    spool = Spool(tmp_path / "spool")
+    poller = ImapPoller(trusted, inbound=["sftp-usa@idomoo.com"], clients=config.clients,
+                        spool=spool, on_accepted=lambda e: None)
+    box = poller._connect()
+    try:
+        assert poller.poll_once(box) == 1
+    finally:
+        box.logout()
+    untrusted = ImapPoller(trusted.model_copy(update={"ca_file": None}),
+                           inbound=["sftp-usa@idomoo.com"], clients=config.clients,
+                           spool=spool, on_accepted=lambda e: None)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        untrusted._connect()

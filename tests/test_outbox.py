@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Sequence
+from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from purlgate.channels.outbox import (
     Outbox,
@@ -16,8 +18,9 @@ from purlgate.channels.outbox import (
     TemporaryDeliveryError,
     relay_sender,
 )
-from purlgate.config import RelayConfig
+from purlgate.config import RelayConfig, SecretRef
 from tests.mail_helpers import Sink
+from tests.tls_helpers import self_signed
 
 RELAY = RelayConfig(retry_first_seconds=60, retry_max_seconds=600, expire_seconds=3600,
                     operator="ops@idomoo.example")
@@ -146,3 +149,56 @@ async def test_relay_down_then_up(tmp_path: Path) -> None:
     await up.stop()
     assert up.messages[0].message["Subject"] == "retry me"
     assert box.items() == []
+
+
+class AuthSink(Sink):
+    """A relay that insists on STARTTLS and AUTH, as real submission servers do."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        super().__init__()
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        self.logins: list[str] = []
+
+    def authenticate(self, server: object, session: object, envelope: object, mechanism: str,
+                     auth_data: object) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and auth_data.password == b"relay-secret"
+        if ok:
+            assert isinstance(auth_data, LoginPassword)
+            self.logins.append(auth_data.login.decode())
+        return AuthResult(success=ok, handled=False)  # let aiosmtpd send 235 or 535
+
+    async def start(self) -> AuthSink:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: SMTP(self, tls_context=self.context, require_starttls=True,
+                         authenticator=self.authenticate, auth_required=True),
+            "127.0.0.1", 0)
+        return self
+
+
+@pytest.mark.asyncio
+async def test_relay_with_starttls_and_auth(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """STARTTLS verified against the configured CA, then AUTH: delivered; an untrusted
+    certificate is not; wrong credentials are a permanent failure (and alert)."""
+    cert, key = self_signed(tmp_path)
+    sink = await AuthSink(cert, key).start()
+    monkeypatch.setenv("PG_TEST_RELAY_PW", "relay-secret")
+    relay = RelayConfig(host="127.0.0.1", port=sink.port, starttls=True, ca_file=cert,
+                        username="purlgate", password=SecretRef(env="PG_TEST_RELAY_PW"),
+                        timeout_seconds=10)
+    wire = note().as_bytes(policy=policy.SMTP)  # CRLF, as the outbox stores it
+    try:
+        await relay_sender(relay)(wire, "s@idomoo.com", ["a@acme.example"])
+        assert sink.logins == ["purlgate"]
+        assert len(sink.messages) == 1
+        untrusted = relay.model_copy(update={"ca_file": None})
+        with pytest.raises(TemporaryDeliveryError):
+            await relay_sender(untrusted)(wire, "s@idomoo.com", ["a@acme.example"])
+        monkeypatch.setenv("PG_TEST_RELAY_PW", "wrong")
+        with pytest.raises(PermanentDeliveryError):
+            await relay_sender(relay)(wire, "s@idomoo.com", ["a@acme.example"])
+        assert len(sink.messages) == 1
+    finally:
+        await sink.stop()

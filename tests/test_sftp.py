@@ -58,6 +58,7 @@ public_base_url = "https://purl.test"
 port = {relay}
 [regions.usa.sftp]
 port = 0
+login_timeout_seconds = 2
 [regions.usa.sftp.defender]
 threshold = 6
 safelist = [{safelist}]
@@ -424,3 +425,18 @@ async def test_restart_between_upload_and_purl(tmp_path: Path, keys: Keys) -> No
         assert len(r2.gateway.region.store.recent()) == 1
     finally:
         await r2.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_login_timeout_drops_idle_connections(running: Running) -> None:
+    """A client that connects and never logs in is dropped after login_timeout (2 s here)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+    banner = await reader.readline()
+    assert banner.startswith(b"SSH-2.0-")
+    start = asyncio.get_running_loop().time()
+    writer.write(b"SSH-2.0-idle_client\r\n")
+    await writer.drain()
+    while await asyncio.wait_for(reader.read(4096), 10):
+        pass  # the server's key exchange offer, then EOF
+    assert asyncio.get_running_loop().time() - start < 8
+    writer.close()

@@ -225,6 +225,7 @@ class RelayConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=25, ge=1, le=65535)
     starttls: bool = False
+    ca_file: Path | None = None  # CA bundle that signs the relay's certificate (else system)
     username: str | None = None
     password: SecretRef | None = None
     timeout_seconds: float = Field(default=60.0, gt=0)
@@ -245,6 +246,7 @@ class ImapConfig(_Model):
     host: str
     port: int = Field(default=993, ge=1, le=65535)
     tls: Literal["ssl", "starttls", "none"] = "ssl"
+    ca_file: Path | None = None  # CA bundle that signs the server's certificate (else system)
     user: str
     password: SecretRef
     folder: str = "INBOX"

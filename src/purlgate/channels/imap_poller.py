@@ -43,10 +43,11 @@ class ImapPoller:
     def _connect(self) -> BaseMailBox:
         c = self.config
         box: BaseMailBox
+        context = ssl.create_default_context(cafile=str(c.ca_file) if c.ca_file else None)
         if c.tls == "ssl":
-            box = MailBox(c.host, c.port, ssl_context=ssl.create_default_context())
+            box = MailBox(c.host, c.port, ssl_context=context)
         elif c.tls == "starttls":
-            box = MailBoxStartTls(c.host, c.port, ssl_context=ssl.create_default_context())
+            box = MailBoxStartTls(c.host, c.port, ssl_context=context)
         else:
             box = MailBoxUnencrypted(c.host, c.port)
         box.login(c.user, c.password.reveal().decode(), initial_folder=None)

@@ -54,6 +54,7 @@ def relay_sender(relay: RelayConfig) -> Sender:
                 data, sender=sender, recipients=list(recipients), hostname=relay.host,
                 port=relay.port, start_tls=relay.starttls, username=relay.username,
                 password=password, timeout=relay.timeout_seconds,
+                cert_bundle=str(relay.ca_file) if relay.ca_file else None,
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
