@@ -328,10 +328,6 @@ class RegionConfig(_Model):
             )
         return value.rstrip("/")
 
-    def token_key_path(self) -> Path:
-        """Where the generated token key lives when no ``token_key`` is configured."""
-        return self.data_dir / "token.key"
-
 
 class Config(_Model):
     regions: dict[Identifier, RegionConfig] = Field(min_length=1)

@@ -86,12 +86,6 @@ class AtomicFile:
         self.temp.unlink(missing_ok=True)
 
 
-def write_atomic(final: Path, data: bytes) -> Path:
-    with AtomicFile(final) as out:
-        out.file.write(data)
-        return out.commit()
-
-
 class BackgroundWriter:
     """Hand writes to a thread so that disk time overlaps the next block's work.
 
