@@ -7,7 +7,8 @@ Baseline: stream the file with pyarrow.csv, append two string columns, write it 
 pyarrow.csv's writer. Core: `BatchProcessor.process` with the embedded renderer and a
 real SQLite store (name rule, claim, sniffing, row checks, tokens, minimal quoting,
 atomic publish, flag file, sha256). Each runs in its own child process so that each
-peak RSS is its own. Prints rows/s, the ratio core/baseline and peak RSS.
+peak RSS is its own. Prints rows/s, the ratio core/baseline and peak RSS, and the cost
+of the row store (the core with it vs without it, same file, same run).
 """
 
 from __future__ import annotations
@@ -88,13 +89,15 @@ def child_baseline(path: Path, out: Path) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "rows": rows}
 
 
-def child_core(path: Path, out: Path) -> dict[str, float]:
+def child_core(path: Path, out: Path, *, rows: bool = True) -> dict[str, float]:
     from purlgate.app import build_region
     from purlgate.config import load_config
     from purlgate.core.pipeline import Submission
 
     state = out / "state"
     region = build_region(load_config(None), "usa", data_dir=state)
+    if not rows:
+        region.processor.rows = None  # the core as it was before the web side
     start = time.perf_counter()
     outcome = region.processor.process(
         Submission(path=path, received_name=NAME, channel="bench"), out
@@ -102,6 +105,9 @@ def child_core(path: Path, out: Path) -> dict[str, float]:
     seconds = time.perf_counter() - start
     assert outcome.batch.state == "Done", outcome.batch.reason
     return {"seconds": seconds, "rows": outcome.batch.counts.rows_ok}
+
+
+KINDS = ("baseline", "core-no-rows", "core")
 
 
 def run_child(kind: str, path: Path, out: Path) -> dict[str, float]:
@@ -122,8 +128,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, file, out = args.child
-        fn = child_core if kind == "core" else child_baseline
-        result = fn(Path(file), Path(out))
+        if kind == "baseline":
+            result = child_baseline(Path(file), Path(out))
+        else:
+            result = child_core(Path(file), Path(out), rows=kind == "core")
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -138,7 +146,7 @@ def main() -> None:
               f"(generated in {time.perf_counter() - t:.1f} s); best of {args.runs} runs")
         best: dict[str, dict[str, float]] = {}
         for i in range(args.runs):
-            for kind in ("baseline", "core"):
+            for kind in KINDS:
                 out = root / f"{kind}-{i}"
                 out.mkdir()
                 r = run_child(kind, data, out if kind == "core" else out / "out.csv")
@@ -146,13 +154,16 @@ def main() -> None:
                     best[kind] = r
                 for p in sorted(out.rglob("*"), reverse=True):
                     p.unlink() if p.is_file() else p.rmdir()
-        for kind in ("baseline", "core"):
+        for kind in KINDS:
             r = best[kind]
-            print(f"{kind:<9} {r['seconds']:6.2f} s  {r['rows'] / r['seconds']:>12,.0f} rows/s  "
+            print(f"{kind:<14} {r['seconds']:6.2f} s  {r['rows'] / r['seconds']:>12,.0f} rows/s  "
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB")
         ratio = best["core"]["seconds"] / best["baseline"]["seconds"]
         print(f"ratio core/baseline: {ratio:.2f} (target <= 1.5); "
               f"cpu: {os.cpu_count()} cores")
+        cost = best["core"]["seconds"] / best["core-no-rows"]["seconds"] - 1
+        print(f"row store cost: {cost:+.1%} (core with vs without the row store; "
+              "target <= +10%)")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,16 @@
 
     intake (client, name rule, project, duplicate claim)
       -> unwrap (PGP, then ZIP) -> head (encoding, header, delimiter, columns)
-      -> rows (stream) -> render -> PURL file (atomic) -> .flg -> error file
+      -> rows (stream) -> render (+ row store) -> PURL file (atomic) -> .flg -> error file
 
 No sockets and no configuration reads: the caller passes the clients, the store, the
-renderer factory, the clock and the subscribers. The work is blocking and CPU-bound;
+renderer factory, the row store, the clock and the subscribers. The work is blocking and CPU-bound;
 async callers run ``process`` in a worker thread.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import hashlib
@@ -49,7 +50,7 @@ from purlgate.core.naming import (
     split_extension,
     strip_pgp,
 )
-from purlgate.core.render import Renderer, RenderRequest
+from purlgate.core.render import Renderer, RenderRequest, RowSink, RowStore
 from purlgate.core.table import InvalidUtf8Error, LineWriter, RowReader
 from purlgate.errors import (
     ClientInputError,
@@ -211,8 +212,10 @@ class BatchProcessor:
         work_root: Path,
         subscribers: Sequence[Subscriber] = (),
         crypto: Crypto | None = None,
+        rows: RowStore | None = None,
     ) -> None:
         self.region_id = region_id
+        self.rows = rows
         self.crypto = crypto
         self.clients = clients
         self.limits = limits
@@ -371,6 +374,7 @@ class BatchProcessor:
                     # Only a batch that holds the name claim may write files named after it.
                     errors.batch_errors.append(exc.message)
                     published = self._publish_errors(job)
+                self._drop_rows(record.id)
                 failed = self._move(
                     record.id, BatchState.FAILED, reason=exc.message, error_code=exc.code,
                     counts=Counts(errors.rows_with_errors, 0, errors.rows_with_errors),
@@ -380,6 +384,7 @@ class BatchProcessor:
             except (ServerError, OSError) as exc:
                 log.exception("batch %d stopped by a server-side error", record.id)
                 error = exc if isinstance(exc, ServerError) else StorageError(INTERNAL_REASON)
+                self._drop_rows(record.id)
                 failed = self._move(record.id, BatchState.FAILED, reason=INTERNAL_REASON,
                                     error_code=error.code)
                 return BatchOutcome(failed, error=error)
@@ -390,6 +395,11 @@ class BatchProcessor:
                 hasher.join()
                 if "sha256" in digest:
                     self.store.set_sha256(record.id, digest["sha256"])
+
+    def _drop_rows(self, batch_id: int) -> None:
+        """A failed batch serves no links: its row data (if published) goes."""
+        if self.rows is not None:
+            self.rows.delete(batch_id)
 
     def _read_head(self, path: Path, project: ProjectConfig,
                    encoding: str | None) -> tuple[dia.Dialect, dia.ColumnPlan]:
@@ -440,7 +450,11 @@ class BatchProcessor:
 
     def _run(self, job: _Job) -> BatchOutcome:
         project, errors = job.project, job.errors
-        dialect, plan = self._read_head(job.path, project, None)
+        encoding = None
+        if job.renderer.paid and project.encoding is None and not _all_utf8(job.path):
+            # Settle the encoding before the first paid render: a file is rendered once.
+            encoding = "windows-1252"
+        dialect, plan = self._read_head(job.path, project, encoding)
         self._move(job.batch_id, BatchState.IN_PROGRESS)
         # Encrypted results: the plain PURL file only ever exists in the scratch folder.
         target = job.work / "purl-plain" if job.encrypt else job.purl_path
@@ -490,6 +504,10 @@ class BatchProcessor:
         ok = 0
         with AtomicFile(target, no_clobber=not job.restarted) as out, \
                 contextlib.ExitStack() as stack:
+            sink: RowSink | None = None
+            if self.rows is not None and job.renderer.keeps_rows:
+                sink = self.rows.writer(job.batch_id, out_names)
+                stack.callback(sink.discard)  # a no-op once committed
             writer = LineWriter(
                 out.file,
                 delimiter=project.output_delimiter or dialect.delimiter,
@@ -518,9 +536,11 @@ class BatchProcessor:
                     data = [pc.filter(c, keep) for c in data]
                 m = len(data[0]) if data else 0
                 if m:
+                    named = dict(zip(out_names, data, strict=True))
+                    if sink is not None:
+                        sink.write(rendered, named, m)
                     result = job.renderer.render(RenderRequest(
-                        batch_id=job.batch_id, first_index=rendered,
-                        columns=dict(zip(out_names, data, strict=True)), num_rows=m,
+                        batch_id=job.batch_id, first_index=rendered, columns=named, num_rows=m,
                     ))
                     rendered += m
                     links = [result.thumbnails, result.landing_pages]
@@ -546,8 +566,12 @@ class BatchProcessor:
                 raise NoDataError(
                     "no row could be used: every data row has an error (see the error list)"
                 )
+            if sink is not None:
+                sink.finish()  # its flush and fsync overlap the PURL file's
             writer.close()
             out.commit()
+            if sink is not None:
+                sink.commit()  # before the batch is Done: every delivered link finds its row
         return Counts(ok + errors.rows_with_errors, ok, errors.rows_with_errors)
 
 
@@ -575,6 +599,19 @@ def _empty_required(
         if pc.any(mask).as_py():
             empty[col] = mask
     return empty
+
+
+def _all_utf8(path: Path) -> bool:
+    """Whether the whole file decodes as UTF-8 (a streaming pass, flat memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _check_cp1252(path: Path) -> None:

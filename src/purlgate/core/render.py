@@ -8,7 +8,7 @@ becomes a row error; the rest of the block goes on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,4 +31,31 @@ class RenderResult:
 
 
 class Renderer(Protocol):
+    # Its links point at our own web side, which needs the rows (the row store).
+    keeps_rows: bool
+    # Each render costs money: the file's encoding is settled before the first call,
+    # so a file is never read (and rendered) twice.
+    paid: bool
+
     def render(self, request: RenderRequest) -> RenderResult: ...
+
+
+class RowSink(Protocol):
+    """Takes one batch's rendered rows in ordinal order; published with the PURL file."""
+
+    def write(self, first_index: int, columns: Mapping[str, pa.Array],
+              num_rows: int) -> None: ...
+
+    def finish(self) -> None: ...  # no more rows; may start the final flush
+
+    def commit(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+class RowStore(Protocol):
+    """Where the web side finds a row by (batch id, ordinal): the core only writes."""
+
+    def writer(self, batch_id: int, columns: Sequence[str]) -> RowSink: ...
+
+    def delete(self, batch_id: int) -> bool: ...

@@ -112,6 +112,9 @@ def decode(key: bytes, token: str) -> tuple[int, int] | None:
 class EmbeddedRenderer:
     """Links served by the gateway itself: ``/t/<token>.jpg`` and ``/p/<token>``."""
 
+    keeps_rows = True
+    paid = False
+
     def __init__(self, key: bytes, public_base_url: str) -> None:
         self._key = key
         self._thumb = f"{public_base_url}/t/".encode()
