@@ -22,7 +22,9 @@ BUNDLED = (ROOT / "src" / "purlgate" / "regions.toml").read_text()
 
 def config_text(ports: dict[str, int]) -> str:
     """The bundled configuration with free ports and an absolute demo secret path."""
-    text = BUNDLED.replace("port = 2222\n", "port = 0\n").replace("port = 2232\n", "port = 0\n")
+    text = BUNDLED
+    for fixed in (2222, 2232, 8443, 8453):  # SFTP and web: any free port
+        text = text.replace(f"port = {fixed}\n", "port = 0\n")
     for default, port in ports.items():
         text = text.replace(f"port = {default}\n", f"port = {port}\n")
     return text.replace('{ file = "fixtures/secrets/', f'{{ file = "{ROOT}/fixtures/secrets/')

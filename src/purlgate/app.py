@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,14 +33,18 @@ from purlgate.channels.sftp_server import (
 )
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
-from purlgate.config import Config, RegionConfig
+from purlgate.config import ClientConfig, Config, RegionConfig
 from purlgate.core.archive import UnwrapLimits
 from purlgate.core.pipeline import BatchProcessor, Subscriber
 from purlgate.core.render import Renderer
 from purlgate.errors import ConfigError
 from purlgate.pgp import GpgKeyStore
 from purlgate.renderers.embedded import EmbeddedRenderer, load_or_create_key, parse_key
+from purlgate.rowstore import ArrowRowStore
 from purlgate.store import SqliteBatchStore
+from purlgate.web.links import BatchIndex
+from purlgate.web.server import LinkServer, RenderPool, retention_of, start_web, tls_context
+from purlgate.web.templates import Template, default_template_dir
 
 log = logging.getLogger("purlgate.app")
 
@@ -65,9 +69,12 @@ class Region:
     data_dir: Path
     store: SqliteBatchStore
     processor: BatchProcessor
+    rows: ArrowRowStore
+    token_key: bytes
     keys: GpgKeyStore | None = None
 
     def close(self) -> None:
+        self.rows.close()
         if self.keys is not None:
             self.keys.close()
 
@@ -92,7 +99,9 @@ def build_region(
     data_dir = data_dir or region.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     store = SqliteBatchStore(data_dir / "batches.sqlite3")
-    embedded = EmbeddedRenderer(token_key(region, data_dir), region.public_base_url)
+    key = token_key(region, data_dir)
+    embedded = EmbeddedRenderer(key, region.public_base_url)
+    rows = ArrowRowStore(data_dir / "rows")
     clients = config.clients_of(region_id)
 
     def renderer_for(client_id: str, project_id: str) -> Renderer:
@@ -117,9 +126,9 @@ def build_region(
     processor = BatchProcessor(
         region_id=region_id, clients=clients, limits=limits, store=store,
         renderer_for=renderer_for, clock=utc_now, work_root=data_dir / "work",
-        subscribers=subscribers, crypto=keys,
+        subscribers=subscribers, crypto=keys, rows=rows,
     )
-    return Region(region_id, region, data_dir, store, processor, keys)
+    return Region(region_id, region, data_dir, store, processor, rows, key, keys)
 
 
 @dataclass
@@ -135,8 +144,10 @@ class Gateway:
     sftp_service: SftpService | None = None
     sftp_worker: SftpWorker | None = None
     host_key: asyncssh.SSHKey | None = None
+    links: LinkServer | None = None
     smtp: asyncio.Server | None = None
     sftp: Any = None  # asyncssh's acceptor
+    web_port: int = 0
 
     @property
     def sftp_port(self) -> int:
@@ -183,7 +194,40 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
         gateway.sftp_service, gateway.sftp_worker = service, sftp_worker
         gateway.host_key = load_or_create_host_key(
             sftp_cfg.host_key or data_dir / "ssh_host_ed25519_key")
+    if region_cfg.web is not None:
+        gateway.links = build_link_server(region, clients)
+        region.processor.subscribers.append(gateway.links.on_batch_event)
+    else:
+        log.warning("region %s has no [regions.%s.web] section: the links in its PURL "
+                    "files will not answer", region_id, region_id)
     return gateway
+
+
+def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> LinkServer:
+    """The web side of a region (its config must have a ``web`` section)."""
+    web_cfg = region.config.web
+    assert web_cfg is not None
+    loaded: dict[Path, Template] = {}
+    templates: dict[tuple[str, str], Template] = {}
+    pregenerate: dict[tuple[str, str], tuple[str, ...]] = {}
+    retention: dict[tuple[str, str], int] = {}
+    for client_id, client in clients.items():
+        for project_id, project in client.projects.items():
+            retention[client_id, project_id] = project.retention_days
+            if project.render.backend != "embedded":
+                continue
+            folder = (project.render.template or default_template_dir()).resolve()
+            if folder not in loaded:
+                loaded[folder] = Template(folder)
+            templates[client_id, project_id] = loaded[folder]
+            pregenerate[client_id, project_id] = tuple(project.render.pregenerate)
+    index = BatchIndex(region.store, retention_of(retention), region.token_key, utc_now)
+    return LinkServer(
+        public_base_url=region.config.public_base_url, index=index, rows=region.rows,
+        templates=templates, pregenerate=pregenerate,
+        cache_dir=web_cfg.cache_dir or region.data_dir / "renders",
+        pool=RenderPool(web_cfg.render_workers, web_cfg.render_queue), clock=utc_now,
+    )
 
 
 async def serve(gateway: Gateway, stop: asyncio.Event,
@@ -202,6 +246,13 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
         gateway.sftp = await start_sftp(gateway.sftp_service, gateway.host_key)
         log.info("region %s: SFTP on %s:%d", gateway.region.id,
                  gateway.sftp_service.config.host, gateway.sftp_port)
+    runner = None
+    if gateway.links is not None and config.web is not None:
+        runner, gateway.web_port = await start_web(
+            gateway.links, config.web,
+            tls_context(config.web, gateway.region.data_dir, config.public_base_url))
+        log.info("region %s: links served on %s:%d", gateway.region.id, config.web.host,
+                 gateway.web_port)
     if on_ready is not None:
         on_ready(gateway)
     imap_stop = threading.Event()
@@ -213,6 +264,8 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
                 tasks.create_task(asyncio.to_thread(gateway.imap.run, imap_stop))
             if gateway.sftp_worker is not None:
                 tasks.create_task(gateway.sftp_worker.run(stop))
+            if gateway.links is not None:
+                tasks.create_task(gateway.links.run_sweeper(stop))
             await stop.wait()
             gateway.smtp.close()
             if gateway.sftp is not None:
@@ -227,4 +280,8 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
             await close_sessions(gateway.sftp_service)
         gateway.smtp.close()
         await gateway.smtp.wait_closed()
+        if runner is not None:
+            await runner.cleanup()
+        if gateway.links is not None:
+            await gateway.links.close()
         gateway.region.close()

@@ -116,8 +116,33 @@ Delimiter = Literal[",", ";", "|", "\t"]
 Encoding = Literal["utf-8", "utf-8-sig", "windows-1252"]
 
 
+Output = Literal["thumbnail", "video"]
+
+
 class RenderSettings(_Model):
-    backend: Literal["embedded"] = "embedded"
+    """How a project's rows get their media and links.
+
+    ``embedded``: the gateway's own web side renders the landing page, thumbnail and
+    video from the row and the template. ``storyboard-api``: the platform's render API
+    (the region's ``[regions.<id>.storyboard]``) makes them and its links are used.
+    """
+
+    backend: Literal["embedded", "storyboard-api"] = "embedded"
+    # embedded: a folder with landing.html, template.toml and static/ (default: bundled)
+    template: Path | None = None
+    # embedded: render these for every row when the batch ends, not on first view
+    pregenerate: list[Output] = Field(default_factory=list)
+    # storyboard-api: the storyboard to render, and column -> API data key
+    storyboard_id: str | None = None
+    fields: dict[str, str] = Field(default_factory=dict)  # default: the column's own name
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> Self:
+        if self.backend == "storyboard-api" and not self.storyboard_id:
+            raise ValueError("the storyboard-api backend needs a storyboard_id")
+        if self.backend != "embedded" and (self.template is not None or self.pregenerate):
+            raise ValueError("template and pregenerate belong to the embedded backend")
+        return self
 
 
 class ProjectConfig(_Model):
@@ -135,6 +160,8 @@ class ProjectConfig(_Model):
     render: RenderSettings = Field(default_factory=RenderSettings)
     pgp_encrypt_output: bool = False  # PURL (and error) file encrypted to the client's key
     pgp_require_signature: bool = False  # inbound PGP must be signed by the client's key
+    # How long the batch's links, row data and renders live (and, later, its files).
+    retention_days: int = Field(default=30, gt=0, le=3650)
 
     @field_validator("notify")
     @classmethod
@@ -302,6 +329,52 @@ class ClientSftpConfig(_Model):
         return self
 
 
+class WebConfig(_Model):
+    """The region's HTTP side: what the links serve (and, later, operations)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # No certificate at hand (a demo, a laptop): make a self-signed one once in data_dir.
+    self_signed: bool = False
+    render_workers: int = Field(default=1, ge=1, le=64)  # processes drawing media
+    render_queue: int = Field(default=256, ge=1)  # first views waiting; beyond: 503
+    cache_dir: Path | None = None  # rendered media; default: <data_dir>/renders
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.self_signed and self.tls_cert is not None:
+            raise ValueError("self_signed and tls_cert exclude each other")
+        return self
+
+
+class StoryboardConfig(_Model):
+    """The platform's render API for this region (projects with backend storyboard-api)."""
+
+    base_url: str
+    username: str
+    password: SecretRef
+    ca_file: Path | None = None
+    concurrency: int = Field(default=8, ge=1, le=256)  # requests in flight
+    requests_per_second: float = Field(default=10.0, gt=0)
+    timeout_seconds: float = Field(default=30.0, gt=0)  # per HTTP request
+    max_attempts: int = Field(default=5, ge=1)  # per request, on timeouts, 5xx and 429
+    backoff_first_seconds: float = Field(default=1.0, ge=0)
+    backoff_max_seconds: float = Field(default=60.0, gt=0)
+    poll_seconds: float = Field(default=2.0, gt=0)
+    render_timeout_seconds: float = Field(default=3600.0, gt=0)  # one row, ready or failed
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not re.fullmatch(r"https?://[^\s?#]+", value):
+            raise ValueError("must be an http(s):// URL without query or fragment")
+        return value.rstrip("/")
+
+
 class RegionConfig(_Model):
     inbound_addresses: list[str] = Field(min_length=1)
     data_dir: Path
@@ -313,6 +386,8 @@ class RegionConfig(_Model):
     relay: RelayConfig = Field(default_factory=RelayConfig)
     imap: ImapConfig | None = None
     sftp: SftpConfig | None = None
+    web: WebConfig | None = None
+    storyboard: StoryboardConfig | None = None
 
     @field_validator("inbound_addresses")
     @classmethod
@@ -348,6 +423,16 @@ class Config(_Model):
                     raise ValueError(
                         f"client {client_id} has a PGP key but region(s) {', '.join(keyless)} "
                         "have no [regions.<id>.pgp] key pair"
+                    )
+            for project_id, project in client.projects.items():
+                if project.render.backend != "storyboard-api":
+                    continue
+                missing = [r for r in client.regions if self.regions[r].storyboard is None]
+                if missing:
+                    raise ValueError(
+                        f"client {client_id}, project {project_id} renders with the "
+                        f"storyboard-api but region(s) {', '.join(missing)} have no "
+                        "[regions.<id>.storyboard] section"
                     )
         return self
 

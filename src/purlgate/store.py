@@ -12,6 +12,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -53,6 +54,17 @@ CREATE TABLE IF NOT EXISTS transitions (
 );
 CREATE INDEX IF NOT EXISTS transitions_batch ON transitions (batch_id);
 """
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What the web side needs of a batch that delivered links."""
+
+    id: int
+    client: str
+    project: str
+    created_at: datetime
+    updated_at: datetime
 
 
 def _ts(at: datetime) -> str:
@@ -202,6 +214,19 @@ class SqliteBatchStore:
             row = db.execute("SELECT * FROM batches WHERE intake_id = ?",
                              (intake_id,)).fetchone()
             return None if row is None else self._record(db, row)
+
+    def finished_since(self, since: datetime | None) -> list[BatchSummary]:
+        """Batches that delivered a PURL file, updated at or after ``since`` (all: None)."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, client, project, created_at, updated_at FROM batches"
+                " WHERE state IN (?, ?) AND updated_at >= ? ORDER BY id",
+                (BatchState.DONE.value, BatchState.DONE_WITH_ERRORS.value,
+                 _ts(since) if since else ""),
+            ).fetchall()
+        return [BatchSummary(r["id"], r["client"], r["project"] or "",
+                             datetime.fromisoformat(r["created_at"]),
+                             datetime.fromisoformat(r["updated_at"])) for r in rows]
 
     def recent(self, limit: int = 50) -> list[BatchRecord]:
         with self._connect() as db:

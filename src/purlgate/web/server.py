@@ -1,0 +1,413 @@
+"""The region's HTTP server (aiohttp): what a PURL file's links serve.
+
+    GET /p/<token>          the row's landing page (project template, sandboxed Jinja)
+    GET /t/<token>.jpg      the row's thumbnail, drawn on first view, then cached
+    GET /v/<token>.mp4      the row's video (H.264), rendered on first view, then cached
+    GET /a/<key>/<file>     a template's static files
+    GET /robots.txt         nothing here is for indexing
+
+All under the path of ``public_base_url``. Every unknown, malformed, forged or expired
+token gets the same 404. Media are drawn in a bounded process pool, so a burst of first
+views queues there while the event loop (and every listener on it) stays free. It reads
+the batch store and the row store; it imports no channel, and no channel imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import multiprocessing
+import shutil
+import ssl
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from jinja2 import TemplateError
+
+from purlgate.config import WebConfig
+from purlgate.core.lifecycle import BatchEvent, BatchState
+from purlgate.errors import ConfigError
+from purlgate.rowstore import ArrowRowStore
+from purlgate.store import BatchSummary
+from purlgate.web.links import BatchIndex, Link
+from purlgate.web.media import Canvas, render_thumbnail, render_video, warm_up
+from purlgate.web.templates import Template
+
+log = logging.getLogger("purlgate.web")
+
+SWEEP_SECONDS = 3600.0
+SETTLE_SECONDS = 3600.0
+PAGE_CSP = ("default-src 'none'; img-src 'self'; media-src 'self'; style-src 'self'; "
+            "font-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+COMMON_HEADERS = {
+    "Referrer-Policy": "no-referrer",
+    "X-Robots-Tag": "noindex, nofollow, noarchive",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+NOT_FOUND = "Not found\n"
+
+
+class RenderBusyError(Exception):
+    """More first views are waiting than the configured queue allows."""
+
+
+class RenderPool:
+    """Draws media in worker processes; one render per file however many ask at once."""
+
+    def __init__(self, workers: int, limit: int) -> None:
+        # forkserver: the workers do not inherit the server's sockets, threads or locks.
+        self._executor = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+        self._limit = limit
+        self._workers = workers
+        self._inflight: dict[Path, asyncio.Future[Path]] = {}
+
+    @property
+    def depth(self) -> int:
+        return len(self._inflight)
+
+    def warm(self) -> None:
+        """Start the workers now (and import Pillow and FFmpeg there), not on a first view."""
+        for _ in range(self._workers):
+            self._executor.submit(warm_up)
+
+    async def render(self, draw: Callable[[Canvas, Path], Path], canvas: Canvas,
+                     target: Path) -> Path:
+        future = self._inflight.get(target)
+        if future is None:
+            if len(self._inflight) >= self._limit:
+                raise RenderBusyError
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, draw, canvas, target)
+            self._inflight[target] = future
+            future.add_done_callback(lambda _: self._inflight.pop(target, None))
+        # A viewer who leaves does not cancel a render others may be waiting for.
+        return await asyncio.shield(future)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _AccessLogger(AbstractAccessLogger):
+    """One line per request without the token: route kind, status, time."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse,
+            time: float) -> None:
+        kind = request.match_info.route.name if isinstance(request, web.Request) else None
+        self.logger.debug("http %s %s -> %d in %.1f ms", request.method, kind or "-",
+                          response.status, time * 1000)
+
+
+def _headers(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {**COMMON_HEADERS, **(extra or {})}
+
+
+class LinkServer:
+    """Serves a region's links; ``app`` is the aiohttp application to mount or run."""
+
+    def __init__(
+        self, *, public_base_url: str, index: BatchIndex, rows: ArrowRowStore,
+        templates: Mapping[tuple[str, str], Template], pregenerate: Mapping[
+            tuple[str, str], tuple[str, ...]],
+        cache_dir: Path, pool: RenderPool, clock: Callable[[], datetime],
+    ) -> None:
+        self.index = index
+        self.rows = rows
+        self.templates = templates
+        self.pregenerate_of = pregenerate
+        self.cache_dir = cache_dir
+        self.pool = pool
+        self.clock = clock
+        self.prefix = urlsplit(public_base_url).path.rstrip("/")
+        self._assets = {t.key: t for t in templates.values()}
+        self._tasks: set[asyncio.Task[int]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.chmod(0o700)
+        self.app = web.Application()
+        p = self.prefix
+        self.app.router.add_get(p + "/p/{token}", self.page, name="page")
+        self.app.router.add_get(p + "/t/{token}.jpg", self.thumbnail, name="thumbnail")
+        self.app.router.add_get(p + "/v/{token}.mp4", self.video, name="video")
+        self.app.router.add_get(p + "/a/{key}/{path:.+}", self.asset, name="asset")
+        self.app.router.add_get(p + "/robots.txt", self.robots, name="robots")
+
+    # -- responses ------------------------------------------------------------------
+
+    @staticmethod
+    def not_found() -> web.Response:
+        return web.Response(status=404, text=NOT_FOUND, headers=_headers(
+            {"Cache-Control": "no-store"}))
+
+    def _max_age(self, link: Link) -> int:
+        left = (link.batch.expires_at - self.clock()).total_seconds()
+        return max(0, min(int(left), 365 * 24 * 3600))
+
+    def _file(self, path: Path, link: Link, content_type: str) -> web.FileResponse:
+        # The render of a row never changes while its link lives: cache it that long.
+        return web.FileResponse(path, headers=_headers({
+            "Content-Type": content_type,
+            "Cache-Control": f"public, max-age={self._max_age(link)}, immutable",
+        }))
+
+    def _row(self, link: Link) -> dict[str, str] | None:
+        return self.rows.lookup(link.batch.id, link.ordinal)
+
+    def _template(self, link: Link) -> Template | None:
+        return self.templates.get((link.batch.client, link.batch.project))
+
+    def cache_path(self, link: Link, template: Template, suffix: str) -> Path:
+        return (self.cache_dir / f"batch-{link.batch.id}"
+                / f"{link.ordinal}-{template.key}{suffix}")
+
+    # -- handlers -------------------------------------------------------------------
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"]
+        link = self.index.resolve(token)
+        row = self._row(link) if link is not None else None
+        template = self._template(link) if link is not None else None
+        if link is None or row is None or template is None:
+            return self.not_found()
+        base = self.prefix
+        try:
+            html = template.page_html(
+                template.resolve(row), row=row, video_url=f"{base}/v/{token}.mp4",
+                thumbnail_url=f"{base}/t/{token}.jpg", static_url=f"{base}/a/{template.key}",
+            )
+        except TemplateError as exc:  # the sandbox refused it, or the template is broken
+            # No traceback: its frames and message could carry the row's values.
+            log.error("template %s of client %s project %s failed: %s",  # noqa: TRY400
+                      template.key, link.batch.client, link.batch.project, type(exc).__name__)
+            return web.Response(status=500, text="This page cannot be shown right now\n",
+                                headers=_headers({"Cache-Control": "no-store"}))
+        return web.Response(text=html, content_type="text/html", charset="utf-8",
+                            headers=_headers({"Content-Security-Policy": PAGE_CSP,
+                                              "Cache-Control": "private, max-age=300"}))
+
+    async def _media(self, request: web.Request, kind: str) -> web.StreamResponse:
+        link = self.index.resolve(request.match_info["token"])
+        template = self._template(link) if link is not None else None
+        if link is None or template is None:
+            return self.not_found()
+        suffix, content_type = (".jpg", "image/jpeg") if kind == "thumbnail" else (
+            ".mp4", "video/mp4")
+        path = self.cache_path(link, template, suffix)
+        if not path.is_file():
+            try:
+                rendered = await self.render(link, template, kind)
+            except RenderBusyError:
+                return web.Response(status=503, text="Busy, try again shortly\n",
+                                    headers=_headers({"Retry-After": "5",
+                                                      "Cache-Control": "no-store"}))
+            if rendered is None:
+                return self.not_found()
+        return self._file(path, link, content_type)
+
+    async def render(self, link: Link, template: Template, kind: str) -> Path | None:
+        """Draw one row's thumbnail or video into the cache (None: no such row)."""
+        row = self._row(link)
+        if row is None:
+            return None
+        resolved = template.resolve(row)
+        if kind == "thumbnail":
+            return await self.pool.render(render_thumbnail, resolved.thumbnail,
+                                          self.cache_path(link, template, ".jpg"))
+        return await self.pool.render(render_video, resolved.video,
+                                      self.cache_path(link, template, ".mp4"))
+
+    async def thumbnail(self, request: web.Request) -> web.StreamResponse:
+        return await self._media(request, "thumbnail")
+
+    async def video(self, request: web.Request) -> web.StreamResponse:
+        return await self._media(request, "video")
+
+    async def asset(self, request: web.Request) -> web.StreamResponse:
+        template = self._assets.get(request.match_info["key"])
+        if template is None:
+            return self.not_found()
+        root = template.static.resolve()
+        path = (root / request.match_info["path"]).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return self.not_found()
+        return web.FileResponse(path, headers=_headers(
+            {"Cache-Control": "public, max-age=31536000, immutable"}))
+
+    async def robots(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="User-agent: *\nDisallow: /\n", headers=_headers())
+
+    # -- batches coming and going ---------------------------------------------------
+
+    def on_batch_event(self, event: BatchEvent) -> None:
+        """Core subscriber (runs in the batch's thread): a finished batch's links answer
+        at once, and the project's media are drawn ahead when it asks for that."""
+        batch = event.batch
+        if batch.state not in (BatchState.DONE, BatchState.DONE_WITH_ERRORS):
+            return
+        self.index.add(BatchSummary(batch.id, batch.client, batch.project or "",
+                                    batch.created_at, batch.updated_at))
+        kinds = self.pregenerate_of.get((batch.client, batch.project or ""), ())
+        if kinds and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_pregenerate, batch.id, kinds)
+
+    def _start_pregenerate(self, batch_id: int, kinds: tuple[str, ...]) -> None:
+        task = asyncio.get_running_loop().create_task(self.pregenerate(batch_id, kinds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def pregenerate(self, batch_id: int, kinds: tuple[str, ...]) -> int:
+        """Draw every row's media of a batch, one at a time (first views go between)."""
+        batch = next((b for b in self.index.batches() if b.id == batch_id), None)
+        if batch is None:
+            return 0
+        template = self.templates.get((batch.client, batch.project))
+        if template is None:
+            return 0
+        done = 0
+        for ordinal in range(self.rows.row_count(batch_id)):
+            link = Link(batch, ordinal)
+            for kind in kinds:
+                suffix = ".jpg" if kind == "thumbnail" else ".mp4"
+                if self.cache_path(link, template, suffix).is_file():
+                    continue
+                while True:
+                    try:
+                        await self.render(link, template, kind)
+                        break
+                    except RenderBusyError:
+                        await asyncio.sleep(1.0)  # first views have the queue; wait a turn
+                done += 1
+        log.info("batch %d: %d media drawn ahead", batch_id, done)
+        return done
+
+    def sweep(self) -> tuple[int, int]:
+        """Delete the row data and renders of batches past retention (or never served)."""
+        now = self.clock()
+        live = {b.id: b for b in self.index.batches()}
+        on_disk = set(self.rows.batch_ids()) | {
+            int(p.name.removeprefix("batch-")) for p in self.cache_dir.glob("batch-*")
+            if p.name.removeprefix("batch-").isdigit()}
+        rows = renders = 0
+        for batch_id in sorted(on_disk):
+            batch = live.get(batch_id)
+            if batch is not None and batch.expires_at > now:
+                continue
+            if batch is None and not self._settled(batch_id):
+                continue  # published a moment before its batch is Done
+            rows += self.rows.delete(batch_id)
+            folder = self.cache_dir / f"batch-{batch_id}"
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                renders += 1
+            self.index.forget(batch_id)
+        if rows or renders:
+            log.info("retention: removed the row data of %d and the renders of %d batch(es)",
+                     rows, renders)
+        return rows, renders
+
+    def _settled(self, batch_id: int) -> bool:
+        """True when a batch absent from the index will never serve links: its row
+        data is older than any batch takes between publishing it and being Done."""
+        path = self.rows.path_of(batch_id)
+        try:
+            age = self.clock().timestamp() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        return age > SETTLE_SECONDS
+
+    async def run_sweeper(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.to_thread(self.sweep)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.pool.close)
+
+
+def retention_of(projects: Mapping[tuple[str, str], int]) -> Callable[[str, str], timedelta]:
+    """Retention by (client, project); a batch of a project no longer configured: 0."""
+    return lambda client, project: timedelta(days=projects.get((client, project), 0))
+
+
+def tls_context(config: WebConfig, data_dir: Path, public_base_url: str) -> ssl.SSLContext | None:
+    if config.tls_cert is not None and config.tls_key is not None:
+        cert, key = config.tls_cert, config.tls_key
+    elif config.self_signed:
+        cert, key = self_signed_pair(data_dir / "web-tls", urlsplit(public_base_url).hostname)
+    else:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"web TLS: cannot load {cert} / {key}: {exc}") from exc
+    return context
+
+
+def self_signed_pair(folder: Path, host: str | None) -> tuple[Path, Path]:
+    """A self-signed certificate for the links' host (made once, key 0600)."""
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    if cert_path.is_file() and key_path.is_file():
+        return cert_path, key_path
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost"),
+                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    if host and host != "localhost":
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host or "localhost")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=825))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+async def start_web(server: LinkServer, config: WebConfig,
+                    ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
+    """Bind the HTTP listener; returns the runner (to clean up) and the bound port."""
+    server.bind_loop(asyncio.get_running_loop())
+    server.pool.warm()
+    runner = web.AppRunner(server.app, access_log_class=_AccessLogger,
+                           access_log=logging.getLogger("purlgate.web.access"),
+                           shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+    await site.start()
+    port = 0
+    for address in runner.addresses:
+        port = int(address[1])
+        break
+    return runner, port
