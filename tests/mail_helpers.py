@@ -128,3 +128,13 @@ class Sink:
 
     def to(self, address: str) -> list[Captured]:
         return [m for m in self.messages if address in m.rcpt_tos]
+
+
+def reply_zip(captured: Captured, password: bytes = PASSWORD) -> dict[str, bytes]:
+    """The files of a reply's one AES ZIP attachment."""
+    parts = list(captured.message.iter_attachments())
+    assert len(parts) == 1
+    data = parts[0].get_payload(decode=True)
+    with pyzipper.AESZipFile(io.BytesIO(data)) as z:
+        z.setpassword(password)
+        return {n: z.read(n) for n in z.namelist()}

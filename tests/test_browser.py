@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.async_api import async_playwright
 
 from tests.web_helpers import data_file, purl_rows, running
 
@@ -35,8 +36,6 @@ async def test_landing_page_plays_in_chromium(tmp_path: Path) -> None:
     """In a real browser the page shows the row's name, the video loads and plays (its
     metadata says 4 s), the thumbnail is its poster and loads as an image, and the CSP
     blocks nothing the page needs. Screenshot in test-artifacts/landing-page.png."""
-    from playwright.async_api import async_playwright
-
     async with running(tmp_path) as run:
         outcome = await run.process("acme_spring_20261127_101500_00.csv", data_file(3))
         row = purl_rows(outcome.purl)[0]  # type: ignore[arg-type]

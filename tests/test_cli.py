@@ -123,3 +123,30 @@ def test_hash_password_from_stdin(tmp_path: Path) -> None:
     assert verify_password("s3cret pass", stored)
     assert not verify_password("s3cret pas", stored)
     assert "s3cret" not in stored
+
+
+def test_check_config_opens_templates_and_the_render_api_secret(tmp_path: Path) -> None:
+    """check-config loads each project's template (a Jinja syntax error is named) and
+    reads the render API's password reference."""
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    (tpl / "landing.html").write_text("<h1>{{ page.heading }</h1>")
+    (tpl / "template.toml").write_text("")
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        '[regions.usa]\ninbound_addresses=["a@b.example"]\ndata_dir="v"\n'
+        'public_base_url="https://x.example"\n'
+        '[regions.usa.relay]\noperator="ops@x.example"\n'
+        '[regions.usa.storyboard]\nbase_url="https://api.example"\nusername="u"\n'
+        'password={env="PG_NOPE_RENDER"}\n'
+        '[clients.acme]\nname="A"\nregions=["usa"]\n'
+        f'[clients.acme.projects.spring]\nrender.template="{tpl}"\n'
+    )
+    result = purlgate("check-config", "--config", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "purlgate: configuration error: 2 problem(s):"
+    assert lines[1] == ("  region usa, field storyboard.password: secret not set: "
+                        "environment variable PG_NOPE_RENDER")
+    assert lines[2].startswith(f"  client acme, project spring, field render.template: "
+                               f"template {tpl}: unexpected '}}'")

@@ -97,3 +97,56 @@ def test_secrets_by_reference_only(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(ConfigError) as missing:
         SecretRef(env="PG_TEST_UNSET_VAR").reveal()
     assert missing.value.message == "secret not set: environment variable PG_TEST_UNSET_VAR"
+
+
+CLIENT = """
+[clients.acme]
+name = "Acme"
+regions = ["usa"]
+[clients.acme.projects.spring]
+"""
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('render.backend = "storyboard-api"',
+     "project spring, field render: the storyboard-api backend needs a storyboard_id"),
+    ('render.backend = "storyboard-api"\nrender.storyboard_id = "1"',
+     "client acme, project spring renders with the storyboard-api but region(s) usa have "
+     "no [regions.<id>.storyboard] section"),
+    ('render.backend = "storyboard-api"\nrender.storyboard_id = "1"\n'
+     'render.pregenerate = ["video"]',
+     "template and pregenerate belong to the embedded backend"),
+    ("retention_days = 0", "field retention_days: Input should be greater than 0"),
+])
+def test_render_settings_are_checked(extra: str, message: str) -> None:
+    """Render and retention settings that cannot work are refused with where and why."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(GOOD_REGION + CLIENT + extra + "\n")
+    assert message in exc.value.message
+
+
+def test_render_api_needs_an_operator_to_alert() -> None:
+    """A region with a render API must name relay.operator: a refused credential stops
+    batches and the alert has to reach someone."""
+    text = GOOD_REGION + """
+[regions.usa.storyboard]
+base_url = "https://api.example"
+username = "u"
+password = { env = "X" }
+"""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text)
+    assert "region usa: a storyboard (render API) section needs relay.operator" in \
+        exc.value.message
+    ok = parse_config(text + '[regions.usa.relay]\noperator = "ops@x.example"\n')
+    assert ok.regions["usa"].storyboard is not None
+
+
+def test_web_tls_settings_are_checked() -> None:
+    """A certificate without its key, or both a certificate and self_signed, are refused."""
+    for web, message in (('tls_cert = "/c.pem"', "give both tls_cert and tls_key"),
+                         ('tls_cert = "/c"\ntls_key = "/k"\nself_signed = true',
+                          "self_signed and tls_cert exclude each other")):
+        with pytest.raises(ConfigError) as exc:
+            parse_config(GOOD_REGION + "[regions.usa.web]\n" + web + "\n")
+        assert message in exc.value.message

@@ -7,7 +7,6 @@ its relay is a real aiosmtpd sink; replies are opened with pyzipper and with 7z.
 from __future__ import annotations
 
 import asyncio
-import io
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -17,7 +16,6 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 import pytest_asyncio
-import pyzipper
 
 from purlgate.app import Gateway, build_gateway, serve
 from purlgate.config import parse_config
@@ -25,11 +23,11 @@ from tests.mail_helpers import (
     INBOUND,
     PASSWORD,
     SENDER,
-    Captured,
     Sink,
     aes_zip,
     client_mail,
     plain_zip,
+    reply_zip,
     rows,
 )
 from tests.tls_helpers import self_signed
@@ -127,15 +125,6 @@ async def running(tmp_path: Path, sink: Sink,
 def good_mail(name: str = f"acme_spring_{T}_00", **kw: object) -> bytes:
     return client_mail([(f"{name}.zip", aes_zip({f"{name}.csv": rows()}), "application/zip")],
                        **kw)  # type: ignore[arg-type]
-
-
-def reply_zip(captured: Captured) -> dict[str, bytes]:
-    parts = list(captured.message.iter_attachments())
-    assert len(parts) == 1
-    data = parts[0].get_payload(decode=True)
-    with pyzipper.AESZipFile(io.BytesIO(data)) as z:
-        z.setpassword(PASSWORD)
-        return {n: z.read(n) for n in z.namelist()}
 
 
 @pytest.mark.asyncio

@@ -40,6 +40,11 @@ from purlgate.core.render import Renderer
 from purlgate.errors import ConfigError
 from purlgate.pgp import GpgKeyStore
 from purlgate.renderers.embedded import EmbeddedRenderer, load_or_create_key, parse_key
+from purlgate.renderers.storyboard import (
+    RenderLedger,
+    StoryboardRenderer,
+    build_storyboard_renderers,
+)
 from purlgate.rowstore import ArrowRowStore
 from purlgate.store import SqliteBatchStore
 from purlgate.web.links import BatchIndex
@@ -72,9 +77,12 @@ class Region:
     rows: ArrowRowStore
     token_key: bytes
     keys: GpgKeyStore | None = None
+    ledger: RenderLedger | None = None
 
     def close(self) -> None:
         self.rows.close()
+        if self.ledger is not None:
+            self.ledger.close()
         if self.keys is not None:
             self.keys.close()
 
@@ -104,11 +112,24 @@ def build_region(
     rows = ArrowRowStore(data_dir / "rows")
     clients = config.clients_of(region_id)
 
+    api = None
+    if region.storyboard is not None:
+        api = build_storyboard_renderers(region.storyboard, region_id, data_dir)
+    made: dict[tuple[str, str], Renderer] = {}
+
     def renderer_for(client_id: str, project_id: str) -> Renderer:
-        backend = clients[client_id].projects[project_id].render.backend
-        if backend == "embedded":
+        settings = clients[client_id].projects[project_id].render
+        if settings.backend == "embedded":
             return embedded
-        raise ConfigError(f"render backend {backend!r} is not available")
+        if api is None or region.storyboard is None or settings.storyboard_id is None:
+            raise ConfigError(f"region {region_id} has no [regions.{region_id}.storyboard]")
+        if (client_id, project_id) not in made:
+            ledger, limiter, password, context = api
+            made[client_id, project_id] = StoryboardRenderer(
+                config=region.storyboard, password=password,
+                storyboard_id=settings.storyboard_id, fields=settings.fields,
+                region=region_id, ledger=ledger, limiter=limiter, ssl_context=context)
+        return made[client_id, project_id]
 
     limits = UnwrapLimits(
         max_uncompressed_bytes=region.limits.max_uncompressed_bytes,
@@ -128,7 +149,8 @@ def build_region(
         renderer_for=renderer_for, clock=utc_now, work_root=data_dir / "work",
         subscribers=subscribers, crypto=keys, rows=rows,
     )
-    return Region(region_id, region, data_dir, store, processor, rows, key, keys)
+    return Region(region_id, region, data_dir, store, processor, rows, key, keys,
+                  api[0] if api is not None else None)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from purlgate.errors import ConfigError, PurlgateError
 from purlgate.passwords import hash_password
 from purlgate.pgp import check_passphrase
 from purlgate.replay import replay, table
+from purlgate.web.templates import Template
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -221,7 +222,20 @@ def _check_config(args: argparse.Namespace) -> int:
                         check_passphrase(secret.decode("utf-8", "replace"))
                 except ConfigError as exc:
                     problems.append(f"  region {region_id}, field pgp.{field}: {exc.message}")
+        if region.storyboard is not None:
+            try:
+                region.storyboard.password.reveal()
+            except ConfigError as exc:
+                problems.append(f"  region {region_id}, field storyboard.password: "
+                                f"{exc.message}")
     for client_id, client in config.clients.items():
+        for project_id, project in client.projects.items():
+            if project.render.template is not None:
+                try:
+                    Template(project.render.template)
+                except ConfigError as exc:
+                    problems.append(f"  client {client_id}, project {project_id}, field "
+                                    f"render.template: {exc.message}")
         if client.zip_password is not None:
             try:
                 client.zip_password.reveal()

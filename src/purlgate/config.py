@@ -389,6 +389,13 @@ class RegionConfig(_Model):
     web: WebConfig | None = None
     storyboard: StoryboardConfig | None = None
 
+    @model_validator(mode="after")
+    def _render_api_alerts(self) -> Self:
+        if self.storyboard is not None and self.relay.operator is None:
+            raise ValueError("a storyboard (render API) section needs relay.operator: refused "
+                             "credentials stop batches and the operator must hear of it")
+        return self
+
     @field_validator("inbound_addresses")
     @classmethod
     def _emails(cls, value: list[str]) -> list[str]:

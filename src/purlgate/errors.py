@@ -18,10 +18,13 @@
     └── ServerError                 our side or a backend failed; retry, alert ops
         ├── StorageError            disk full, fsync/rename failed, state store broken
         └── RenderError             the render backend failed for the whole batch
+            └── RenderAuthError     the render API refused our credentials (alert ops)
 
 Each ClientInputError carries ``code`` (a stable slug for logs, tests and channel
 mappings), ``message`` (plain words the client can act on; never row data, never
 library internals) and the SMTP reply a channel would give if it could still refuse.
+A ServerError's ``message`` is for operators; what a client is told of it is its
+``client_reason`` (None: the generic internal-error sentence).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class ServerError(PurlgateError):
     code = "server-error"
     smtp_code = 451
     smtp_status = "4.3.0"
+    client_reason: str | None = None
 
 
 class StorageError(ServerError):
@@ -112,3 +116,11 @@ class StorageError(ServerError):
 
 class RenderError(ServerError):
     code = "render"
+
+
+class RenderAuthError(RenderError):
+    code = "render-auth"
+    client_reason = (
+        "our video rendering service refused our credentials, so no video was made; "
+        "this is on our side and our operators have been alerted"
+    )

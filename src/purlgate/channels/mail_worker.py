@@ -21,11 +21,17 @@ from pathlib import Path
 from purlgate.channels.mail_message import Attachment, message_id, parse, zip_attachment
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
-from purlgate.channels.replies import failure_reply, notification, success_reply
+from purlgate.channels.replies import (
+    OPERATOR_CODES,
+    failure_reply,
+    notification,
+    operator_alert,
+    success_reply,
+)
 from purlgate.channels.smtp_listener import client_of
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig
-from purlgate.core.lifecycle import BatchEvent, BatchState
+from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
 from purlgate.core.pipeline import BatchProcessor, Submission
 from purlgate.errors import ConfigError, MessageError
 
@@ -132,16 +138,23 @@ class MailWorker:
 
 
 class Notifier:
-    """Lifecycle events to the project's and client's notification addresses."""
+    """Lifecycle events to the project's and client's notification addresses, and the
+    failures that only an operator can fix to the region's operator."""
 
     def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
                  outbox: Outbox) -> None:
         self.sender = region.inbound_addresses[0]
+        self.operator = region.relay.operator
         self.clients = clients
         self.outbox = outbox
 
     def __call__(self, event: BatchEvent) -> None:
         batch = event.batch
+        if (event.kind is EventKind.FAILED and batch.error_code in OPERATOR_CODES
+                and self.operator is not None):
+            self.outbox.enqueue(operator_alert(batch, sender=self.sender, to=self.operator),
+                                sender=self.sender, recipients=[self.operator],
+                                key=f"alert-{batch.region}-{batch.id}")
         client = self.clients.get(batch.client)
         if client is None:
             return

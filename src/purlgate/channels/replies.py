@@ -9,7 +9,7 @@ never row data. The ZIP is encrypted with the client's own password using WinZip
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -104,5 +104,29 @@ def notification(event: BatchEvent, *, sender: str, to: Sequence[str]) -> EmailM
     message.set_content(
         f"purlgate {title} for client {batch.client}.\n\n" + _summary(batch) + reason +
         f"Channel: {batch.channel}\n"
+    )
+    return message
+
+
+# Failures a client cannot fix and an operator must: each one alerts the operator.
+OPERATOR_CODES: Mapping[str, str] = {
+    "render-auth": "the render API refused our credentials: check the region's "
+                   "[storyboard] username and password, then ask the client to send the "
+                   "file again",
+}
+
+
+def operator_alert(batch: BatchRecord, *, sender: str, to: str) -> EmailMessage:
+    """What an operator must know to act; the batch's ids and counts, never row data."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = (f"[purlgate] operator alert: {batch.error_code} in region "
+                          f"{batch.region} (batch {batch.id})")
+    message.set_content(
+        f"Region: {batch.region}\nClient: {batch.client}\nProject: {batch.project or '-'}\n"
+        f"Channel: {batch.channel}\nBatch: {batch.id}\nError: {batch.error_code}\n"
+        f"File: {batch.data_name or batch.received_name}\n\n"
+        f"What to do: {OPERATOR_CODES.get(batch.error_code or '', 'see the logs')}.\n"
     )
     return message

@@ -385,7 +385,8 @@ class BatchProcessor:
                 log.exception("batch %d stopped by a server-side error", record.id)
                 error = exc if isinstance(exc, ServerError) else StorageError(INTERNAL_REASON)
                 self._drop_rows(record.id)
-                failed = self._move(record.id, BatchState.FAILED, reason=INTERNAL_REASON,
+                failed = self._move(record.id, BatchState.FAILED,
+                                    reason=error.client_reason or INTERNAL_REASON,
                                     error_code=error.code)
                 return BatchOutcome(failed, error=error)
         finally:
