@@ -122,8 +122,9 @@ class Template:
         self._text_env = ImmutableSandboxedEnvironment(autoescape=False, undefined=Undefined)
         try:
             self._page = self._html_env.get_template("landing.html")
-            for text in self._texts():  # a syntax error stops the start, not a page view
-                self._text_env.parse(text)
+            # Compiled once: a syntax error stops the start, not a page view.
+            self._compiled = {text: self._text_env.from_string(text)
+                              for text in self._texts()}
         except TemplateError as exc:
             raise ConfigError(f"template {folder}: {exc}") from exc
 
@@ -135,12 +136,13 @@ class Template:
 
     def _texts(self) -> list[str]:
         s = self.spec
-        return [s.page.title, s.page.heading, s.page.text, s.page.cta_text, s.page.cta_url,
+        return [s.page.lang, s.page.title, s.page.heading, s.page.text, s.page.cta_text,
+                s.page.cta_url,
                 *(t.text for t in s.thumbnail.text), *(t.text for t in s.video.text)]
 
     def _text(self, source: str, context: Mapping[str, Any]) -> str:
         try:
-            return self._text_env.from_string(source).render(context).strip()
+            return self._compiled[source].render(context).strip()
         except TemplateError:
             return ""  # a template that fails on one row's values shows nothing there
 
