@@ -90,9 +90,9 @@ def child_baseline(path: Path, out: Path) -> dict[str, float]:
 
 
 def child_core(path: Path, out: Path, *, rows: bool = True) -> dict[str, float]:
-    from purlgate.app import build_region
     from purlgate.config import load_config
     from purlgate.core.pipeline import Submission
+    from purlgate.region import build_region
 
     state = out / "state"
     region = build_region(load_config(None), "usa", data_dir=state)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from purlgate.app import build_region
 from purlgate.config import parse_config
 from purlgate.core.crypto import looks_like_pgp
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import BatchOutcome, Submission
 from purlgate.errors import ConfigError
 from purlgate.pgp import GpgKeyStore
+from purlgate.region import build_region
 from tests.conftest import parse_csv
 
 T = "20261127_101500"

@@ -16,10 +16,11 @@ import aiosmtplib
 import pytest
 import pytest_asyncio
 
-from purlgate.app import build_gateway, build_region
+from purlgate.app import build_gateway
 from purlgate.config import parse_config
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import BatchOutcome, Submission
+from purlgate.region import build_region
 from purlgate.renderers.storyboard_fake import FakeBehaviour, FakeStoryboardApi
 from tests.dovecot import free_port
 from tests.mail_helpers import (

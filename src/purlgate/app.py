@@ -1,23 +1,21 @@
-"""Wiring: build a region's pieces from the configuration.
+"""Wiring: a running region, its channels and its web side around the batch core.
 
-The only place that turns config into live objects (store, renderer, processor). The
-channels added later are started here too.
+``region.py`` builds the core (store, renderers, row store, keys); this module adds the
+SMTP listener, IMAP poller, SFTP server, their workers, the outbox and the web side,
+and ``serve`` runs them in one TaskGroup.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncssh
-import pyarrow as pa
 
 from purlgate.channels.defender import Defender
 from purlgate.channels.imap_poller import ImapPoller
@@ -33,124 +31,13 @@ from purlgate.channels.sftp_server import (
 )
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
-from purlgate.config import ClientConfig, Config, RegionConfig
-from purlgate.core.archive import UnwrapLimits
-from purlgate.core.pipeline import BatchProcessor, Subscriber
-from purlgate.core.render import Renderer
-from purlgate.errors import ConfigError
-from purlgate.pgp import GpgKeyStore
-from purlgate.renderers.embedded import EmbeddedRenderer, load_or_create_key, parse_key
-from purlgate.renderers.storyboard import (
-    RenderLedger,
-    StoryboardRenderer,
-    build_storyboard_renderers,
-)
-from purlgate.rowstore import ArrowRowStore
-from purlgate.store import SqliteBatchStore
+from purlgate.config import ClientConfig, Config
+from purlgate.region import Region, build_region, utc_now
 from purlgate.web.links import BatchIndex
 from purlgate.web.server import LinkServer, RenderPool, retention_of, start_web, tls_context
 from purlgate.web.templates import Template, default_template_dir
 
 log = logging.getLogger("purlgate.app")
-
-
-def use_jemalloc() -> None:
-    """Prefer Arrow's jemalloc pool: it hands freed blocks back, where the default
-    mimalloc pool kept ~35 MB more at peak in bench/core.py. Builds without it keep
-    their default."""
-    # pyarrow.lib.ArrowNotImplementedError subclasses NotImplementedError.
-    with contextlib.suppress(NotImplementedError):
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class Region:
-    id: str
-    config: RegionConfig
-    data_dir: Path
-    store: SqliteBatchStore
-    processor: BatchProcessor
-    rows: ArrowRowStore
-    token_key: bytes
-    keys: GpgKeyStore | None = None
-    ledger: RenderLedger | None = None
-
-    def close(self) -> None:
-        self.rows.close()
-        if self.ledger is not None:
-            self.ledger.close()
-        if self.keys is not None:
-            self.keys.close()
-
-
-def token_key(region: RegionConfig, data_dir: Path) -> bytes:
-    if region.token_key is not None:
-        return parse_key(region.token_key.reveal())
-    return load_or_create_key(data_dir / "token.key")
-
-
-def build_region(
-    config: Config,
-    region_id: str,
-    *,
-    data_dir: Path | None = None,
-    subscribers: Sequence[Subscriber] = (),
-) -> Region:
-    if region_id not in config.regions:
-        raise ConfigError(f"no region {region_id!r}; configured: {', '.join(config.regions)}")
-    region = config.regions[region_id]
-    use_jemalloc()
-    data_dir = data_dir or region.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteBatchStore(data_dir / "batches.sqlite3")
-    key = token_key(region, data_dir)
-    embedded = EmbeddedRenderer(key, region.public_base_url)
-    rows = ArrowRowStore(data_dir / "rows")
-    clients = config.clients_of(region_id)
-
-    api = None
-    if region.storyboard is not None:
-        api = build_storyboard_renderers(region.storyboard, region_id, data_dir)
-    made: dict[tuple[str, str], Renderer] = {}
-
-    def renderer_for(client_id: str, project_id: str) -> Renderer:
-        settings = clients[client_id].projects[project_id].render
-        if settings.backend == "embedded":
-            return embedded
-        if api is None or region.storyboard is None or settings.storyboard_id is None:
-            raise ConfigError(f"region {region_id} has no [regions.{region_id}.storyboard]")
-        if (client_id, project_id) not in made:
-            ledger, limiter, password, context = api
-            made[client_id, project_id] = StoryboardRenderer(
-                config=region.storyboard, password=password,
-                storyboard_id=settings.storyboard_id, fields=settings.fields,
-                region=region_id, ledger=ledger, limiter=limiter, ssl_context=context)
-        return made[client_id, project_id]
-
-    limits = UnwrapLimits(
-        max_uncompressed_bytes=region.limits.max_uncompressed_bytes,
-        max_compression_ratio=region.limits.max_compression_ratio,
-        ratio_check_after_bytes=region.limits.ratio_check_after_bytes,
-    )
-    keys = None
-    if region.pgp is not None:
-        client_keys = {
-            cid: (c.pgp_public_key, c.pgp_fingerprint)
-            for cid, c in clients.items()
-            if c.pgp_public_key is not None and c.pgp_fingerprint is not None
-        }
-        keys = GpgKeyStore.open(region.pgp, data_dir, client_keys)
-    processor = BatchProcessor(
-        region_id=region_id, clients=clients, limits=limits, store=store,
-        renderer_for=renderer_for, clock=utc_now, work_root=data_dir / "work",
-        subscribers=subscribers, crypto=keys, rows=rows,
-    )
-    return Region(region_id, region, data_dir, store, processor, rows, key, keys,
-                  api[0] if api is not None else None)
 
 
 @dataclass

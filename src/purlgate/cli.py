@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from purlgate import __version__
-from purlgate.app import Gateway, build_gateway, build_region, serve
+from purlgate.app import Gateway, build_gateway, serve
 from purlgate.config import Config, load_config
 from purlgate.core.archive import needs_password
 from purlgate.core.lifecycle import BatchState
@@ -23,6 +23,7 @@ from purlgate.core.pipeline import Submission
 from purlgate.errors import ConfigError, PurlgateError
 from purlgate.passwords import hash_password
 from purlgate.pgp import check_passphrase
+from purlgate.region import build_region
 from purlgate.replay import replay, table
 from purlgate.web.templates import Template
 

@@ -32,7 +32,7 @@ from purlgate.errors import StorageError
 
 log = logging.getLogger("purlgate.rows")
 
-ROWS_PER_CHUNK = 4096
+ROWS_PER_CHUNK = 8192
 OPEN_READERS = 64  # memory maps kept open for lookups (LRU)
 # LZ4 frames: a third of the bytes for typical rows, which is what the disk pays for;
 # a lookup decompresses one chunk (a few hundred KiB) in well under a millisecond.
@@ -48,7 +48,7 @@ class RowWriter:
     final flush and fsync early, so that it overlaps the PURL file's own.
     """
 
-    def __init__(self, final: Path, columns: Sequence[str], depth: int = 4) -> None:
+    def __init__(self, final: Path, columns: Sequence[str], depth: int = 2) -> None:
         self.final = final
         self.temp = final.with_name(f".{final.name}.part")
         self._schema = pa.schema([pa.field(name, pa.string()) for name in columns])

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 JPEG_QUALITY = 85
@@ -109,6 +108,8 @@ def render_thumbnail(canvas: Canvas, target: Path) -> Path:
 
 def render_video(canvas: Canvas, target: Path) -> Path:
     """A short H.264 (yuv420p) MP4 with the index up front, so browsers play at once."""
+    # FFmpeg is large: only the render processes load it, never the server or the core.
+    import av  # noqa: PLC0415
     target.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_for(target)
     try:
@@ -130,5 +131,7 @@ def render_video(canvas: Canvas, target: Path) -> Path:
 
 def warm_up() -> None:
     """Run once in each render process: load the default font and FFmpeg's encoder."""
+    import av  # noqa: PLC0415 - see render_video
+
     ImageFont.load_default(size=12)
     av.codec.Codec("libx264", "w")
