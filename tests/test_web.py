@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 import ssl
 import statistics
 import time
@@ -335,3 +337,27 @@ async def test_project_template_and_sandbox(tmp_path: Path) -> None:
 def test_names_cover_what_the_tests_rely_on() -> None:
     """The helper's names include an HTML injection attempt and non-ASCII names."""
     assert any("<script>" in n for n in NAMES) and any(not n.isascii() for n in NAMES)
+
+
+@pytest.mark.asyncio
+async def test_a_killed_render_worker_is_replaced(tmp_path: Path) -> None:
+    """kill -9 of the render processes: the view in hand may get 503 with Retry-After,
+    and the next one is drawn by a new pool, not refused for ever."""
+    async with running(tmp_path) as run:
+        rows = purl_rows((await run.process(NAME, data_file(3))).purl)  # type: ignore[arg-type]
+        links = run.gateway.links
+        assert links is not None
+        assert (await get(run, rows[0]["thumbnail_1"])).status == 200
+        workers = list(links.pool._executor._processes.values())
+        assert workers
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(10)
+        statuses = []
+        for _ in range(3):
+            resp = await get(run, rows[1]["thumbnail_1"])
+            statuses.append(resp.status)
+            if resp.status == 200:
+                break
+            assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+        assert statuses[-1] == 200, statuses

@@ -26,6 +26,7 @@ import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,12 +120,15 @@ class RenderPool:
     """Draws media in worker processes; one render per file however many ask at once."""
 
     def __init__(self, workers: int, limit: int) -> None:
-        # forkserver: the workers do not inherit the server's sockets, threads or locks.
-        self._executor = ProcessPoolExecutor(
-            max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
         self._limit = limit
         self._workers = workers
+        self._executor = self._new_executor()
         self._inflight: dict[Path, asyncio.Future[Path]] = {}
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        # forkserver: the workers do not inherit the server's sockets, threads or locks.
+        return ProcessPoolExecutor(max_workers=self._workers,
+                                   mp_context=multiprocessing.get_context("forkserver"))
 
     @property
     def depth(self) -> int:
@@ -141,8 +145,16 @@ class RenderPool:
         if future is None:
             if len(self._inflight) >= self._limit:
                 raise RenderBusyError
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor, draw, canvas, target)
+            try:
+                future = asyncio.get_running_loop().run_in_executor(
+                    self._executor, draw, canvas, target)
+            except BrokenProcessPool:
+                # A worker died (killed, out of memory): the pool is unusable; start anew.
+                log.warning("a render worker died; starting a new render pool")
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._new_executor()
+                future = asyncio.get_running_loop().run_in_executor(
+                    self._executor, draw, canvas, target)
             self._inflight[target] = future
             future.add_done_callback(lambda _: self._inflight.pop(target, None))
         # A viewer who leaves does not cancel a render others may be waiting for.
@@ -287,10 +299,15 @@ class LinkServer:
         if not path.is_file():
             try:
                 rendered = await self.render(link, template, kind)
-            except RenderBusyError:
+            except (RenderBusyError, BrokenProcessPool):
                 return web.Response(status=503, text="Busy, try again shortly\n",
                                     headers=_headers({"Retry-After": "5",
                                                       "Cache-Control": "no-store"}))
+            except Exception as exc:  # noqa: BLE001 - a drawing error must not leak a row
+                log.error("drawing the %s of batch %d failed: %s", kind,  # noqa: TRY400
+                          link.batch.id, type(exc).__name__)
+                return web.Response(status=500, text="This file cannot be shown right now\n",
+                                    headers=_headers({"Cache-Control": "no-store"}))
             if rendered is None:
                 return self.not_found()
         if kind == "thumbnail":  # small: kept in memory; videos stream from disk (Range)
