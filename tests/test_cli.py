@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,8 @@ def purlgate(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subpro
 
 
 def test_process_demo_with_bundled_defaults(tmp_path: Path) -> None:
-    """With no options the demo file becomes a PURL file beside it; exit 0 and a summary."""
+    """With no options the demo file becomes a PURL file in ./out (never beside the
+    input, which may be a fixture folder); exit 0 and a summary saying where."""
     shutil.copy(DATA / DEMO, tmp_path / DEMO)
     result = purlgate("process", DEMO, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -29,9 +32,10 @@ def test_process_demo_with_bundled_defaults(tmp_path: Path) -> None:
     assert lines[0] == "batch     1 (usa, client acme, project spring)"
     assert lines[1] == "status    Done"
     assert lines[2] == "rows      20 read, 20 in the PURL file, 0 with errors"
-    assert lines[3] == f"purl      {tmp_path / ('PURL_' + DEMO)}"
-    assert lines[4] == f"flag      {tmp_path / ('PURL_' + DEMO + '.flg')}"
-    assert len(read_csv(tmp_path / f"PURL_{DEMO}")) == 21
+    assert lines[3] == f"purl      {tmp_path / 'out' / ('PURL_' + DEMO)}"
+    assert lines[4] == f"flag      {tmp_path / 'out' / ('PURL_' + DEMO + '.flg')}"
+    assert len(read_csv(tmp_path / "out" / f"PURL_{DEMO}")) == 21
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DEMO, "out", "var"]
     assert (tmp_path / "var" / "usa" / "batches.sqlite3").exists()
     assert result.stderr == ""
 
@@ -81,6 +85,7 @@ def test_process_unknown_client_name(tmp_path: Path) -> None:
     result = purlgate("process", str(DATA / "comma_20261127_101500.csv"), cwd=tmp_path)
     assert result.returncode == 1
     assert "cannot tell which client" in result.stderr
+    assert "--client" in result.stderr, "the message names the flag that fixes it"
 
 
 def test_check_config_ok() -> None:
@@ -150,3 +155,48 @@ def test_check_config_opens_templates_and_the_render_api_secret(tmp_path: Path) 
                         "environment variable PG_NOPE_RENDER")
     assert lines[2].startswith(f"  client acme, project spring, field render.template: "
                                f"template {tpl}: unexpected '}}'")
+
+
+def test_help_lists_every_command_in_plain_words(tmp_path: Path) -> None:
+    """--help names every command, with no reStructuredText markup."""
+    result = purlgate("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("serve", "process", "replay", "check-config", "hash-password"):
+        assert f"    {command}" in result.stdout
+    assert "``" not in result.stdout
+
+
+def test_log_options_anywhere_and_json(tmp_path: Path) -> None:
+    """-v and --log-format work before or after the command; JSON lines are JSON with
+    the batch's words and no row data."""
+    shutil.copy(DATA / DEMO, tmp_path / DEMO)
+    result = purlgate("process", DEMO, "-v", "--log-format", "json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    finished = [e for e in entries if "finished" in e["message"]]
+    assert len(finished) == 1
+    assert finished[0]["level"] == "info"
+    assert "client=acme project=spring channel=cli" in finished[0]["message"]
+    assert "rows=20 ok=20 errors=0" in finished[0]["message"]
+    assert "José" not in result.stderr and "@acme.example" not in result.stderr
+    before = purlgate("-v", "process", DEMO, "--out", "o2", "--data-dir", "s2", cwd=tmp_path)
+    assert "INFO purlgate.core: batch 1 finished Done" in before.stderr
+
+
+def test_serve_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
+    """A port already taken names the config key; a bad --smtp-port is refused by the
+    parser; neither prints a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = purlgate("serve", "--region", "usa", "--smtp-port", str(port),
+                          "--data-dir", "d", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"purlgate: configuration error: cannot listen for mail on 127.0.0.1:{port} "
+        "(regions.usa.smtp.port): Address already in use")
+    assert "Traceback" not in result.stderr
+    bad = purlgate("serve", "--region", "usa", "--smtp-port", "-5", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "argument --smtp-port: -5 is not a port number (0 to 65535)" in bad.stderr

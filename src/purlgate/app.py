@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncssh
 
@@ -32,12 +33,14 @@ from purlgate.channels.sftp_server import (
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.config import ClientConfig, Config
+from purlgate.errors import ConfigError
 from purlgate.region import Region, build_region, utc_now
 from purlgate.web.links import BatchIndex
 from purlgate.web.server import LinkServer, RenderPool, retention_of, start_web, tls_context
 from purlgate.web.templates import Template, default_template_dir
 
 log = logging.getLogger("purlgate.app")
+T = TypeVar("T")
 
 
 @dataclass
@@ -139,33 +142,58 @@ def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> Li
     )
 
 
+async def _listen(what: str, key: str, host: str, port: int,
+                  starting: Awaitable[T]) -> T:
+    """Start a listener; a port we cannot have is an operator's error naming its key."""
+    try:
+        return await starting
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen for {what} on {host}:{port} ({key}): {why}") from exc
+
+
+def _resumed(gateway: Gateway) -> str:
+    """What the last run left for this one: spooled mail and uploads, queued mail."""
+    mail = len(gateway.spool.pending())
+    uploads = (len(gateway.sftp_service.spool.pending())
+               if gateway.sftp_service is not None else 0)
+    queued = len(gateway.outbox.items())
+    return (f"{mail} spooled message(s), {uploads} SFTP upload(s) to process, "
+            f"{queued} queued mail(s)")
+
+
 async def serve(gateway: Gateway, stop: asyncio.Event,
                 on_ready: Callable[[Gateway], None] | None = None) -> None:
-    """Run the listener, the worker and the outbox until ``stop`` is set.
+    """Run the listeners, the workers, the outbox and the web side until ``stop`` is set.
 
-    On stop the listener closes first (nothing new is accepted), the worker finishes
-    the entry in hand (the rest stays in the spool for the next start) and the outbox
+    On stop the listeners close first (nothing new is accepted), the workers finish
+    the entry in hand (the rest stays in the spools for the next start) and the outbox
     ends after its current attempt.
     """
     config = gateway.region.config
-    gateway.smtp = await start_smtp(gateway.handler, config.smtp)
-    log.info("region %s: SMTP on %s:%d", gateway.region.id, config.smtp.host,
-             gateway.smtp_port)
-    if gateway.sftp_service is not None and gateway.host_key is not None:
-        gateway.sftp = await start_sftp(gateway.sftp_service, gateway.host_key)
-        log.info("region %s: SFTP on %s:%d", gateway.region.id,
-                 gateway.sftp_service.config.host, gateway.sftp_port)
+    rid = gateway.region.id
     runner = None
-    if gateway.links is not None and config.web is not None:
-        runner, gateway.web_port = await start_web(
-            gateway.links, config.web,
-            tls_context(config.web, gateway.region.data_dir, config.public_base_url))
-        log.info("region %s: links served on %s:%d", gateway.region.id, config.web.host,
-                 gateway.web_port)
-    if on_ready is not None:
-        on_ready(gateway)
     imap_stop = threading.Event()
     try:
+        gateway.smtp = await _listen("mail", f"regions.{rid}.smtp.port", config.smtp.host,
+                                     config.smtp.port, start_smtp(gateway.handler, config.smtp))
+        log.info("region %s: SMTP on %s:%d", rid, config.smtp.host, gateway.smtp_port)
+        if gateway.sftp_service is not None and gateway.host_key is not None:
+            sftp = gateway.sftp_service.config
+            gateway.sftp = await _listen("SFTP", f"regions.{rid}.sftp.port", sftp.host,
+                                         sftp.port,
+                                         start_sftp(gateway.sftp_service, gateway.host_key))
+            log.info("region %s: SFTP on %s:%d", rid, sftp.host, gateway.sftp_port)
+        if gateway.links is not None and config.web is not None:
+            web = config.web
+            runner, gateway.web_port = await _listen(
+                "the links", f"regions.{rid}.web.port", web.host, web.port,
+                start_web(gateway.links, web,
+                          tls_context(web, gateway.region.data_dir, config.public_base_url)))
+            log.info("region %s: links served on %s:%d", rid, web.host, gateway.web_port)
+        log.info("region %s: resuming %s", rid, _resumed(gateway))
+        if on_ready is not None:
+            on_ready(gateway)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(gateway.worker.run(stop))
             tasks.create_task(gateway.outbox.run(stop))
@@ -187,8 +215,9 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
             await gateway.sftp.wait_closed()
         if gateway.sftp_service is not None:
             await close_sessions(gateway.sftp_service)
-        gateway.smtp.close()
-        await gateway.smtp.wait_closed()
+        if gateway.smtp is not None:
+            gateway.smtp.close()
+            await gateway.smtp.wait_closed()
         if runner is not None:
             await runner.cleanup()
         if gateway.links is not None:

@@ -1,31 +1,29 @@
-"""The command line: ``purlgate serve``, ``process`` and ``check-config``."""
+"""purlgate's command line: serve, process, replay, check-config, hash-password.
+
+Each command imports what it needs when it runs (the channels, the web side, Arrow),
+so that ``purlgate --help`` answers at once.
+"""
+
+# Imports inside the command functions are on purpose (see above).
+# ruff: noqa: PLC0415
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
+import json
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from purlgate import __version__
-from purlgate.app import Gateway, build_gateway, serve
-from purlgate.config import Config, load_config
-from purlgate.core.archive import needs_password
-from purlgate.core.lifecycle import BatchState
-from purlgate.core.pipeline import Submission
 from purlgate.errors import ConfigError, PurlgateError
-from purlgate.passwords import hash_password
-from purlgate.pgp import check_passphrase
-from purlgate.region import build_region
-from purlgate.replay import replay, table
-from purlgate.web.templates import Template
+
+if TYPE_CHECKING:
+    from purlgate.app import Gateway
+    from purlgate.config import Config
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,28 +31,68 @@ EXIT_USAGE = 2
 PROGRESS_FROM_BYTES = 16 * 1024 * 1024
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="purlgate", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"purlgate {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log batch progress")
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+A batch data-integration gateway: client data files in by email or SFTP, PURL files
+(their rows plus a thumbnail and a landing-page link per row) back the same way.
+Log options (-v, --log-level, --log-format) may stand anywhere on the line."""
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Libraries that narrate every command or connection: heard only at DEBUG.
+CHATTY = ("mail.log", "asyncssh", "aiohttp.access", "aiohttp.server", "imap_tools")
 
-    p = sub.add_parser("process", help="run the batch core on a local data file")
+
+def _logging_options() -> argparse.ArgumentParser:
+    """The log options, accepted before and after the command (SUPPRESS: a later
+    parser never overwrites what an earlier one was given)."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("logging")
+    group.add_argument("-v", "--verbose", dest="log_level", action="store_const",
+                       const="INFO", default=argparse.SUPPRESS,
+                       help="log each event (same as --log-level info)")
+    group.add_argument("--log-level", type=str.upper, choices=LEVELS,
+                       default=argparse.SUPPRESS,
+                       help="debug, info, warning or error (serve: info; others: warning)")
+    group.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                       help="text lines for people, one JSON object per line for machines")
+    return common
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _logging_options()
+    parser = argparse.ArgumentParser(prog="purlgate", description=DESCRIPTION,
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"purlgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", parents=[common],
+                       help="run a region: SMTP, IMAP, SFTP, the links' web side, workers")
+    s.add_argument("--region", required=True, help="the region this instance serves")
+    s.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
+    s.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
+    s.add_argument("--smtp-port", type=_port, help="override the listener port (0: any free)")
+
+    p = sub.add_parser("process", parents=[common],
+                       help="run the batch core on a local data file")
     p.add_argument("file", type=Path, help="data file (.csv .tsv .txt .dat) or .zip")
     p.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
     p.add_argument("--region", help="region (default: the client's first region)")
     p.add_argument("--client", help="client id (default: from the file name)")
     p.add_argument("--project", help="project id (default: from the file name)")
-    p.add_argument("--out", type=Path, help="output folder (default: the file's folder)")
+    p.add_argument("--out", type=Path, default=Path("out"),
+                   help="output folder (default: ./out)")
     p.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
 
-    s = sub.add_parser("serve", help="run a region: SMTP listener, worker, outbox")
-    s.add_argument("--region", required=True, help="the region this instance serves")
-    s.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
-    s.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
-    s.add_argument("--smtp-port", type=int, help="override the listener port (0: any free)")
-
-    r = sub.add_parser("replay", help="QA: send fixture emails and check the replies")
+    r = sub.add_parser("replay", parents=[common],
+                       help="QA: send fixture emails and check the replies")
     r.add_argument("files", type=Path, nargs="+", help="fixture .eml files")
     r.add_argument("--smtp", required=True, type=_host_port, help="the instance, HOST:PORT")
     r.add_argument("--capture", type=_host_port,
@@ -64,11 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--region", help="only the fixtures of this region")
     r.add_argument("--timeout", type=float, default=60.0, help="seconds to wait per reply")
 
-    sub.add_parser("hash-password",
+    sub.add_parser("hash-password", parents=[common],
                    help="read a password (prompt or stdin) and print its scrypt hash for "
                         "an SFTP account's password_hash")
 
-    c = sub.add_parser("check-config", help="validate regions.toml and its secrets")
+    c = sub.add_parser("check-config", parents=[common],
+                       help="validate regions.toml, its secrets, keys and templates")
     c.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
     return parser
 
@@ -81,6 +120,10 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def _hash_password() -> int:
+    import getpass
+
+    from purlgate.passwords import hash_password
+
     if sys.stdin.isatty():
         password = getpass.getpass("password: ")
         if getpass.getpass("again: ") != password:
@@ -96,6 +139,8 @@ def _hash_password() -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from purlgate.replay import replay, table
+
     manifest = args.manifest or args.files[0].parent / "manifest.toml"
     results = asyncio.run(replay(
         list(args.files), smtp=args.smtp, capture=args.capture, manifest=manifest,
@@ -116,6 +161,14 @@ def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
 
 
 def _process(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from purlgate.config import load_config
+    from purlgate.core.archive import needs_password
+    from purlgate.core.lifecycle import BatchState
+    from purlgate.core.pipeline import Submission
+    from purlgate.region import build_region
+
     config = load_config(args.config)
     path: Path = args.file
     if not path.is_file():
@@ -131,7 +184,7 @@ def _process(args: argparse.Namespace) -> int:
     password = None
     if client and client.zip_password and needs_password(path, path.name):
         password = client.zip_password.reveal()
-    out_dir: Path = args.out or path.parent
+    out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
 
     size = path.stat().st_size
@@ -168,11 +221,19 @@ def _process(args: argparse.Namespace) -> int:
             print(f"{label:<9} {out.resolve()}")
     if batch.state is BatchState.FAILED:
         print(f"purlgate: batch failed: {batch.reason}", file=sys.stderr)
+        if batch.error_code == "bad-file-name" and args.client is None:
+            print("purlgate: --client and --project name them when the file name does not",
+                  file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from purlgate.app import build_gateway, serve
+    from purlgate.config import load_config
+
     config = load_config(args.config)
     if args.region not in config.regions:
         raise ConfigError(f"no region {args.region!r}; configured: {', '.join(config.regions)}")
@@ -204,6 +265,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from purlgate.config import load_config
+    from purlgate.pgp import check_passphrase
+    from purlgate.web.templates import Template
+
     config = load_config(args.config)
     problems = []
     for region_id, region in config.regions.items():
@@ -256,12 +321,33 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    default = "INFO" if args.command == "serve" else "WARNING"
+    setup_logging(getattr(args, "log_level", default), getattr(args, "log_format", "text"))
     try:
         if args.command == "process":
             return _process(args)
@@ -277,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except PurlgateError as exc:
         print(f"purlgate: {exc.message}", file=sys.stderr)
+        if args.command == "process" and exc.code == "bad-file-name":
+            print("purlgate: --client and --project name them when the file name does not",
+                  file=sys.stderr)
         return EXIT_FAILED
 
 

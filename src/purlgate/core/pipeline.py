@@ -289,12 +289,19 @@ class BatchProcessor:
             batch_id, target, at=self.clock(), reason=reason, error_code=error_code,
             counts=counts, outputs=outputs,
         )
-        log.info(
-            "batch %d %s: client=%s project=%s rows=%d ok=%d errors=%d%s",
-            record.id, record.state, record.client, record.project,
-            record.counts.rows_total, record.counts.rows_ok, record.counts.rows_error,
-            f" code={record.error_code}" if record.error_code else "",
-        )
+        if target in TERMINAL:
+            seconds = (record.updated_at - record.created_at).total_seconds()
+            log.info(
+                "batch %d finished %s: client=%s project=%s channel=%s file=%s rows=%d "
+                "ok=%d errors=%d seconds=%.2f%s",
+                record.id, record.state, record.client, record.project, record.channel,
+                record.data_name or record.received_name, record.counts.rows_total,
+                record.counts.rows_ok, record.counts.rows_error, seconds,
+                f" code={record.error_code}" if record.error_code else "",
+            )
+        else:
+            log.info("batch %d %s: client=%s project=%s", record.id, record.state,
+                     record.client, record.project)
         event = BatchEvent(EVENT_OF_STATE[target], record)
         for subscriber in self.subscribers:
             try:
@@ -329,6 +336,8 @@ class BatchProcessor:
                 channel=submission.channel, received_name=submission.received_name,
                 sha256=submission.sha256, at=self.clock(), intake_id=submission.intake_id,
             )
+            log.info("batch %d received: client=%s channel=%s file=%s", record.id, client_id,
+                     submission.channel, submission.received_name)
         digest: dict[str, str] = {}
         hasher = None
         if submission.sha256 is None:
@@ -368,7 +377,7 @@ class BatchProcessor:
                 )
                 return self._run(job)
             except ClientInputError as exc:
-                log.info("batch %d refused: %s", record.id, exc.code)
+                log.info("batch %d refused: %s: %s", record.id, exc.code, exc.message)
                 published = None
                 if job is not None and job.project.error_file:
                     # Only a batch that holds the name claim may write files named after it.
