@@ -8,8 +8,11 @@ import shutil
 import socket
 import subprocess
 import sys
+from email.message import EmailMessage
 from pathlib import Path
 
+from purlgate.channels.outbox import Outbox
+from purlgate.config import RelayConfig
 from purlgate.passwords import verify_password
 from tests.conftest import DATA, read_csv
 
@@ -200,3 +203,55 @@ def test_serve_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
     bad = purlgate("serve", "--region", "usa", "--smtp-port", "-5", cwd=tmp_path)
     assert bad.returncode == 2
     assert "argument --smtp-port: -5 is not a port number (0 to 65535)" in bad.stderr
+
+
+def test_batches_lists_and_filters(tmp_path: Path) -> None:
+    """`purlgate batches` prints what the store holds, newest first, filtered; --json
+    gives the batch view's fields; no row data."""
+    shutil.copy(DATA / DEMO, tmp_path / DEMO)
+    assert purlgate("process", DEMO, cwd=tmp_path).returncode == 0
+    assert purlgate("process", DEMO, cwd=tmp_path).returncode == 1  # a duplicate
+    table = purlgate("batches", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "CLIENT", "PROJECT", "CHANNEL", "ROWS", "OK",
+                                "ERR", "RECEIVED", "(UTC)", "FILE"]
+    assert lines[1].split()[:3] == ["2", "Failed", "acme"]
+    assert lines[2].split()[:8] == ["1", "Done", "acme", "spring", "cli", "20", "20", "0"]
+    assert lines[2].endswith(DEMO)
+    only = purlgate("batches", "--status", "Done", "--json", cwd=tmp_path)
+    batches = json.loads(only.stdout)["batches"]
+    assert [b["id"] for b in batches] == [1]
+    assert "José" not in only.stdout
+
+
+def test_outbox_and_dead_letters_commands(tmp_path: Path) -> None:
+    """`purlgate outbox` lists queued mail; --retry-now makes it due, --drop moves it to
+    failed; `purlgate dead-letters` lists that and --requeue sends it again."""
+    async def never(data: bytes, sender: str, recipients: object) -> None:
+        raise AssertionError
+
+    outbox = Outbox(tmp_path / "d" / "outbox", RelayConfig(), sender=never, clock=lambda: 1e9)
+    message = EmailMessage()
+    message["Subject"] = "x"
+    message.set_content("x")
+    outbox.enqueue(message, sender="a@b.example", recipients=["c@d.example"], key="reply-one")
+    listed = purlgate("outbox", "--data-dir", "d", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "reply-one" in listed.stdout and "c@d.example" in listed.stdout
+    assert listed.stdout.splitlines()[-1] == "-- 1 message(s) queued"
+    assert purlgate("outbox", "--data-dir", "d", "--retry-now", "reply-one",
+                    cwd=tmp_path).returncode == 0
+    assert json.loads((tmp_path / "d/outbox/queue/reply-one.json").read_text())["next_at"] > 1e9
+    missing = purlgate("outbox", "--data-dir", "d", "--drop", "nope", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "no queued message 'nope'" in missing.stderr
+    assert purlgate("outbox", "--data-dir", "d", "--drop", "reply-one",
+                    cwd=tmp_path).returncode == 0
+    dead = purlgate("dead-letters", "--data-dir", "d", cwd=tmp_path)
+    assert "reply-one" in dead.stdout and "dropped by an operator" in dead.stdout
+    again = purlgate("dead-letters", "--data-dir", "d", "--requeue", "reply-one", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in (tmp_path / "d/outbox/queue").iterdir()) == [
+        "reply-one.eml", "reply-one.json"]
+    assert list((tmp_path / "d/outbox/failed").iterdir()) == []

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -27,7 +28,7 @@ public_base_url = "https://purl.test/purl"
 port = 0
 
 [regions.usa.relay]
-port = 9
+port = {relay}
 
 [regions.usa.web]
 port = 0
@@ -99,13 +100,14 @@ class Running:
         return decoded[1]
 
 
-def make_config(tmp: Path, *, web_extra: str = "", project_extra: str = "") -> str:
+def make_config(tmp: Path, *, web_extra: str = "", project_extra: str = "",
+                relay: int = 9) -> str:
     return WEB_CONFIG.format(data=tmp / "usa", web_extra=web_extra,
-                             project_extra=project_extra)
+                             project_extra=project_extra, relay=relay)
 
 
 @asynccontextmanager
-async def running(tmp: Path, **extra: str) -> AsyncIterator[Running]:
+async def running(tmp: Path, **extra: Any) -> AsyncIterator[Running]:
     config = parse_config(make_config(tmp, **extra))
     gateway = build_gateway(config, "usa")
     stop = asyncio.Event()

@@ -8,15 +8,20 @@ and ``serve`` runs them in one TaskGroup.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
+import socket
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from purlgate.channels.defender import Defender
 from purlgate.channels.imap_poller import ImapPoller
@@ -36,6 +41,7 @@ from purlgate.config import ClientConfig, Config
 from purlgate.errors import ConfigError
 from purlgate.region import Region, build_region, utc_now
 from purlgate.web.links import BatchIndex
+from purlgate.web.ops import OpsAccess, OpsRoutes
 from purlgate.web.server import LinkServer, RenderPool, retention_of, start_web, tls_context
 from purlgate.web.templates import Template, default_template_dir
 
@@ -57,6 +63,7 @@ class Gateway:
     sftp_worker: SftpWorker | None = None
     host_key: asyncssh.SSHKey | None = None
     links: LinkServer | None = None
+    ops: OpsRoutes | None = None
     smtp: asyncio.Server | None = None
     sftp: Any = None  # asyncssh's acceptor
     web_port: int = 0
@@ -109,10 +116,93 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     if region_cfg.web is not None:
         gateway.links = build_link_server(region, clients)
         region.processor.subscribers.append(gateway.links.on_batch_event)
+        gateway.ops = build_ops(gateway)
+        region.processor.subscribers.append(gateway.ops.batch_metrics)
     else:
         log.warning("region %s has no [regions.%s.web] section: the links in its PURL "
                     "files will not answer", region_id, region_id)
     return gateway
+
+
+def build_ops(gateway: Gateway) -> OpsRoutes:
+    """Health, readiness, metrics and the batch view, on the links' web server."""
+    region = gateway.region
+    web_cfg = region.config.web
+    assert web_cfg is not None and gateway.links is not None
+    access = OpsAccess(
+        networks=[ipaddress.ip_network(n, strict=False) for n in web_cfg.ops_networks],
+        user=web_cfg.ops_user,
+        password=(web_cfg.ops_password.reveal().decode() if web_cfg.ops_password else None))
+    checks = {"listeners": lambda: _listeners_ready(gateway),
+              "disk": lambda: _disk_ready(region.data_dir, region.config.smtp.min_free_bytes),
+              "relay": lambda: _relay_ready(region.config.relay.host, region.config.relay.port)}
+    return OpsRoutes(gateway.links.app, region=region.id, store=region.store, checks=checks,
+                     families=lambda: _metric_families(gateway), access=access)
+
+
+def _listeners_ready(gateway: Gateway) -> tuple[bool, str]:
+    bound = {"smtp": gateway.smtp is not None and gateway.smtp.is_serving()}
+    if gateway.sftp_service is not None:
+        bound["sftp"] = gateway.sftp is not None
+    down = [name for name, ok in bound.items() if not ok]
+    return not down, "all bound" if not down else "not bound: " + ", ".join(down)
+
+
+def _disk_ready(folder: Path, min_free: int) -> tuple[bool, str]:
+    try:
+        probe = folder / ".ready-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        stat = os.statvfs(folder)
+    except OSError as exc:
+        return False, f"data directory not writable: {exc.strerror}"
+    free = stat.f_bavail * stat.f_frsize
+    if free < min_free:
+        return False, f"{free} bytes free, below the floor of {min_free}"
+    return True, f"{free} bytes free"
+
+
+def _relay_ready(host: str, port: int) -> tuple[bool, str]:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True, f"{host}:{port} answers"
+    except OSError as exc:
+        return False, f"{host}:{port}: {exc.strerror or exc}"
+
+
+def _metric_families(gateway: Gateway) -> Iterable[Metric]:
+    smtp = CounterMetricFamily("purlgate_smtp_messages", "SMTP messages by outcome",
+                               labels=["outcome"])
+    for outcome, count in sorted(gateway.handler.outcomes.items()):
+        smtp.add_metric([outcome], count)
+    yield smtp
+    queued = gateway.outbox.items()
+    oldest = min((item.meta["created_at"] for item in queued), default=None)
+    yield GaugeMetricFamily("purlgate_outbox_depth", "Mail waiting for the relay",
+                            value=len(queued))
+    yield GaugeMetricFamily("purlgate_outbox_oldest_age_seconds",
+                            "Age of the oldest mail waiting for the relay",
+                            value=time.time() - oldest if oldest is not None else 0)
+    yield GaugeMetricFamily("purlgate_outbox_failed",
+                            "Mail refused by the relay or expired (outbox/failed)",
+                            value=len(list(gateway.outbox.failed.glob("*.json"))))
+    yield GaugeMetricFamily("purlgate_spool_depth", "Accepted mail not answered yet",
+                            value=len(gateway.spool.pending()))
+    if gateway.sftp_service is not None:
+        defender = gateway.sftp_service.defender
+        logins = CounterMetricFamily("purlgate_sftp_logins", "SFTP logins by outcome",
+                                     labels=["outcome"])
+        for outcome, count in sorted(defender.events.items()):
+            logins.add_metric([outcome], count)
+        yield logins
+        yield CounterMetricFamily("purlgate_sftp_bans", "Source addresses banned",
+                                  value=defender.bans)
+        yield GaugeMetricFamily("purlgate_sftp_uploads_waiting", "Uploads not processed yet",
+                                value=len(gateway.sftp_service.spool.pending()))
+    if gateway.links is not None:
+        yield GaugeMetricFamily("purlgate_render_queue_depth",
+                                "Thumbnails and videos being drawn or waiting",
+                                value=gateway.links.pool.depth)
 
 
 def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> LinkServer:

@@ -106,10 +106,132 @@ def _parser() -> argparse.ArgumentParser:
                    help="read a password (prompt or stdin) and print its scrypt hash for "
                         "an SFTP account's password_hash")
 
+    b = sub.add_parser("batches", parents=[common],
+                       help="list a region's batches (newest first), like the batch view")
+    _region_options(b)
+    b.add_argument("--client", help="only this client")
+    b.add_argument("--project", help="only this project")
+    b.add_argument("--status", help="only this status (e.g. Failed, 'Done with Errors')")
+    b.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    b.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    o = sub.add_parser("outbox", parents=[common],
+                       help="queued replies and notifications (like mailq)")
+    _region_options(o)
+    act = o.add_mutually_exclusive_group()
+    act.add_argument("--retry-now", metavar="ID", help="make a queued message due now")
+    act.add_argument("--drop", metavar="ID", help="stop trying a message (moved to failed)")
+
+    d = sub.add_parser("dead-letters", parents=[common],
+                       help="mail that could not be delivered (outbox/failed), and re-queue")
+    _region_options(d)
+    d.add_argument("--requeue", metavar="ID", help="send this message again from scratch")
+
     c = sub.add_parser("check-config", parents=[common],
                        help="validate regions.toml, its secrets, keys and templates")
     c.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
     return parser
+
+
+def _region_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--region", help="the region (default: the first one configured)")
+    p.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
+    p.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
+
+
+def _region_dir(args: argparse.Namespace) -> tuple[str, Path, Config]:
+    from purlgate.config import load_config
+
+    config = load_config(args.config)
+    region_id = args.region or next(iter(config.regions))
+    if region_id not in config.regions:
+        raise ConfigError(f"no region {region_id!r}; configured: {', '.join(config.regions)}")
+    return region_id, args.data_dir or config.regions[region_id].data_dir, config
+
+
+def _batches(args: argparse.Namespace) -> int:
+    from purlgate.store import SqliteBatchStore
+    from purlgate.web.ops import batch_view
+
+    region_id, data_dir, _ = _region_dir(args)
+    if not (data_dir / "batches.sqlite3").exists():
+        print(f"purlgate: no batches yet in {data_dir} (region {region_id})", file=sys.stderr)
+        return EXIT_OK
+    store = SqliteBatchStore(data_dir / "batches.sqlite3")
+    found = [batch_view(b) for b in store.search(client=args.client, project=args.project,
+                                                 status=args.status, limit=args.limit)]
+    if args.json:
+        print(json.dumps({"region": region_id, "batches": found}, indent=2))
+        return EXIT_OK
+    print(f"{'ID':>5}  {'STATUS':<16} {'CLIENT':<10} {'PROJECT':<10} {'CHANNEL':<7} "
+          f"{'ROWS':>7} {'OK':>7} {'ERR':>5}  {'RECEIVED (UTC)':<19}  FILE")
+    for b in found:
+        print(f"{b['id']:>5}  {b['status']:<16} {b['client']:<10} {b['project'] or '-':<10} "
+              f"{b['channel']:<7} {b['rows']:>7} {b['rows_ok']:>7} {b['rows_error']:>5}  "
+              f"{b['received_at'][:19].replace('T', ' '):<19}  {b['file']}")
+    if not found:
+        print("(no batches match)")
+    return EXIT_OK
+
+
+def _outbox_of(args: argparse.Namespace) -> Any:
+    from purlgate.channels.outbox import Outbox
+
+    _, data_dir, config = _region_dir(args)
+    region = config.regions[args.region or next(iter(config.regions))]
+
+    async def never(data: bytes, sender: str, recipients: Sequence[str]) -> None:
+        raise AssertionError("the outbox command never sends")
+
+    return Outbox(data_dir / "outbox", region.relay, sender=never)
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    import time
+
+    outbox = _outbox_of(args)
+    try:
+        if args.retry_now:
+            outbox.retry_now(args.retry_now)
+            print(f"{args.retry_now}: due now (a running gateway sends it within 30 s)")
+            return EXIT_OK
+        if args.drop:
+            outbox.drop(args.drop)
+            print(f"{args.drop}: dropped; it is kept in {outbox.failed}")
+            return EXIT_OK
+    except KeyError as exc:
+        raise ConfigError(f"no queued message {exc.args[0]!r}; `purlgate outbox` lists them") \
+            from exc
+    items = outbox.items()
+    now = time.time()
+    print(f"{'ID':<44} {'TRIES':>5} {'AGE':>8} {'NEXT TRY':>9}  RECIPIENTS / LAST ERROR")
+    for item in items:
+        meta = item.meta
+        print(f"{item.id:<44} {meta['attempts']:>5} {now - meta['created_at']:>7.0f}s "
+              f"{max(0.0, meta['next_at'] - now):>8.0f}s  {', '.join(meta['recipients'])}"
+              + (f" / {meta['last_error']}" if meta.get("last_error") else ""))
+    print(f"-- {len(items)} message(s) queued")
+    return EXIT_OK
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    outbox = _outbox_of(args)
+    if args.requeue:
+        try:
+            outbox.requeue(args.requeue)
+        except KeyError as exc:
+            raise ConfigError(f"no failed message {exc.args[0]!r}; `purlgate dead-letters` "
+                              "lists them") from exc
+        print(f"{args.requeue}: queued again (a running gateway sends it within 30 s)")
+        return EXIT_OK
+    items = outbox.failed_items()
+    print(f"{'ID':<44} {'TRIES':>5}  RECIPIENTS / LAST ERROR")
+    for item in items:
+        meta = item.meta
+        print(f"{item.id:<44} {meta['attempts']:>5}  {', '.join(meta['recipients'])} / "
+              f"{meta.get('last_error') or '-'}")
+    print(f"-- {len(items)} message(s) in {outbox.failed}")
+    return EXIT_OK
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -357,6 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args)
         if args.command == "hash-password":
             return _hash_password()
+        if args.command == "batches":
+            return _batches(args)
+        if args.command == "outbox":
+            return _outbox(args)
+        if args.command == "dead-letters":
+            return _dead_letters(args)
         return _check_config(args)
     except ConfigError as exc:
         print(f"purlgate: configuration error: {exc.message}", file=sys.stderr)

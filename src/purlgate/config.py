@@ -341,6 +341,17 @@ class WebConfig(_Model):
     render_workers: int = Field(default=1, ge=1, le=64)  # processes drawing media
     render_queue: int = Field(default=256, ge=1)  # first views waiting; beyond: 503
     cache_dir: Path | None = None  # rendered media; default: <data_dir>/renders
+    # /readyz, /metrics and the batch view: from these networks, or with the password.
+    ops_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    ops_user: str = "ops"
+    ops_password: SecretRef | None = None
+
+    @field_validator("ops_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:

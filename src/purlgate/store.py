@@ -228,6 +228,17 @@ class SqliteBatchStore:
                              datetime.fromisoformat(r["created_at"]),
                              datetime.fromisoformat(r["updated_at"])) for r in rows]
 
+    def search(self, *, client: str | None = None, project: str | None = None,
+               status: str | None = None, limit: int = 200) -> list[BatchRecord]:
+        """The newest batches first, filtered by client, project and status."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT * FROM batches WHERE (? IS NULL OR client = ?)"
+                " AND (? IS NULL OR project = ?) AND (? IS NULL OR state = ?)"
+                " ORDER BY id DESC LIMIT ?",
+                (client, client, project, project, status, status, limit)).fetchall()
+            return [self._record(db, r) for r in rows]
+
     def recent(self, limit: int = 50) -> list[BatchRecord]:
         with self._connect() as db:
             rows = db.execute("SELECT * FROM batches ORDER BY id DESC LIMIT ?", (limit,))

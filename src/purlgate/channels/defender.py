@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from enum import Enum
 
@@ -36,6 +36,8 @@ class Defender:
         self._banned_until: dict[str, float] = {}
         self._bans: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
+        self.events: Counter[str] = Counter()
+        self.bans = 0
 
     def safe(self, ip: str) -> bool:
         try:
@@ -58,6 +60,7 @@ class Defender:
 
     def record(self, ip: str, event: Event) -> bool:
         """Add an event; True if the IP is banned now."""
+        self.events[event.value] += 1  # for the metrics: logins by outcome
         if not self.config.enabled or self.safe(ip):
             return False
         c = self.config
@@ -74,6 +77,7 @@ class Defender:
             duration = c.ban_seconds * c.ban_increase ** self._bans[ip]
             self._bans[ip] += 1
             self._banned_until[ip] = now + duration
+            self.bans += 1
             events.clear()
         log.warning("banned %s for %.0f s after repeated login failures", ip, duration)
         return True

@@ -78,6 +78,9 @@ class Item:
     meta: dict[str, Any]
 
 
+RESCAN_SECONDS = 30.0
+
+
 class Outbox:
     def __init__(self, root: Path, relay: RelayConfig, *, sender: Sender,
                  clock: Callable[[], float] = time.time) -> None:
@@ -137,6 +140,45 @@ class Outbox:
             if eml.exists():
                 found.append(Item(meta_path.stem, eml, json.loads(meta_path.read_text())))
         return found
+
+    def failed_items(self) -> list[Item]:
+        return [Item(p.stem, p.with_suffix(".eml"), json.loads(p.read_text()))
+                for p in sorted(self.failed.glob("*.json")) if p.with_suffix(".eml").exists()]
+
+    def _find(self, item_id: str, folder: Path) -> Item:
+        meta_path = folder / f"{item_id}.json"
+        if not meta_path.exists() or not meta_path.with_suffix(".eml").exists():
+            raise KeyError(item_id)
+        return Item(item_id, meta_path.with_suffix(".eml"), json.loads(meta_path.read_text()))
+
+    def retry_now(self, item_id: str) -> None:
+        """Make a queued message due now (a running outbox picks it up within 30 s)."""
+        with self._lock:
+            item = self._find(item_id, self.queue)
+            item.meta["next_at"] = self._clock()
+            self._save(item, self.queue)
+        self._poke()
+
+    def drop(self, item_id: str) -> None:
+        """Stop trying a queued message: it moves to failed/, marked dropped."""
+        with self._lock:
+            item = self._find(item_id, self.queue)
+            item.meta["last_error"] = "dropped by an operator"
+            self._save(item, self.failed)
+
+    def requeue(self, item_id: str) -> None:
+        """Send a failed message again, from scratch (attempts and expiry reset)."""
+        with self._lock:
+            item = self._find(item_id, self.failed)
+            now = self._clock()
+            item.meta.update(attempts=0, next_at=now, created_at=now, last_error=None)
+            with AtomicFile(self.queue / item.eml.name) as out:
+                out.file.write(item.eml.read_bytes())
+                out.commit()
+            self._save(item, self.queue)
+            item.eml.unlink()
+            (self.failed / f"{item_id}.json").unlink(missing_ok=True)
+        self._poke()
 
     def _save(self, item: Item, folder: Path) -> None:
         with AtomicFile(folder / f"{item.id}.json", no_clobber=False) as out:
@@ -210,6 +252,8 @@ class Outbox:
             next_due = await self.deliver_due()
             waiters = [asyncio.ensure_future(self._wake.wait()),
                        asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waiters, timeout=next_due, return_when=asyncio.FIRST_COMPLETED)
+            # At most 30 s asleep: `purlgate outbox --retry-now` edits files from outside.
+            timeout = min(next_due, RESCAN_SECONDS) if next_due is not None else RESCAN_SECONDS
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
                 w.cancel()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -50,11 +51,13 @@ class SmtpHandler:
         # Spooling waits on fsync, not on the CPU: more threads than the default pool's
         # (cores + 4) let concurrent sessions share journal commits.
         self._io = ThreadPoolExecutor(max_workers=SPOOL_THREADS, thread_name_prefix="spool")
+        self.outcomes: Counter[str] = Counter()  # messages by outcome, for the metrics
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
                           address: str, mail_options: list[str]) -> str:
         if client_of(address, self.clients) is None:
             log.info("refused sender from %s", session.peer[0] if session.peer else "?")
+            self.outcomes["refused-sender"] += 1
             return REFUSED_SENDER
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -63,6 +66,9 @@ class SmtpHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
                           address: str, rcpt_options: list[str]) -> str:
         if address.lower() not in self.inbound:
+            log.info("refused recipient (no relay) from %s",
+                     session.peer[0] if session.peer else "?")
+            self.outcomes["refused-relay"] += 1
             return REFUSED_RCPT
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -74,6 +80,8 @@ class SmtpHandler:
             raw = envelope.original_content or b""
             sender = (envelope.mail_from or "").lower()
             if header_addresses(raw, "From") != [sender]:
+                log.info("refused a From header that is not the sender's")
+                self.outcomes["refused-from"] += 1
                 return REFUSED_FROM
             meta = {"channel": "smtp", "mail_from": sender,
                     "rcpt_tos": [r.lower() for r in envelope.rcpt_tos]}
@@ -81,10 +89,14 @@ class SmtpHandler:
             entry = await loop.run_in_executor(self._io, self.spool.accept, raw, meta)
         except SpoolFullError:
             log.warning("spool below its free-space floor: answering 452")
+            self.outcomes["no-space"] += 1
             return NO_SPACE
         except Exception:
             log.exception("accepting a message failed: answering 451")
+            self.outcomes["error"] += 1
             return LOCAL_ERROR
+        self.outcomes["accepted"] += 1
+        log.info("accepted a message from %s as spool entry %s", sender, entry.id)
         self.on_accepted(entry)
         return f"250 2.0.0 OK queued as {entry.id}"
 

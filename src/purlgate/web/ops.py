@@ -1,0 +1,218 @@
+"""Operations over HTTP, on the region's web server: health, readiness, metrics, batches.
+
+    GET /healthz               200 while the process runs (for a container's HEALTHCHECK)
+    GET /readyz                200 or 503 with each check: listeners, disk, relay
+    GET /metrics               Prometheus text format
+    GET /ops/batches           the batch view (HTML): per client and project, filterable
+    GET /ops/api/batches       the same as JSON
+
+/readyz, /metrics and /ops/* answer only to the operator: from an address in
+``ops_networks`` or with the ``ops_password`` (Basic auth). No row data anywhere: a
+batch is its ids, names, counts, states and times. What to check and count comes from
+the caller (plain callables), so this module imports no channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from jinja2 import Environment
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from purlgate.core.lifecycle import TERMINAL, BatchEvent, BatchRecord, BatchState
+from purlgate.store import SqliteBatchStore
+
+log = logging.getLogger("purlgate.ops")
+
+ReadyCheck = Callable[[], tuple[bool, str]]  # (ok, what was found)
+STATES = [s.value for s in BatchState]
+
+
+@dataclass(frozen=True)
+class OpsAccess:
+    networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    user: str
+    password: str | None  # None: only from ops_networks
+
+
+class _Families(Collector):
+    """Gauges and counters read from the running pieces at scrape time."""
+
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families()
+
+
+class BatchMetrics:
+    """Batch outcomes as they happen (a core subscriber; thread-safe)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.batches = Counter("purlgate_batches", "Batches that ended, by channel and status",
+                               ["channel", "status"], registry=registry)
+        self.rows = Counter("purlgate_rows", "Rows of ended batches, by outcome", ["outcome"],
+                            registry=registry)
+        self.duration = Histogram(
+            "purlgate_batch_duration_seconds", "From receipt to the batch's end",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600), registry=registry)
+
+    def __call__(self, event: BatchEvent) -> None:
+        batch = event.batch
+        if batch.state not in TERMINAL:
+            return
+        self.batches.labels(batch.channel, batch.state.value).inc()
+        self.rows.labels("ok").inc(batch.counts.rows_ok)
+        self.rows.labels("error").inc(batch.counts.rows_error)
+        self.duration.observe(max(0.0, (batch.updated_at - batch.created_at).total_seconds()))
+
+
+PAGE = Environment(autoescape=True).from_string("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>purlgate {{ region }}: batches</title>
+<style>body{font:14px system-ui,sans-serif;margin:1rem}table{border-collapse:collapse}
+td,th{border-bottom:1px solid #ccc;padding:.25rem .5rem;text-align:left}
+.Failed{color:#b00020}.Done{color:#1b5e20}</style></head><body>
+<h1>Region {{ region }}: batches</h1>
+<form method="get"><label>Client <input name="client" value="{{ f.client or '' }}"></label>
+<label>Project <input name="project" value="{{ f.project or '' }}"></label>
+<label>Status <select name="status"><option value="">any</option>
+{% for s in states %}<option{% if s == f.status %} selected{% endif %}>{{ s }}</option>{% endfor %}
+</select></label> <button>Filter</button></form>
+<table><thead><tr><th>Batch</th><th>Client</th><th>Project</th><th>Channel</th><th>File</th>
+<th>Status</th><th>Rows</th><th>OK</th><th>Errors</th><th>Received (UTC)</th><th>Took</th>
+<th>Reason</th><th>Files</th></tr></thead><tbody>
+{% for b in batches %}<tr><td>{{ b.id }}</td><td>{{ b.client }}</td><td>{{ b.project or '' }}</td>
+<td>{{ b.channel }}</td><td>{{ b.file }}</td>
+<td class="{{ b.status.split()[0] }}">{{ b.status }}</td>
+<td>{{ b.rows }}</td><td>{{ b.rows_ok }}</td><td>{{ b.rows_error }}</td>
+<td>{{ b.received_at[:19] }}</td><td>{{ '%.1f s' % b.seconds }}</td><td>{{ b.reason or '' }}</td>
+<td>{{ b.outputs | join(', ') }}</td></tr>
+{% else %}<tr><td colspan="13">No batches match.</td></tr>{% endfor %}
+</tbody></table></body></html>
+""")
+
+
+def batch_view(batch: BatchRecord) -> dict[str, Any]:
+    """A batch as operators see it: no row data, no token, no key."""
+    return {
+        "id": batch.id, "client": batch.client, "project": batch.project,
+        "channel": batch.channel, "file": batch.data_name or batch.received_name,
+        "status": batch.state.value, "rows": batch.counts.rows_total,
+        "rows_ok": batch.counts.rows_ok, "rows_error": batch.counts.rows_error,
+        "error_code": batch.error_code, "reason": batch.reason,
+        "received_at": batch.created_at.isoformat(), "updated_at": batch.updated_at.isoformat(),
+        "seconds": (batch.updated_at - batch.created_at).total_seconds(),
+        "outputs": list(batch.outputs),
+        "history": [{"status": s.value, "at": at.isoformat()} for s, at in batch.history],
+    }
+
+
+class OpsRoutes:
+    """Adds the operations routes to an aiohttp application."""
+
+    def __init__(self, app: web.Application, *, region: str, store: SqliteBatchStore,
+                 checks: Mapping[str, ReadyCheck], families: Callable[[], Iterable[Metric]],
+                 access: OpsAccess, registry: CollectorRegistry | None = None) -> None:
+        self.region = region
+        self.store = store
+        self.checks = checks
+        self.access = access
+        self.registry = registry or CollectorRegistry()
+        self.registry.register(_Families(families))
+        self.batch_metrics = BatchMetrics(self.registry)
+        app.router.add_get("/healthz", self.healthz, name="healthz")
+        app.router.add_get("/readyz", self.readyz, name="readyz")
+        app.router.add_get("/metrics", self.metrics, name="metrics")
+        app.router.add_get("/ops/batches", self.batches_page, name="ops-batches")
+        app.router.add_get("/ops/api/batches", self.batches_json, name="ops-api")
+
+    # -- access -----------------------------------------------------------------------
+
+    def _allowed(self, request: web.Request) -> bool:
+        peer = request.remote or ""
+        try:
+            ip = ipaddress.ip_address(peer)
+        except ValueError:
+            ip = None
+        if ip is not None and any(ip in net for net in self.access.networks):
+            return True
+        header = request.headers.get("Authorization", "")
+        if self.access.password is None or not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return (hmac.compare_digest(user, self.access.user)
+                and hmac.compare_digest(password, self.access.password))
+
+    def _refuse(self) -> web.Response:
+        headers = {"Cache-Control": "no-store"}
+        if self.access.password is not None:
+            headers["WWW-Authenticate"] = f'Basic realm="purlgate {self.region}"'
+        return web.Response(status=401, text="Operators only\n", headers=headers)
+
+    # -- handlers ---------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n", headers={"Cache-Control": "no-store"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if not self._allowed(request):
+            return self._refuse()
+        results = {}
+        for name, check in self.checks.items():
+            ok, detail = await asyncio.to_thread(check)
+            results[name] = {"ok": ok, "detail": detail}
+        ready = all(r["ok"] for r in results.values())
+        return web.json_response({"ready": ready, "checks": results},
+                                 status=200 if ready else 503,
+                                 headers={"Cache-Control": "no-store"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if not self._allowed(request):
+            return self._refuse()
+        body = await asyncio.to_thread(generate_latest, self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                                "Cache-Control": "no-store"})
+
+    def _filters(self, request: web.Request) -> dict[str, Any]:
+        q = request.query
+        status = q.get("status") or None
+        limit = q.get("limit", "200")
+        return {"client": q.get("client") or None, "project": q.get("project") or None,
+                "status": status if status in STATES else None,
+                "limit": max(1, min(int(limit) if limit.isdigit() else 200, 1000))}
+
+    async def _list(self, request: web.Request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        f = self._filters(request)
+        records = await asyncio.to_thread(self.store.search, **f)
+        return f, [batch_view(b) for b in records]
+
+    async def batches_page(self, request: web.Request) -> web.Response:
+        if not self._allowed(request):
+            return self._refuse()
+        f, batches = await self._list(request)
+        html = PAGE.render(region=self.region, f=f, states=STATES, batches=batches)
+        return web.Response(text=html, content_type="text/html", headers={
+            "Cache-Control": "no-store", "X-Robots-Tag": "noindex",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+
+    async def batches_json(self, request: web.Request) -> web.Response:
+        if not self._allowed(request):
+            return self._refuse()
+        _, batches = await self._list(request)
+        return web.json_response({"region": self.region, "batches": batches},
+                                 headers={"Cache-Control": "no-store"})

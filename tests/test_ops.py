@@ -1,0 +1,115 @@
+"""Operations over HTTP: health, readiness, metrics and the batch view, on a real server."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from tests.mail_helpers import Sink
+from tests.web_helpers import data_file, running
+
+NAME = "acme_spring_20261127_101500_00.csv"
+
+
+@pytest.mark.asyncio
+async def test_health_and_readiness_say_what_is_wrong(tmp_path: Path) -> None:
+    """/healthz is up as long as the process is; /readyz checks listeners, disk and the
+    relay and says which one fails (503), then 200 once the relay answers."""
+    sink = await Sink().start()
+    try:
+        async with running(tmp_path, relay=9) as run:
+            async with run.http.get(run.base + "/healthz") as resp:
+                assert (resp.status, await resp.text()) == (200, "ok\n")
+            async with run.http.get(run.base + "/readyz") as resp:
+                body = await resp.json()
+                assert resp.status == 503
+                assert body["ready"] is False
+                assert body["checks"]["listeners"] == {"ok": True, "detail": "all bound"}
+                assert body["checks"]["disk"]["ok"] is True
+                assert body["checks"]["relay"]["ok"] is False
+                assert body["checks"]["relay"]["detail"].startswith("127.0.0.1:9:")
+        async with running(tmp_path / "b", relay=sink.port) as run, \
+                run.http.get(run.base + "/readyz") as resp:
+            body = await resp.json()
+            assert resp.status == 200, body
+            assert body["checks"]["relay"] == {"ok": True,
+                                               "detail": f"127.0.0.1:{sink.port} answers"}
+    finally:
+        await sink.stop()
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_batches_rows_and_queues(tmp_path: Path) -> None:
+    """/metrics speaks Prometheus: batches by channel and status, rows, durations, SMTP
+    outcomes, outbox, spool and render queue gauges."""
+    async with running(tmp_path) as run:
+        await run.process(NAME, data_file(5))
+        await run.process("acme_spring_20261127_111500_00.csv", b"first_name,email\r\n")
+        async with run.http.get(run.base + "/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain; version=")
+            text = await resp.text()
+    lines = set(text.splitlines())
+    assert 'purlgate_batches_total{channel="test",status="Done"} 1.0' in lines
+    assert 'purlgate_batches_total{channel="test",status="Failed"} 1.0' in lines
+    assert 'purlgate_rows_total{outcome="ok"} 5.0' in lines
+    assert 'purlgate_rows_total{outcome="error"} 0.0' in lines
+    assert "purlgate_batch_duration_seconds_count 2.0" in lines
+    for gauge in ("purlgate_outbox_depth", "purlgate_outbox_failed", "purlgate_spool_depth",
+                  "purlgate_render_queue_depth", "purlgate_outbox_oldest_age_seconds"):
+        assert any(line.startswith(gauge + " ") for line in lines), gauge
+    assert "José" not in text
+
+
+@pytest.mark.asyncio
+async def test_batch_view_lists_and_filters_without_row_data(tmp_path: Path) -> None:
+    """The batch view (HTML and JSON) lists batches with status, counts and file names,
+    filters by client and status, and shows no row value."""
+    async with running(tmp_path) as run:
+        await run.process(NAME, data_file(4))
+        await run.process("acme_spring_20261127_111500_00.csv", b"first_name,email\r\n")
+        async with run.http.get(run.base + "/ops/api/batches") as resp:
+            body = await resp.json()
+        assert [b["status"] for b in body["batches"]] == ["Failed", "Done"]
+        done = body["batches"][1]
+        assert (done["client"], done["project"], done["channel"], done["file"]) == (
+            "acme", "spring", "test", NAME)
+        assert (done["rows"], done["rows_ok"], done["rows_error"]) == (4, 4, 0)
+        assert done["outputs"] == [f"PURL_{NAME}", f"PURL_{NAME}.flg"]
+        async with run.http.get(run.base + "/ops/api/batches?status=Failed") as resp:
+            failed = (await resp.json())["batches"]
+        assert [b["file"] for b in failed] == ["acme_spring_20261127_111500_00.csv"]
+        assert failed[0]["reason"].startswith("the file has a header but no data rows")
+        async with run.http.get(run.base + "/ops/api/batches?client=globex") as resp:
+            assert (await resp.json())["batches"] == []
+        async with run.http.get(run.base + "/ops/batches?status=Done") as resp:
+            html = await resp.text()
+            assert resp.status == 200
+        assert NAME in html and "Failed" not in html.split("<tbody>")[1]
+        assert "José" not in html and "user0@acme.example" not in html
+
+
+@pytest.mark.asyncio
+async def test_ops_routes_need_the_network_or_the_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside ops_networks, readiness, metrics and the batch view need Basic auth with
+    the ops password (401 and a challenge otherwise); /healthz stays open."""
+    monkeypatch.setenv("PG_TEST_OPS_PASSWORD", "s3cret")
+    extra = 'ops_networks = []\nops_password = { env = "PG_TEST_OPS_PASSWORD" }'
+    async with running(tmp_path, web_extra=extra) as run:
+        for path in ("/readyz", "/metrics", "/ops/batches", "/ops/api/batches"):
+            async with run.http.get(run.base + path) as resp:
+                assert resp.status == 401, path
+                assert resp.headers["WWW-Authenticate"] == 'Basic realm="purlgate usa"'
+        wrong = "Basic " + base64.b64encode(b"ops:nope").decode()
+        async with run.http.get(run.base + "/metrics",
+                                headers={"Authorization": wrong}) as resp:
+            assert resp.status == 401
+        right = "Basic " + base64.b64encode(b"ops:s3cret").decode()
+        async with run.http.get(run.base + "/metrics",
+                                headers={"Authorization": right}) as resp:
+            assert resp.status == 200
+        async with run.http.get(run.base + "/healthz") as resp:
+            assert resp.status == 200
