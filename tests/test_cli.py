@@ -255,3 +255,28 @@ def test_outbox_and_dead_letters_commands(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "d/outbox/queue").iterdir()) == [
         "reply-one.eml", "reply-one.json"]
     assert list((tmp_path / "d/outbox/failed").iterdir()) == []
+
+
+def test_config_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    """With --config, a relative secret file and data_dir are found beside the config,
+    whatever the current directory; an unreadable secret names its reference."""
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    (conf / "zip-password").write_text("pw\n")
+    (conf / "regions.toml").write_text(
+        '[regions.usa]\ninbound_addresses=["a@b.example"]\ndata_dir="state"\n'
+        'public_base_url="https://x.example"\n'
+        '[clients.acme]\nname="A"\nregions=["usa"]\nzip_password={file="zip-password"}\n'
+        '[clients.acme.projects.spring]\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ok = purlgate("check-config", "--config", str(conf / "regions.toml"), cwd=elsewhere)
+    assert ok.returncode == 0, ok.stderr
+    shutil.copy(DATA / DEMO, elsewhere / DEMO)
+    done = purlgate("process", DEMO, "--config", "../etc/regions.toml", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert (conf / "state" / "batches.sqlite3").exists()
+    (conf / "zip-password").unlink()
+    bad = purlgate("check-config", "--config", str(conf / "regions.toml"), cwd=elsewhere)
+    assert bad.returncode == 2
+    assert f"secret unreadable: file {conf / 'zip-password'}" in bad.stderr

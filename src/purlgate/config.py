@@ -18,7 +18,7 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -512,22 +512,34 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
     return config
 
 
+def _absolute(value: Any, base_dir: Path) -> Any:
+    """``value`` with every relative path in it (secret files, keys, certificates,
+    templates, folders) made absolute against ``base_dir``."""
+    if isinstance(value, Path):
+        return value if value.is_absolute() else base_dir / value
+    if isinstance(value, BaseModel):
+        changed = {name: _absolute(getattr(value, name), base_dir)
+                   for name in type(value).model_fields}
+        return value.model_copy(update=changed)
+    if isinstance(value, dict):
+        return {k: _absolute(v, base_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absolute(v, base_dir) for v in value]
+    return value
+
+
 def _resolve_paths(config: Config, base_dir: Path) -> Config:
-    regions = {
-        rid: region.model_copy(
-            update={"data_dir": region.data_dir if region.data_dir.is_absolute()
-                    else base_dir / region.data_dir}
-        )
-        for rid, region in config.regions.items()
-    }
-    return config.model_copy(update={"regions": regions})
+    resolved: Config = _absolute(config, base_dir)
+    return resolved
 
 
 def load_config(path: Path | None = None) -> Config:
     """Load ``path``, or the bundled defaults when None.
 
-    Relative data directories resolve against the current directory, so the bundled
-    defaults keep their state in ``./var/<region>`` wherever the gateway is started.
+    Relative paths in a file (data directories, secret files, keys, certificates,
+    templates) resolve against that file's folder, so ``--config`` works from anywhere.
+    The bundled defaults resolve against the current directory: they keep their state
+    in ``./var/<region>`` wherever the gateway is started.
     """
     if path is None:
         text = resources.files("purlgate").joinpath(DEFAULT_CONFIG_RESOURCE).read_text("utf-8")
@@ -538,4 +550,4 @@ def load_config(path: Path | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text") from exc
-    return parse_config(text, source=str(path), base_dir=Path.cwd())
+    return parse_config(text, source=str(path), base_dir=path.absolute().parent)
