@@ -144,6 +144,8 @@ async def test_happy_path_reply_and_notifications(running: Running, tmp_path: Pa
     body = reply.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "Status: Done" in body and "Rows read: 20; in the PURL file: 20" in body
     assert "Zoë" not in body, "no row data in a reply body"
+    assert "open it with 7-Zip or WinZip (Windows), The Unarchiver or Keka (macOS)" in body
+    assert "Archive Utility and older versions of Windows Explorer cannot open" in body
     files = reply_zip(replies[0])
     assert list(files) == [f"PURL_acme_spring_{T}_00.csv"]
     lines = files[f"PURL_acme_spring_{T}_00.csv"].decode().splitlines()

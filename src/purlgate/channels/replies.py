@@ -3,7 +3,8 @@
 Replies go to the client's registered address that sent the message (never Reply-To),
 threaded with ``Re:``, In-Reply-To and References. Bodies carry status and counts,
 never row data. The ZIP is encrypted with the client's own password using WinZip AES
-256 (pyzipper), which 7-Zip, WinZip and macOS's archive tools open.
+256 (pyzipper), which 7-Zip, WinZip, The Unarchiver and Keka open; macOS's Archive
+Utility and older Windows Explorer cannot, and the reply says so.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def success_reply(original: EmailMessage | None, batch: BatchRecord, files: Sequ
     reply.set_content(
         "Your data file was processed.\n\n" + _summary(batch) +
         f"\nThe attached ZIP holds {names}. It is protected with the same password as the "
-        "file you sent (AES-256; open it with 7-Zip, WinZip or your system's archive tool).\n"
+        "file you sent, with AES-256 encryption: open it with 7-Zip or WinZip (Windows), "
+        "The Unarchiver or Keka (macOS), or 7z from p7zip (Linux). macOS's "
+        "built-in Archive Utility and older versions of Windows Explorer cannot open "
+        "AES-encrypted ZIPs.\n"
     )
     zip_name = f"{files[0].name.rsplit('.', 1)[0]}.zip"
     reply.add_attachment(aes_zip(files, password), maintype="application",
