@@ -1,26 +1,34 @@
-# One image for every region:
-#   docker run -v /srv/purlgate-usa:/var/lib/purlgate -v /etc/purlgate/regions.toml:/etc/purlgate/regions.toml:ro \
-#     -p 25:2525 -p 22:2222 -p 443:8443 IMAGE serve --region usa --config /etc/purlgate/regions.toml
-# (set the listeners' host to 0.0.0.0 in that regions.toml, and tls_cert/tls_key; the
-# web side may also serve plain HTTP behind a TLS proxy).
+# One image for every region; the region comes from PURLGATE_REGION (or --region).
+#   docker build -t purlgate .
+#   docker run -e PURLGATE_REGION=usa \
+#     -v purlgate-usa:/var/lib/purlgate -v "$PWD/deploy:/etc/purlgate:ro" \
+#     -v /srv/purlgate/secrets:/run/secrets:ro -p 25:2525 -p 22:2222 -p 443:8443 purlgate
+# compose.yaml runs usa and eur side by side with deploy/regions.toml.
 FROM python:3.11-slim-bookworm
 
 # gnupg: PGP for clients who encrypt (python-gnupg drives the real gpg binary).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gnupg \
+ && apt-get install -y --no-install-recommends gnupg=2.2.* \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --home-dir /var/lib/purlgate --create-home purlgate
+ && useradd --system --uid 10001 --home-dir /var/lib/purlgate --create-home purlgate
 
 WORKDIR /opt/purlgate
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY src ./src
-RUN pip install --no-cache-dir .
+# constraints.txt pins every dependency: the image runs what the suite tested.
+RUN pip install --no-cache-dir -c constraints.txt .
 
-# Config and state live outside the image: mount regions.toml and a data volume.
-# Relative data_dir paths in regions.toml resolve against the working directory.
-USER purlgate
+ENV PURLGATE_REGION=usa \
+    PURLGATE_CONFIG=/etc/purlgate/regions.toml \
+    PYTHONUNBUFFERED=1
+
+# State (spools, store, row data, renders, keys made once) in /var/lib/purlgate;
+# configuration and templates read-only in /etc/purlgate; secrets in /run/secrets.
+USER 10001
 WORKDIR /var/lib/purlgate
 VOLUME ["/var/lib/purlgate"]
 EXPOSE 2525 2222 8443
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["purlgate", "healthcheck"]
 ENTRYPOINT ["purlgate"]
-CMD ["check-config"]
+CMD ["serve"]

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,8 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", parents=[common],
                        help="run a region: SMTP, IMAP, SFTP, the links' web side, workers")
-    s.add_argument("--region", required=True, help="the region this instance serves")
-    s.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
+    s.add_argument("--region", default=os.environ.get("PURLGATE_REGION"),
+                   required="PURLGATE_REGION" not in os.environ,
+                   help="the region this instance serves (default: $PURLGATE_REGION)")
+    s.add_argument("--config", type=Path, default=_env_path("PURLGATE_CONFIG"),
+                   help="regions.toml (default: $PURLGATE_CONFIG, else the bundled one)")
     s.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
     s.add_argument("--smtp-port", type=_port, help="override the listener port (0: any free)")
 
@@ -127,10 +131,50 @@ def _parser() -> argparse.ArgumentParser:
     _region_options(d)
     d.add_argument("--requeue", metavar="ID", help="send this message again from scratch")
 
+    h = sub.add_parser("healthcheck", parents=[common],
+                       help="exit 0 if the region's web side answers /healthz (containers)")
+    h.add_argument("--region", default=os.environ.get("PURLGATE_REGION"),
+                   help="the region (default: $PURLGATE_REGION, else the first one)")
+    h.add_argument("--config", type=Path, default=_env_path("PURLGATE_CONFIG"),
+                   help="regions.toml (default: $PURLGATE_CONFIG, else the bundled one)")
+    h.add_argument("--timeout", type=float, default=4.0, help="seconds to wait")
+
     c = sub.add_parser("check-config", parents=[common],
                        help="validate regions.toml, its secrets, keys and templates")
     c.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
     return parser
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    import ssl
+    import urllib.request
+
+    from purlgate.config import load_config
+
+    config = load_config(args.config)
+    region_id = args.region or next(iter(config.regions))
+    if region_id not in config.regions:
+        raise ConfigError(f"no region {region_id!r}; configured: {', '.join(config.regions)}")
+    web = config.regions[region_id].web
+    if web is None:
+        raise ConfigError(f"region {region_id} has no [regions.{region_id}.web] section")
+    tls = web.tls_cert is not None or web.self_signed
+    host = "127.0.0.1" if web.host in ("0.0.0.0", "::", "") else web.host  # noqa: S104
+    url = f"{'https' if tls else 'http'}://{host}:{web.port}/healthz"
+    # Our own listener on this host: its certificate names the public host, not this one.
+    context = ssl._create_unverified_context() if tls else None  # noqa: S323
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout, context=context) as resp:  # noqa: S310
+            ok = resp.status == 200
+    except OSError as exc:
+        print(f"purlgate: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _region_options(p: argparse.ArgumentParser) -> None:
@@ -479,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args)
         if args.command == "hash-password":
             return _hash_password()
+        if args.command == "healthcheck":
+            return _healthcheck(args)
         if args.command == "batches":
             return _batches(args)
         if args.command == "outbox":
