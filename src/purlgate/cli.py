@@ -131,6 +131,27 @@ def _parser() -> argparse.ArgumentParser:
     _region_options(d)
     d.add_argument("--requeue", metavar="ID", help="send this message again from scratch")
 
+    e = sub.add_parser("e2e", parents=[common],
+                       help="the 20-row end-to-end check before a client's launch")
+    e.add_argument("--region", required=True)
+    e.add_argument("--client", required=True)
+    e.add_argument("--project", required=True)
+    e.add_argument("--channel", required=True, choices=("email", "sftp"))
+    e.add_argument("--config", type=Path, default=_env_path("PURLGATE_CONFIG"),
+                   help="regions.toml (default: $PURLGATE_CONFIG, else the bundled one)")
+    e.add_argument("--file", type=Path, help="send this file instead of 20 generated rows")
+    e.add_argument("--smtp", type=_host_port, help="the gateway's SMTP (default: config)")
+    e.add_argument("--capture", type=_host_port,
+                   help="run the reply sink here, where the relay points (default: config)")
+    e.add_argument("--sftp", type=_host_port, help="the gateway's SFTP (default: config)")
+    e.add_argument("--sftp-password-file", type=Path, help="the client's SFTP password")
+    e.add_argument("--sftp-key", type=Path, help="the client's SSH private key")
+    e.add_argument("--links-base", help="fetch the links here instead of public_base_url "
+                                        "(e.g. https://127.0.0.1:8443)")
+    e.add_argument("--insecure", action="store_true",
+                   help="accept a self-signed certificate when fetching the links")
+    e.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for results")
+
     h = sub.add_parser("healthcheck", parents=[common],
                        help="exit 0 if the region's web side answers /healthz (containers)")
     h.add_argument("--region", default=os.environ.get("PURLGATE_REGION"),
@@ -143,6 +164,30 @@ def _parser() -> argparse.ArgumentParser:
                        help="validate regions.toml, its secrets, keys and templates")
     c.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
     return parser
+
+
+def _e2e(args: argparse.Namespace) -> int:
+    from purlgate.config import load_config
+    from purlgate.e2e import default_target, report, run_e2e
+
+    config = load_config(args.config)
+    if args.region not in config.regions:
+        raise ConfigError(f"no region {args.region!r}; configured: {', '.join(config.regions)}")
+    password = None
+    if args.sftp_password_file is not None:
+        try:
+            password = args.sftp_password_file.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"--sftp-password-file {args.sftp_password_file}: "
+                              f"{exc.strerror}") from exc
+    target = default_target(
+        config.regions[args.region], smtp=args.smtp, capture=args.capture, sftp=args.sftp,
+        sftp_password=password, sftp_key=args.sftp_key, links_base=args.links_base,
+        insecure=args.insecure or None, timeout=args.timeout)
+    checks = asyncio.run(run_e2e(config, args.region, args.client, args.project,
+                                 channel=args.channel, target=target, data=args.file))
+    print(report(checks))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED
 
 
 def _env_path(name: str) -> Path | None:
@@ -523,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args)
         if args.command == "hash-password":
             return _hash_password()
+        if args.command == "e2e":
+            return _e2e(args)
         if args.command == "healthcheck":
             return _healthcheck(args)
         if args.command == "batches":
