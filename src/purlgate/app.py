@@ -8,6 +8,7 @@ and ``serve`` runs them in one TaskGroup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -252,6 +253,31 @@ def _resumed(gateway: Gateway) -> str:
             f"{queued} queued mail(s)")
 
 
+RETENTION_SWEEP_SECONDS = 3600.0
+
+
+def sweep_files(gateway: Gateway) -> tuple[int, int]:
+    """Results in SFTP Downloads past their project's retention, and sent mail past the
+    longest retention of the region's projects (a reply does not say its project)."""
+    clients = gateway.region.processor.clients
+    days = max((p.retention_days for c in clients.values() for p in c.projects.values()),
+               default=30)
+    results = (gateway.sftp_service.sweep_downloads(time.time())
+               if gateway.sftp_service is not None else 0)
+    mail = gateway.outbox.sweep_sent(days * 86400)
+    if results or mail:
+        log.info("retention: deleted %d result file(s) from Downloads and %d sent mail(s)",
+                 results, mail)
+    return results, mail
+
+
+async def _run_retention(gateway: Gateway, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await asyncio.to_thread(sweep_files, gateway)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RETENTION_SWEEP_SECONDS)
+
+
 async def serve(gateway: Gateway, stop: asyncio.Event,
                 on_ready: Callable[[Gateway], None] | None = None) -> None:
     """Run the listeners, the workers, the outbox and the web side until ``stop`` is set.
@@ -293,6 +319,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
                 tasks.create_task(gateway.sftp_worker.run(stop))
             if gateway.links is not None:
                 tasks.create_task(gateway.links.run_sweeper(stop))
+            tasks.create_task(_run_retention(gateway, stop))
             await stop.wait()
             gateway.smtp.close()
             if gateway.sftp is not None:

@@ -151,6 +151,21 @@ class Outbox:
             raise KeyError(item_id)
         return Item(item_id, meta_path.with_suffix(".eml"), json.loads(meta_path.read_text()))
 
+    def sweep_sent(self, max_age_seconds: float) -> int:
+        """Delete sent mail (its ZIPs hold client data) older than ``max_age_seconds``."""
+        cutoff = self._clock() - max_age_seconds
+        removed = 0
+        for meta_path in self.sent.glob("*.json"):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if meta.get("delivered_at", meta.get("created_at", cutoff)) < cutoff:
+                meta_path.with_suffix(".eml").unlink(missing_ok=True)
+                meta_path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def retry_now(self, item_id: str) -> None:
         """Make a queued message due now (a running outbox picks it up within 30 s)."""
         with self._lock:

@@ -30,6 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import asyncssh
@@ -165,6 +166,32 @@ class SftpService:
 
     def home(self, client_id: str) -> Path:
         return self.root / client_id
+
+    def downloads(self, client_id: str, project: str) -> Path:
+        client = self.clients[client_id]
+        flat = client.sftp is not None and client.sftp.flat
+        home = self.home(client_id)
+        return home / "Downloads" if flat else home / project / "Downloads"
+
+    def sweep_downloads(self, now: float) -> int:
+        """Delete results older than their project's retention; the number deleted."""
+        removed = 0
+        for client_id, client in self.clients.items():
+            if client.sftp is None:
+                continue
+            for project_id, project in client.projects.items():
+                folder = self.downloads(client_id, project_id)
+                if not folder.is_dir():
+                    continue
+                cutoff = now - project.retention_days * 86400
+                for path in folder.iterdir():
+                    stat = path.lstat()
+                    if path.name.startswith(".") or not S_ISREG(stat.st_mode):
+                        continue  # being written, or not ours
+                    if stat.st_mtime < cutoff:
+                        path.unlink(missing_ok=True)
+                        removed += 1
+        return removed
 
     def ensure_home(self, client_id: str, client: ClientConfig) -> None:
         home = self.home(client_id)
@@ -498,18 +525,12 @@ class SftpWorker:
         self.submit = self._worker.submit
         self.run = self._worker.run
 
-    def downloads(self, client_id: str, project: str) -> Path:
-        client = self.service.clients[client_id]
-        flat = client.sftp is not None and client.sftp.flat
-        home = self.service.home(client_id)
-        return home / "Downloads" if flat else home / project / "Downloads"
-
     def handle(self, upload: Upload) -> None:
         m = upload.meta
         self.processor.process(
             Submission(path=upload.path, received_name=m["name"], channel="sftp",
                        client_id=m["client"], project_id=m["project"], intake_id=upload.id),
-            self.downloads(m["client"], m["project"]),
+            self.service.downloads(m["client"], m["project"]),
         )
         self.service.spool.finish(upload)
         self.service.done(m["client"], m["project"], m["name"])
