@@ -32,7 +32,8 @@ def config_text(ports: dict[str, int]) -> str:
 
 def test_replay_cli_against_serve(tmp_path: Path) -> None:
     """`purlgate serve` and `purlgate replay --capture` as processes: every usa fixture
-    passes, the table says so, and SIGTERM stops the instance cleanly."""
+    passes, the table says so, a second replay at once passes too, and SIGTERM stops
+    the instance cleanly."""
     smtp, relay = free_port(), free_port()
     cfg = tmp_path / "regions.toml"
     cfg.write_text(config_text({"2525": smtp, "2526": relay}))
@@ -54,6 +55,15 @@ def test_replay_cli_against_serve(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
         assert result.stdout.splitlines()[-1] == "10 passed, 0 failed"
         assert "FAIL" not in result.stdout
+        # Again at once, same instance: each run gives the fixtures fresh names and
+        # Message-IDs, so nothing is a duplicate of the first run.
+        again = subprocess.run(
+            [exe, "replay", *sorted(map(str, EMAILS.glob("*.eml"))), "--smtp",
+             f"127.0.0.1:{smtp}", "--capture", f"127.0.0.1:{relay}", "--region", "usa",
+             "--timeout", "30"],
+            capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.splitlines()[-1] == "10 passed, 0 failed"
     finally:
         server.terminate()
         assert server.wait(timeout=30) == 0

@@ -6,7 +6,14 @@ Each fixture is sent in manifest order and, with ``--capture``, its reply is awa
 an SMTP sink that the instance's relay points at (matched by In-Reply-To), then checked
 against ``manifest.toml``: the status, the AES ZIP opening with the agreed password, the
 PURL file's row count and columns; failures by the text of the reply; refusals by the
-SMTP code. The expectations assume a fresh instance (names are claimed for ever).
+SMTP code.
+
+Every run is fresh: the date and time in each data file's name (inside the ZIPs, which
+are re-made with the same password and encryption) move by the time since the fixtures
+were made, the same shift for every fixture (so names that differ still differ, and
+the duplicate-name fixture still repeats the first one's), and each message gets a new
+Message-ID. A replay can so be run again at once against
+the same instance; a ZIP it cannot open (the wrong-password fixture) is sent as it is.
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
+from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +74,68 @@ def load_manifest(path: Path) -> tuple[dict[str, dict[str, Any]], bytes | None]:
     if "password_file" in data:
         password = (path.parent / data["password_file"]).read_bytes().strip()
     return {e["file"]: e for e in data.get("email", [])}, password
+
+
+STAMP = re.compile(rb"20\d{6}_\d{6}")
+FIXTURE_EPOCH = datetime(2026, 11, 27, tzinfo=UTC)
+
+
+def _shifted(name: str, shift: timedelta) -> str:
+    def move(match: re.Match[bytes]) -> bytes:
+        try:
+            when = datetime.strptime(match.group().decode() + "+0000", "%Y%m%d_%H%M%S%z")
+        except ValueError:
+            return match.group()
+        return (when + shift).strftime("%Y%m%d_%H%M%S").encode()
+    return STAMP.sub(move, name.encode()).decode()
+
+
+def _rezip(data: bytes, shift: timedelta, password: bytes | None) -> bytes | None:
+    """The ZIP with the times in its member names shifted, encrypted as before; None
+    when it cannot be re-made as it was (another password, ZipCrypto): sent unchanged."""
+    try:
+        with pyzipper.AESZipFile(io.BytesIO(data)) as src:
+            infos = src.infolist()
+            encrypted = any(i.flag_bits & 0x1 for i in infos)
+            aes = all(getattr(i, "wz_aes_vendor_id", None) for i in infos)
+            if encrypted and (password is None or not aes):
+                return None
+            if encrypted:
+                src.setpassword(password)
+            members = [(i.filename, src.read(i.filename)) for i in infos]
+    except (RuntimeError, pyzipper.BadZipFile, NotImplementedError, ValueError):
+        return None
+    out = io.BytesIO()
+    options = {"encryption": pyzipper.WZ_AES} if encrypted else {}
+    with pyzipper.AESZipFile(out, "w", compression=pyzipper.ZIP_DEFLATED, **options) as dst:
+        if encrypted:
+            dst.setpassword(password)
+        for name, body in members:
+            dst.writestr(_shifted(name, shift), body)
+    return out.getvalue()
+
+
+def freshen(raw: bytes, shift: timedelta, password: bytes | None) -> bytes:
+    """This run's copy of a fixture: new Message-ID, every name's time shifted."""
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    assert isinstance(message, EmailMessage)
+    sender = message["From"].addresses[0].domain if message["From"] else "replay.invalid"
+    del message["Message-ID"]
+    message["Message-ID"] = make_msgid(domain=sender or "replay.invalid")
+    for part in message.iter_attachments():
+        filename = part.get_filename()
+        payload = part.get_payload(decode=True)
+        if not filename or not isinstance(payload, bytes):
+            continue
+        fresh = _rezip(payload, shift, password) if filename.lower().endswith(".zip") else None
+        new_name = _shifted(filename, shift)
+        if fresh is None and new_name == filename:
+            continue
+        maintype, subtype = part.get_content_type().split("/", 1)
+        part.set_content(fresh if fresh is not None else payload, maintype=maintype,
+                         subtype=subtype, filename=new_name,
+                         disposition=part.get_content_disposition() or "attachment")
+    return message.as_bytes(policy=policy.SMTP)
 
 
 def _inflate(raw: bytes, size: int) -> bytes:
@@ -113,6 +185,7 @@ async def replay(files: list[Path], *, smtp: tuple[str, int],
                  capture: tuple[str, int] | None, manifest: Path, region: str | None,
                  timeout: float = 60.0) -> list[Result]:
     expected, password = load_manifest(manifest)
+    shift = datetime.now(UTC).replace(microsecond=0) - FIXTURE_EPOCH
     order = list(expected)
     files = sorted(files, key=lambda p: order.index(p.name) if p.name in order else 1_000)
     sink = Capture()
@@ -130,7 +203,8 @@ async def replay(files: list[Path], *, smtp: tuple[str, int],
             if region is not None and want.get("region") not in (None, region):
                 continue
             results.append(await _one(path, want, password=password, smtp=smtp,
-                                      sink=sink if server else None, timeout=timeout))
+                                      sink=sink if server else None, timeout=timeout,
+                                      shift=shift))
     finally:
         if server is not None:
             server.close()
@@ -139,8 +213,9 @@ async def replay(files: list[Path], *, smtp: tuple[str, int],
 
 
 async def _one(path: Path, want: dict[str, Any], *, password: bytes | None,
-               smtp: tuple[str, int], sink: Capture | None, timeout: float) -> Result:
-    raw = path.read_bytes()
+               smtp: tuple[str, int], sink: Capture | None, timeout: float,
+               shift: timedelta) -> Result:
+    raw = freshen(path.read_bytes(), shift, password)
     message = BytesParser(policy=policy.default).parsebytes(raw)
     sender = message["From"].addresses[0].addr_spec
     recipient = message["To"].addresses[0].addr_spec
