@@ -9,10 +9,10 @@ PURL file's row count and columns; failures by the text of the reply; refusals b
 SMTP code.
 
 Every run is fresh: the date and time in each data file's name (inside the ZIPs, which
-are re-made with the same password and encryption) move by the time since the fixtures
-were made, the same shift for every fixture (so names that differ still differ, and
-the duplicate-name fixture still repeats the first one's), and each message gets a new
-Message-ID. A replay can so be run again at once against
+are re-made with the same password and encryption) become the run's start time plus an
+index per distinct stamp (names that differ still differ, and the duplicate-name
+fixture still repeats the first one's), a run never starts within the second of the
+previous one, and each message gets a new Message-ID. A replay can so be run again at once against
 the same instance; a ZIP it cannot open (the wrong-password fixture) is sent as it is.
 """
 
@@ -76,22 +76,27 @@ def load_manifest(path: Path) -> tuple[dict[str, dict[str, Any]], bytes | None]:
     return {e["file"]: e for e in data.get("email", [])}, password
 
 
-STAMP = re.compile(rb"20\d{6}_\d{6}")
-FIXTURE_EPOCH = datetime(2026, 11, 27, tzinfo=UTC)
+STAMP = re.compile(rb"20\d{6}_\d{6}(?:_\d{2})?")
 
 
-def _shifted(name: str, shift: timedelta) -> str:
-    def move(match: re.Match[bytes]) -> bytes:
-        try:
-            when = datetime.strptime(match.group().decode() + "+0000", "%Y%m%d_%H%M%S%z")
-        except ValueError:
-            return match.group()
-        return (when + shift).strftime("%Y%m%d_%H%M%S").encode()
-    return STAMP.sub(move, name.encode()).decode()
+class Renamer:
+    """One run's names: each distinct date-and-time in a fixture's names becomes this
+    run's start time plus its own two-digit index; equal stamps stay equal."""
+
+    def __init__(self, start: datetime) -> None:
+        self.start = start.replace(microsecond=0)
+        self._run = self.start.strftime("%Y%m%d_%H%M%S")
+        self._index: dict[bytes, int] = {}
+
+    def __call__(self, name: str) -> str:
+        def move(match: re.Match[bytes]) -> bytes:
+            index = self._index.setdefault(match.group(), len(self._index))
+            return f"{self._run}_{index:02d}".encode()
+        return STAMP.sub(move, name.encode()).decode()
 
 
-def _rezip(data: bytes, shift: timedelta, password: bytes | None) -> bytes | None:
-    """The ZIP with the times in its member names shifted, encrypted as before; None
+def _rezip(data: bytes, rename: Renamer, password: bytes | None) -> bytes | None:
+    """The ZIP with its members renamed for this run, encrypted as before; None
     when it cannot be re-made as it was (another password, ZipCrypto): sent unchanged."""
     try:
         with pyzipper.AESZipFile(io.BytesIO(data)) as src:
@@ -111,12 +116,12 @@ def _rezip(data: bytes, shift: timedelta, password: bytes | None) -> bytes | Non
         if encrypted:
             dst.setpassword(password)
         for name, body in members:
-            dst.writestr(_shifted(name, shift), body)
+            dst.writestr(rename(name), body)
     return out.getvalue()
 
 
-def freshen(raw: bytes, shift: timedelta, password: bytes | None) -> bytes:
-    """This run's copy of a fixture: new Message-ID, every name's time shifted."""
+def freshen(raw: bytes, rename: Renamer, password: bytes | None) -> bytes:
+    """This run's copy of a fixture: a new Message-ID, this run's names."""
     message = BytesParser(policy=policy.default).parsebytes(raw)
     assert isinstance(message, EmailMessage)
     sender = message["From"].addresses[0].domain if message["From"] else "replay.invalid"
@@ -127,8 +132,8 @@ def freshen(raw: bytes, shift: timedelta, password: bytes | None) -> bytes:
         payload = part.get_payload(decode=True)
         if not filename or not isinstance(payload, bytes):
             continue
-        fresh = _rezip(payload, shift, password) if filename.lower().endswith(".zip") else None
-        new_name = _shifted(filename, shift)
+        fresh = _rezip(payload, rename, password) if filename.lower().endswith(".zip") else None
+        new_name = rename(filename)
         if fresh is None and new_name == filename:
             continue
         maintype, subtype = part.get_content_type().split("/", 1)
@@ -157,7 +162,10 @@ def _check_reply(reply: EmailMessage, want: dict[str, Any], password: bytes | No
             return "a failure reply must have no attachment"
         return "" if want["reason"] in body else f"reply does not say {want['reason']!r}"
     if f"Status: {want['status']}" not in body:
-        return f"status is not {want['status']}"
+        said = [line for line in body.splitlines()
+                if line.startswith(("Status:", "Reason:", "What to fix:"))]
+        return f"expected status {want['status']}; the reply says " + (
+            "; ".join(said) or repr(body.strip().splitlines()[:1]))
     if len(attachments) != 1 or password is None:
         return "no single ZIP attachment (or no password to open it)"
     data = attachments[0].get_payload(decode=True)
@@ -185,7 +193,7 @@ async def replay(files: list[Path], *, smtp: tuple[str, int],
                  capture: tuple[str, int] | None, manifest: Path, region: str | None,
                  timeout: float = 60.0) -> list[Result]:
     expected, password = load_manifest(manifest)
-    shift = datetime.now(UTC).replace(microsecond=0) - FIXTURE_EPOCH
+    rename = Renamer(datetime.now(UTC))
     order = list(expected)
     files = sorted(files, key=lambda p: order.index(p.name) if p.name in order else 1_000)
     sink = Capture()
@@ -204,18 +212,22 @@ async def replay(files: list[Path], *, smtp: tuple[str, int],
                 continue
             results.append(await _one(path, want, password=password, smtp=smtp,
                                       sink=sink if server else None, timeout=timeout,
-                                      shift=shift))
+                                      rename=rename))
     finally:
         if server is not None:
             server.close()
             await server.wait_closed()
+        # The next run's names must differ from this one's: not within the same second.
+        left = (rename.start + timedelta(seconds=1) - datetime.now(UTC)).total_seconds()
+        if left > 0:
+            await asyncio.sleep(left)
     return results
 
 
 async def _one(path: Path, want: dict[str, Any], *, password: bytes | None,
                smtp: tuple[str, int], sink: Capture | None, timeout: float,
-               shift: timedelta) -> Result:
-    raw = freshen(path.read_bytes(), shift, password)
+               rename: Renamer) -> Result:
+    raw = freshen(path.read_bytes(), rename, password)
     message = BytesParser(policy=policy.default).parsebytes(raw)
     sender = message["From"].addresses[0].addr_spec
     recipient = message["To"].addresses[0].addr_spec
