@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from purlgate.passwords import hash_password
 from tests.mail_helpers import Sink
 from tests.web_helpers import data_file, running
 
@@ -113,3 +114,30 @@ async def test_ops_routes_need_the_network_or_the_password(
             assert resp.status == 200
         async with run.http.get(run.base + "/healthz") as resp:
             assert resp.status == 200
+
+
+@pytest.mark.asyncio
+async def test_batch_view_links_an_sftp_batch_error_file(tmp_path: Path) -> None:
+    """An SFTP batch's error file, still in the client's Downloads, is linked from the
+    batch view and served to the operator as CSV; a batch without one has no link."""
+    tail = ('\n[regions.usa.sftp]\nport = 0\n[clients.acme.sftp]\nusername = "acme"\n'
+            f'password_hash = "{hash_password("pw")}"\n')
+    async with running(tmp_path, tail=tail) as run:
+        service = run.gateway.sftp_service
+        assert service is not None
+        downloads = service.downloads("acme", "spring")
+        ragged = b"first_name,email\r\na,b\r\nc,d,e\r\nf,g\r\n"
+        await run.process(NAME, ragged, channel="sftp", out=downloads)
+        await run.process("acme_spring_20261127_111500_00.csv", data_file(2))
+        async with run.http.get(run.base + "/ops/api/batches") as resp:
+            batches = {b["id"]: b for b in (await resp.json())["batches"]}
+        assert batches[2]["error_file_url"] is None
+        url = batches[1]["error_file_url"]
+        assert url == "/ops/batches/1/errors"
+        async with run.http.get(run.base + url) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/csv; charset=utf-8"
+            assert (await resp.text()).splitlines() == [
+                "row,column,reason", '3,,"has 3 fields, the header has 2"']
+        async with run.http.get(run.base + "/ops/batches/2/errors") as resp:
+            assert resp.status == 404

@@ -82,15 +82,16 @@ class Running:
     def url(self, link: str) -> str:
         return self.base + path_of(link)
 
-    async def process(self, name: str, data: bytes, project: str = "spring") -> BatchOutcome:
+    async def process(self, name: str, data: bytes, project: str = "spring", *,
+                      channel: str = "test", out: Path | None = None) -> BatchOutcome:
         source = self.tmp / "in" / name
         source.parent.mkdir(exist_ok=True)
         source.write_bytes(data)
-        out = self.tmp / "out"
-        out.mkdir(exist_ok=True)
+        out = out or self.tmp / "out"
+        out.mkdir(parents=True, exist_ok=True)
         return await asyncio.to_thread(
             self.gateway.region.processor.process,
-            Submission(path=source, received_name=name, channel="test", client_id="acme",
+            Submission(path=source, received_name=name, channel=channel, client_id="acme",
                        project_id=project), out)
 
     def ordinal(self, link: str) -> int:
@@ -101,9 +102,9 @@ class Running:
 
 
 def make_config(tmp: Path, *, web_extra: str = "", project_extra: str = "",
-                relay: int = 9) -> str:
+                relay: int = 9, tail: str = "") -> str:
     return WEB_CONFIG.format(data=tmp / "usa", web_extra=web_extra,
-                             project_extra=project_extra, relay=relay)
+                             project_extra=project_extra, relay=relay) + tail
 
 
 @asynccontextmanager

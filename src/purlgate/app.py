@@ -39,6 +39,7 @@ from purlgate.channels.sftp_server import (
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.config import ClientConfig, Config
+from purlgate.core.lifecycle import BatchRecord
 from purlgate.errors import ConfigError
 from purlgate.region import Region, build_region, utc_now
 from purlgate.web.links import BatchIndex
@@ -138,7 +139,19 @@ def build_ops(gateway: Gateway) -> OpsRoutes:
               "disk": lambda: _disk_ready(region.data_dir, region.config.smtp.min_free_bytes),
               "relay": lambda: _relay_ready(region.config.relay.host, region.config.relay.port)}
     return OpsRoutes(gateway.links.app, region=region.id, store=region.store, checks=checks,
-                     families=lambda: _metric_families(gateway), access=access)
+                     families=lambda: _metric_families(gateway), access=access,
+                     error_file=lambda batch: _error_file(gateway, batch))
+
+
+def _error_file(gateway: Gateway, batch: BatchRecord) -> Path | None:
+    """Where a batch's error file still is on our disk: SFTP results stay in Downloads
+    (until retention); an email batch's went out in the reply."""
+    name = next((n for n in batch.outputs if "_errors." in n), None)
+    if name is None or batch.channel != "sftp" or gateway.sftp_service is None \
+            or batch.project is None or batch.client not in gateway.sftp_service.clients:
+        return None
+    path = gateway.sftp_service.downloads(batch.client, batch.project) / name
+    return path if path.is_file() else None
 
 
 def _listeners_ready(gateway: Gateway) -> tuple[bool, str]:

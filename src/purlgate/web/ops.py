@@ -5,6 +5,7 @@
     GET /metrics               Prometheus text format
     GET /ops/batches           the batch view (HTML): per client and project, filterable
     GET /ops/api/batches       the same as JSON
+    GET /ops/batches/<id>/errors   a batch's error file, while it is on our disk
 
 /readyz, /metrics and /ops/* answer only to the operator: from an address in
 ``ops_networks`` or with the ``ops_password`` (Basic auth). No row data anywhere: a
@@ -21,6 +22,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -31,6 +33,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from purlgate.core.lifecycle import TERMINAL, BatchEvent, BatchRecord, BatchState
+from purlgate.errors import StorageError
 from purlgate.store import SqliteBatchStore
 
 log = logging.getLogger("purlgate.ops")
@@ -98,7 +101,8 @@ td,th{border-bottom:1px solid #ccc;padding:.25rem .5rem;text-align:left}
 <td class="{{ b.status.split()[0] }}">{{ b.status }}</td>
 <td>{{ b.rows }}</td><td>{{ b.rows_ok }}</td><td>{{ b.rows_error }}</td>
 <td>{{ b.received_at[:19] }}</td><td>{{ '%.1f s' % b.seconds }}</td><td>{{ b.reason or '' }}</td>
-<td>{{ b.outputs | join(', ') }}</td></tr>
+<td>{{ b.outputs | join(', ') }}{% if b.error_file_url %}
+ (<a href="{{ b.error_file_url }}">error file</a>){% endif %}</td></tr>
 {% else %}<tr><td colspan="13">No batches match.</td></tr>{% endfor %}
 </tbody></table></body></html>
 """)
@@ -124,11 +128,13 @@ class OpsRoutes:
 
     def __init__(self, app: web.Application, *, region: str, store: SqliteBatchStore,
                  checks: Mapping[str, ReadyCheck], families: Callable[[], Iterable[Metric]],
-                 access: OpsAccess, registry: CollectorRegistry | None = None) -> None:
+                 access: OpsAccess, error_file: Callable[[BatchRecord], Path | None],
+                 registry: CollectorRegistry | None = None) -> None:
         self.region = region
         self.store = store
         self.checks = checks
         self.access = access
+        self.error_file = error_file
         self.registry = registry or CollectorRegistry()
         self.registry.register(_Families(families))
         self.batch_metrics = BatchMetrics(self.registry)
@@ -137,6 +143,8 @@ class OpsRoutes:
         app.router.add_get("/metrics", self.metrics, name="metrics")
         app.router.add_get("/ops/batches", self.batches_page, name="ops-batches")
         app.router.add_get("/ops/api/batches", self.batches_json, name="ops-api")
+        app.router.add_get("/ops/batches/{id:\\d+}/errors", self.errors_file,
+                           name="ops-errors")
 
     # -- access -----------------------------------------------------------------------
 
@@ -199,7 +207,28 @@ class OpsRoutes:
     async def _list(self, request: web.Request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         f = self._filters(request)
         records = await asyncio.to_thread(self.store.search, **f)
-        return f, [batch_view(b) for b in records]
+        views = []
+        for record in records:
+            view = batch_view(record)
+            found = await asyncio.to_thread(self.error_file, record)
+            view["error_file_url"] = (f"/ops/batches/{record.id}/errors"
+                                      if found is not None else None)
+            views.append(view)
+        return f, views
+
+    async def errors_file(self, request: web.Request) -> web.StreamResponse:
+        if not self._allowed(request):
+            return self._refuse()
+        try:
+            record = await asyncio.to_thread(self.store.get, int(request.match_info["id"]))
+        except StorageError:
+            return web.Response(status=404, text="No such batch\n")
+        path = await asyncio.to_thread(self.error_file, record)
+        if path is None:
+            return web.Response(status=404, text="No error file on disk for this batch\n")
+        return web.FileResponse(path, headers={
+            "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="{path.name}"'})
 
     async def batches_page(self, request: web.Request) -> web.Response:
         if not self._allowed(request):
