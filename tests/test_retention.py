@@ -7,8 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from purlgate.app import build_gateway, sweep_files
+from purlgate.app import build_gateway
 from purlgate.config import parse_config
+from purlgate.operations import sweep_files
 from purlgate.passwords import hash_password
 
 CONFIG = """

@@ -8,21 +8,15 @@ and ``serve`` runs them in one TaskGroup.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import os
-import socket
 import threading
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
 
 from purlgate.channels.defender import Defender
 from purlgate.channels.imap_poller import ImapPoller
@@ -39,11 +33,11 @@ from purlgate.channels.sftp_server import (
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.config import ClientConfig, Config
-from purlgate.core.lifecycle import BatchRecord
 from purlgate.errors import ConfigError
+from purlgate.operations import build_ops, run_retention
 from purlgate.region import Region, build_region, utc_now
 from purlgate.web.links import BatchIndex
-from purlgate.web.ops import OpsAccess, OpsRoutes
+from purlgate.web.ops import OpsRoutes
 from purlgate.web.server import LinkServer, RenderPool, retention_of, start_web, tls_context
 from purlgate.web.templates import Template, default_template_dir
 
@@ -126,99 +120,6 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     return gateway
 
 
-def build_ops(gateway: Gateway) -> OpsRoutes:
-    """Health, readiness, metrics and the batch view, on the links' web server."""
-    region = gateway.region
-    web_cfg = region.config.web
-    assert web_cfg is not None and gateway.links is not None
-    access = OpsAccess(
-        networks=[ipaddress.ip_network(n, strict=False) for n in web_cfg.ops_networks],
-        user=web_cfg.ops_user,
-        password=(web_cfg.ops_password.reveal().decode() if web_cfg.ops_password else None))
-    checks = {"listeners": lambda: _listeners_ready(gateway),
-              "disk": lambda: _disk_ready(region.data_dir, region.config.smtp.min_free_bytes),
-              "relay": lambda: _relay_ready(region.config.relay.host, region.config.relay.port)}
-    return OpsRoutes(gateway.links.app, region=region.id, store=region.store, checks=checks,
-                     families=lambda: _metric_families(gateway), access=access,
-                     error_file=lambda batch: _error_file(gateway, batch))
-
-
-def _error_file(gateway: Gateway, batch: BatchRecord) -> Path | None:
-    """Where a batch's error file still is on our disk: SFTP results stay in Downloads
-    (until retention); an email batch's went out in the reply."""
-    name = next((n for n in batch.outputs if "_errors." in n), None)
-    if name is None or batch.channel != "sftp" or gateway.sftp_service is None \
-            or batch.project is None or batch.client not in gateway.sftp_service.clients:
-        return None
-    path = gateway.sftp_service.downloads(batch.client, batch.project) / name
-    return path if path.is_file() else None
-
-
-def _listeners_ready(gateway: Gateway) -> tuple[bool, str]:
-    bound = {"smtp": gateway.smtp is not None and gateway.smtp.is_serving()}
-    if gateway.sftp_service is not None:
-        bound["sftp"] = gateway.sftp is not None
-    down = [name for name, ok in bound.items() if not ok]
-    return not down, "all bound" if not down else "not bound: " + ", ".join(down)
-
-
-def _disk_ready(folder: Path, min_free: int) -> tuple[bool, str]:
-    try:
-        probe = folder / ".ready-probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-        stat = os.statvfs(folder)
-    except OSError as exc:
-        return False, f"data directory not writable: {exc.strerror}"
-    free = stat.f_bavail * stat.f_frsize
-    if free < min_free:
-        return False, f"{free} bytes free, below the floor of {min_free}"
-    return True, f"{free} bytes free"
-
-
-def _relay_ready(host: str, port: int) -> tuple[bool, str]:
-    try:
-        with socket.create_connection((host, port), timeout=3):
-            return True, f"{host}:{port} answers"
-    except OSError as exc:
-        return False, f"{host}:{port}: {exc.strerror or exc}"
-
-
-def _metric_families(gateway: Gateway) -> Iterable[Metric]:
-    smtp = CounterMetricFamily("purlgate_smtp_messages", "SMTP messages by outcome",
-                               labels=["outcome"])
-    for outcome, count in sorted(gateway.handler.outcomes.items()):
-        smtp.add_metric([outcome], count)
-    yield smtp
-    queued = gateway.outbox.items()
-    oldest = min((item.meta["created_at"] for item in queued), default=None)
-    yield GaugeMetricFamily("purlgate_outbox_depth", "Mail waiting for the relay",
-                            value=len(queued))
-    yield GaugeMetricFamily("purlgate_outbox_oldest_age_seconds",
-                            "Age of the oldest mail waiting for the relay",
-                            value=time.time() - oldest if oldest is not None else 0)
-    yield GaugeMetricFamily("purlgate_outbox_failed",
-                            "Mail refused by the relay or expired (outbox/failed)",
-                            value=len(list(gateway.outbox.failed.glob("*.json"))))
-    yield GaugeMetricFamily("purlgate_spool_depth", "Accepted mail not answered yet",
-                            value=len(gateway.spool.pending()))
-    if gateway.sftp_service is not None:
-        defender = gateway.sftp_service.defender
-        logins = CounterMetricFamily("purlgate_sftp_logins", "SFTP logins by outcome",
-                                     labels=["outcome"])
-        for outcome, count in sorted(defender.events.items()):
-            logins.add_metric([outcome], count)
-        yield logins
-        yield CounterMetricFamily("purlgate_sftp_bans", "Source addresses banned",
-                                  value=defender.bans)
-        yield GaugeMetricFamily("purlgate_sftp_uploads_waiting", "Uploads not processed yet",
-                                value=len(gateway.sftp_service.spool.pending()))
-    if gateway.links is not None:
-        yield GaugeMetricFamily("purlgate_render_queue_depth",
-                                "Thumbnails and videos being drawn or waiting",
-                                value=gateway.links.pool.depth)
-
-
 def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> LinkServer:
     """The web side of a region (its config must have a ``web`` section)."""
     web_cfg = region.config.web
@@ -266,31 +167,6 @@ def _resumed(gateway: Gateway) -> str:
             f"{queued} queued mail(s)")
 
 
-RETENTION_SWEEP_SECONDS = 3600.0
-
-
-def sweep_files(gateway: Gateway) -> tuple[int, int]:
-    """Results in SFTP Downloads past their project's retention, and sent mail past the
-    longest retention of the region's projects (a reply does not say its project)."""
-    clients = gateway.region.processor.clients
-    days = max((p.retention_days for c in clients.values() for p in c.projects.values()),
-               default=30)
-    results = (gateway.sftp_service.sweep_downloads(time.time())
-               if gateway.sftp_service is not None else 0)
-    mail = gateway.outbox.sweep_sent(days * 86400)
-    if results or mail:
-        log.info("retention: deleted %d result file(s) from Downloads and %d sent mail(s)",
-                 results, mail)
-    return results, mail
-
-
-async def _run_retention(gateway: Gateway, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        await asyncio.to_thread(sweep_files, gateway)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), RETENTION_SWEEP_SECONDS)
-
-
 async def serve(gateway: Gateway, stop: asyncio.Event,
                 on_ready: Callable[[Gateway], None] | None = None) -> None:
     """Run the listeners, the workers, the outbox and the web side until ``stop`` is set.
@@ -332,7 +208,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
                 tasks.create_task(gateway.sftp_worker.run(stop))
             if gateway.links is not None:
                 tasks.create_task(gateway.links.run_sweeper(stop))
-            tasks.create_task(_run_retention(gateway, stop))
+            tasks.create_task(run_retention(gateway, stop))
             await stop.wait()
             gateway.smtp.close()
             if gateway.sftp is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -283,6 +284,15 @@ class ImapConfig(_Model):
     idle: bool = True  # use IDLE when the server offers it
 
 
+def _networks(value: list[str]) -> list[str]:
+    for net in value:
+        ipaddress.ip_network(net, strict=False)
+    return value
+
+
+Networks = Annotated[list[str], AfterValidator(_networks)]  # IPs or CIDRs
+
+
 class DefenderConfig(_Model):
     """Brute-force defence per source IP, in the manner of SFTPGo's defender."""
 
@@ -294,14 +304,7 @@ class DefenderConfig(_Model):
     observation_seconds: float = Field(default=1800.0, gt=0)
     ban_seconds: float = Field(default=1800.0, gt=0)
     ban_increase: float = Field(default=1.5, ge=1.0)  # each repeat ban lasts this much longer
-    safelist: list[str] = Field(default_factory=list)  # IPs or CIDRs never banned
-
-    @field_validator("safelist")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for net in value:
-            ipaddress.ip_network(net, strict=False)
-        return value
+    safelist: Networks = Field(default_factory=list)  # IPs or CIDRs never banned
 
 
 class SftpConfig(_Model):
@@ -342,16 +345,9 @@ class WebConfig(_Model):
     render_queue: int = Field(default=256, ge=1)  # first views waiting; beyond: 503
     cache_dir: Path | None = None  # rendered media; default: <data_dir>/renders
     # /readyz, /metrics and the batch view: from these networks, or with the password.
-    ops_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    ops_networks: Networks = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     ops_user: str = "ops"
     ops_password: SecretRef | None = None
-
-    @field_validator("ops_networks")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for net in value:
-            ipaddress.ip_network(net, strict=False)
-        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:
