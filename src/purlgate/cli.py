@@ -10,7 +10,6 @@ so that ``purlgate --help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -167,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _e2e(args: argparse.Namespace) -> int:
+    import asyncio
+
     from purlgate.config import load_config
     from purlgate.e2e import default_target, report, run_e2e
 
@@ -350,6 +351,8 @@ def _hash_password() -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    import asyncio
+
     from purlgate.replay import replay, table
 
     manifest = args.manifest or args.files[0].parent / "manifest.toml"
@@ -372,8 +375,6 @@ def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
 
 
 def _process(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from purlgate.config import load_config
     from purlgate.core.archive import needs_password
     from purlgate.core.lifecycle import BatchState
@@ -401,6 +402,8 @@ def _process(args: argparse.Namespace) -> int:
     size = path.stat().st_size
     bar: Any = None
     if size >= PROGRESS_FROM_BYTES:
+        from tqdm import tqdm
+
         bar = tqdm(total=size, unit="B", unit_scale=True, desc=path.name, disable=None,
                    file=sys.stderr)
 
@@ -440,6 +443,7 @@ def _process(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import asyncio
     import signal
 
     from purlgate.app import build_gateway, serve
