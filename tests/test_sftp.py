@@ -275,6 +275,26 @@ async def test_same_name_again_is_refused_at_open(running: Running, keys: Keys) 
 
 
 @pytest.mark.asyncio
+async def test_a_failed_upload_s_name_can_be_sent_again(running: Running, keys: Keys) -> None:
+    """A file that fails (header only) frees its name: the corrected file under the same
+    name is accepted at open and processed."""
+    name = f"again_{T}.csv"
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        async with sftp.open(f"/spring/Uploads/{name}", "wb") as f:
+            await f.write(b"first_name,email\n")
+        for _ in range(600):  # until the first batch has failed
+            batches = running.gateway.region.store.recent()
+            if batches and batches[0].state == "Failed":
+                break
+            await asyncio.sleep(0.05)
+        assert batches[0].error_code == "no-data"
+        async with sftp.open(f"/spring/Uploads/{name}", "wb") as f:
+            await f.write(CSV)
+        await running.wait_for(running.downloads() / f"PURL_{name}.flg")
+    assert [b.state for b in running.gateway.region.store.recent()] == ["Done", "Failed"]
+
+
+@pytest.mark.asyncio
 async def test_same_name_from_two_sessions_at_once(running: Running, keys: Keys) -> None:
     """Two sessions upload one name at the same moment: exactly one is processed."""
     async def upload() -> str:

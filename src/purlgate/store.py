@@ -1,9 +1,15 @@
 """The embedded batch store: SQLite (WAL) in the region's data directory.
 
-The unique index on (client, project, data_name) is the duplicate-name guard: two
-files of the same name racing from two channels or two sessions cannot both claim it,
-and a claim survives restarts. One short-lived connection per call keeps the store
-safe to use from worker threads.
+The unique index on (client, project, data_name) of batches that have not failed is
+the duplicate-name guard: two files of the same name racing from two channels or two
+sessions cannot both claim it, a claim survives restarts, and a batch that fails lets
+its name go in the same transaction that records the failure (the client sends the
+corrected file under the same name). One short-lived connection per call keeps the
+store safe to use from worker threads.
+
+The schema is versioned (``PRAGMA user_version``): ``MIGRATIONS`` are applied in order
+at open, each in its own transaction, so a data directory of an earlier release is
+upgraded in place with every batch, claim and transition kept.
 """
 
 from __future__ import annotations
@@ -67,6 +73,18 @@ class BatchSummary:
     updated_at: datetime
 
 
+# Version n of the schema is MIGRATIONS[n - 1] applied to version n - 1.
+MIGRATIONS: tuple[str, ...] = (
+    SCHEMA,  # 1: the first release (its tables may already exist: IF NOT EXISTS)
+    # 2: a failed batch no longer holds its name
+    """
+    DROP INDEX IF EXISTS batches_claimed_name;
+    CREATE UNIQUE INDEX batches_claimed_name ON batches (client, project, data_name)
+        WHERE data_name IS NOT NULL AND state != 'Failed';
+    """,
+)
+
+
 def _ts(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds")
 
@@ -77,7 +95,18 @@ class SqliteBatchStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+            self._migrate(db)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StorageError(f"the batch store is of schema {version}, newer than this "
+                               f"release ({len(MIGRATIONS)}): run the newer release")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript commits first; BEGIN makes the migration and its version one.
+            db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};"
+                             "\nCOMMIT;")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -193,19 +222,23 @@ class SqliteBatchStore:
             return self._record(db, row)
 
     def find_by_name(self, client: str, project: str, data_name: str) -> BatchRecord | None:
+        """The batch holding ``data_name`` (failed batches hold no name)."""
         with self._connect() as db:
             row = db.execute(
-                "SELECT * FROM batches WHERE client = ? AND project = ? AND data_name = ?",
-                (client, project, data_name),
+                "SELECT * FROM batches WHERE client = ? AND project = ? AND data_name = ?"
+                " AND state != ?",
+                (client, project, data_name, BatchState.FAILED.value),
             ).fetchone()
             return None if row is None else self._record(db, row)
 
-    def first_received(self, client: str, project: str, name: str) -> datetime | None:
-        """When a file of this name (as sent, or the data file inside) first arrived."""
+    def held_since(self, client: str, project: str, name: str) -> datetime | None:
+        """When the batch that holds this name (as sent, or the data file inside) arrived;
+        None when no batch holds it (never sent, or every batch of it failed)."""
         with self._connect() as db:
             row = db.execute(
                 "SELECT MIN(created_at) FROM batches WHERE client = ? AND project = ?"
-                " AND (received_name = ? OR data_name = ?)", (client, project, name, name),
+                " AND (received_name = ? OR data_name = ?) AND state != ?",
+                (client, project, name, name, BatchState.FAILED.value),
             ).fetchone()
         return datetime.fromisoformat(row[0]) if row and row[0] else None
 

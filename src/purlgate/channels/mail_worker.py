@@ -128,7 +128,8 @@ class MailWorker:
         batch = outcome.batch
         if batch.state is BatchState.FAILED or outcome.purl is None:
             reply = failure_reply(message, batch.reason or "the file could not be processed",
-                                  sender=ours, to=sender, batch=batch)
+                                  sender=ours, to=sender, batch=batch, errors=outcome.errors,
+                                  password=password)
         else:
             files = [p for p in (outcome.purl, outcome.errors) if p is not None]
             reply = success_reply(message, batch, files, password, sender=ours, to=sender)

@@ -75,16 +75,33 @@ def success_reply(original: EmailMessage | None, batch: BatchRecord, files: Sequ
     return reply
 
 
+def name_sentence(batch: BatchRecord) -> str:
+    """Whether the client may send the same file name again, in plain words."""
+    if batch.error_code == "duplicate-name":
+        return "The file name is taken by the earlier file: use a new name.\n"
+    return ("The file name is free again: you may send the corrected file under the same "
+            "name.\n")
+
+
 def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to: str,
-                  batch: BatchRecord | None = None) -> EmailMessage:
+                  batch: BatchRecord | None = None, errors: Path | None = None,
+                  password: bytes | None = None) -> EmailMessage:
+    """The failure and what to fix; the error list attached (AES ZIP) when there is one."""
     reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
     reference = f"\nReference: batch {batch.id}\n" if batch is not None else ""
+    attach = errors is not None and password is not None
+    listed = (f"\nThe attached ZIP holds {errors.name}, every error of the file (row, "
+              "column, reason), with the same password as the file you sent.\n"
+              if attach and errors is not None else "")
     reply.set_content(
         "Your data file could not be processed.\n\n"
-        f"What to fix: {reason}.\n" + reference +
+        f"What to fix: {reason}.\n" + reference + listed +
         "\nNothing from this message was processed. Please send a new message with the "
-        "corrected file.\n"
+        "corrected file.\n" + (name_sentence(batch) if batch is not None else "")
     )
+    if attach and errors is not None and password is not None:
+        reply.add_attachment(aes_zip([errors], password), maintype="application",
+                             subtype="zip", filename=f"{errors.name.rsplit('.', 1)[0]}.zip")
     return reply
 
 
@@ -104,7 +121,8 @@ def notification(event: BatchEvent, *, sender: str, to: Sequence[str]) -> EmailM
     message["From"] = sender
     message["To"] = ", ".join(to)
     message["Subject"] = f"[purlgate] {title}: {batch.data_name or batch.received_name}"
-    reason = f"Reason: {batch.reason}\n" if event.kind is EventKind.FAILED else ""
+    reason = (f"Reason: {batch.reason}\n{name_sentence(batch)}"
+              if event.kind is EventKind.FAILED else "")
     message.set_content(
         f"purlgate {title} for client {batch.client}.\n\n" + _summary(batch) + reason +
         f"Channel: {batch.channel}\n"

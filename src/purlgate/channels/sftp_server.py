@@ -202,8 +202,8 @@ class SftpService:
                 (base / area).mkdir(parents=True, exist_ok=True)
 
     def reserve(self, client_id: str, project: str, name: str, owner: str) -> None:
-        """Refuse a name already received or being received; else hold it."""
-        first = self.store.first_received(client_id, project, name)
+        """Refuse a name a batch holds or that is being received; else hold it."""
+        first = self.store.held_since(client_id, project, name)
         if first is not None:
             when = first.strftime("%Y-%m-%d %H:%M:%S UTC")
             raise SFTPError(asyncssh.FX_FAILURE,

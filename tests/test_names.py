@@ -1,0 +1,119 @@
+"""Name semantics: a name is held only by a batch that did not fail; every failure says
+whether the same name may be sent again; the store upgrades an older data directory."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pyzipper
+
+from purlgate.core.lifecycle import BatchState
+from purlgate.store import MIGRATIONS, SqliteBatchStore
+from tests.conftest import Harness
+from tests.mail_helpers import PASSWORD, SENDER, Sink, aes_zip, client_mail, rows
+from tests.test_email import T, start
+
+NAME = f"acme_spring_{T}_00.csv"
+
+# The batch store's schema as the first release made it (before user_version).
+FIRST_RELEASE_SCHEMA = """
+CREATE TABLE batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, region TEXT NOT NULL, client TEXT NOT NULL,
+    project TEXT, channel TEXT NOT NULL, received_name TEXT NOT NULL, data_name TEXT,
+    sha256 TEXT, state TEXT NOT NULL, reason TEXT, error_code TEXT,
+    rows_total INTEGER NOT NULL DEFAULT 0, rows_ok INTEGER NOT NULL DEFAULT 0,
+    rows_error INTEGER NOT NULL DEFAULT 0, outputs TEXT NOT NULL DEFAULT '[]',
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, intake_id TEXT UNIQUE);
+CREATE UNIQUE INDEX batches_claimed_name
+    ON batches (client, project, data_name) WHERE data_name IS NOT NULL;
+CREATE TABLE transitions (batch_id INTEGER NOT NULL REFERENCES batches(id),
+    state TEXT NOT NULL, at TEXT NOT NULL);
+CREATE INDEX transitions_batch ON transitions (batch_id);
+"""
+
+
+def test_a_failed_batch_lets_its_name_go(harness: Harness) -> None:
+    """A file that fails after its name was claimed (header only) frees the name: the
+    corrected file under the same name is processed; a Done batch keeps its name."""
+    path = harness.write(NAME, b"first_name,email\n")
+    failed = harness.run(path)
+    assert failed.state is BatchState.FAILED
+    assert failed.batch.data_name == NAME, "the failed batch still says what it was"
+    fixed = harness.run(harness.write(NAME, b"first_name,email\nAna,a@x.example\n"))
+    assert fixed.state is BatchState.DONE
+    again = harness.run(harness.write(NAME, b"first_name,email\nBo,b@x.example\n"))
+    assert again.state is BatchState.FAILED
+    assert again.batch.error_code == "duplicate-name"
+
+
+def test_an_older_data_directory_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A store made by the first release (no user_version, the old index) opens at the
+    current schema with every batch and transition kept; its failed batch's name is
+    free afterwards and its Done batch's name is still held."""
+    path = tmp_path / "batches.sqlite3"
+    now = datetime(2026, 11, 1, tzinfo=UTC).isoformat()
+    with sqlite3.connect(path) as db:
+        db.executescript(FIRST_RELEASE_SCHEMA)
+        for i, (name, state) in enumerate([("a.csv", "Failed"), ("b.csv", "Done")], 1):
+            db.execute("INSERT INTO batches (region, client, project, channel, received_name,"
+                       " data_name, state, created_at, updated_at) VALUES"
+                       " ('usa','acme','spring','smtp',?,?,?,?,?)", (name, name, state, now, now))
+            db.execute("INSERT INTO transitions VALUES (?, ?, ?)", (i, state, now))
+    store = SqliteBatchStore(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert [b.received_name for b in store.search()] == ["b.csv", "a.csv"]
+    assert store.get(1).history[0][0] is BatchState.FAILED
+    assert store.held_since("acme", "spring", "a.csv") is None
+    assert store.held_since("acme", "spring", "b.csv") is not None
+    SqliteBatchStore(path)  # opening again changes nothing
+    newer = tmp_path / "newer.sqlite3"
+    with sqlite3.connect(newer) as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(Exception, match="newer than this release"):
+        SqliteBatchStore(newer)
+
+
+@pytest.mark.asyncio
+async def test_email_failure_carries_the_error_list_and_frees_the_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that fails after its name was claimed (no delimiter fits): the failure
+    reply attaches the error list (AES ZIP, the client's password) and says the name is
+    free; the corrected file under the same name then gets its PURL file."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    sink = await Sink().start()
+    running = await start(tmp_path, sink)
+    try:
+        await _fail_then_fix(running.send, sink)
+    finally:
+        await running.shutdown()
+        await sink.stop()
+
+
+async def _fail_then_fix(send: Any, sink: Sink) -> None:
+    bad = b"first_name,email\nAna,a@x.example,extra\nBo,b@x.example,extra\n"
+    await send(client_mail([(f"{NAME[:-4]}.zip", aes_zip({NAME: bad}),
+                                     "application/zip")]))
+    reply = (await sink.wait_to(SENDER))[0].message
+    body = reply.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Your data file could not be processed." in body
+    assert "The file name is free again: you may send the corrected file under the same " \
+           "name." in body
+    parts = list(reply.iter_attachments())
+    assert [p.get_filename() for p in parts] == [f"PURL_acme_spring_{T}_00_errors.zip"]
+    with pyzipper.AESZipFile(io.BytesIO(parts[0].get_payload(decode=True))) as z:
+        z.setpassword(PASSWORD)
+        errors = z.read(f"PURL_acme_spring_{T}_00_errors.csv").decode().splitlines()
+    assert errors == ["row,column,reason",
+                      ',,"cannot tell the delimiter: no one of , ; | or tab gives the same '
+                      'number of columns in the header and the first rows"']
+    await send(client_mail([(f"{NAME[:-4]}.zip", aes_zip({NAME: rows(3)}),
+                                     "application/zip")]))
+    second = (await sink.wait_to(SENDER, 2))[1].message
+    body = second.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "Status: Done" in body
