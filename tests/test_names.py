@@ -4,7 +4,11 @@ whether the same name may be sent again; the store upgrades an older data direct
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,10 +16,19 @@ from typing import Any
 import pytest
 import pyzipper
 
+from purlgate.core.archive import UnwrapLimits, unwrap
 from purlgate.core.lifecycle import BatchState
 from purlgate.store import MIGRATIONS, SqliteBatchStore
-from tests.conftest import Harness
-from tests.mail_helpers import PASSWORD, SENDER, Sink, aes_zip, client_mail, rows
+from tests.conftest import DATA, Harness
+from tests.mail_helpers import (
+    PASSWORD,
+    SENDER,
+    Sink,
+    aes_zip,
+    client_mail,
+    plain_zip,
+    rows,
+)
 from tests.test_email import T, start
 
 NAME = f"acme_spring_{T}_00.csv"
@@ -117,3 +130,65 @@ async def _fail_then_fix(send: Any, sink: Sink) -> None:
     second = (await sink.wait_to(SENDER, 2))[1].message
     body = second.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert "Status: Done" in body
+
+
+def test_results_and_state_are_private(tmp_path: Path) -> None:
+    """`purlgate process`: the data directory is 0700, its store 0600, the PURL and
+    flag files 0640 (the group may read results), nothing world-readable."""
+    exe = str(Path(sys.executable).with_name("purlgate"))
+    shutil.copy(DATA / "acme_spring_20261127_101500_00.csv", tmp_path)
+    result = subprocess.run([exe, "process", "acme_spring_20261127_101500_00.csv"],
+                            cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "var" / "usa") == 0o700
+    assert mode(tmp_path / "var" / "usa" / "batches.sqlite3") == 0o600
+    assert mode(tmp_path / "var" / "usa" / "rows") == 0o700
+    out = tmp_path / "out"
+    assert {p.name: mode(p) for p in out.iterdir()} == {
+        "PURL_acme_spring_20261127_101500_00.csv": 0o640,
+        "PURL_acme_spring_20261127_101500_00.csv.flg": 0o640}
+    for path in (tmp_path / "var").rglob("*"):
+        assert mode(path) & 0o007 == 0, path
+
+
+def test_unwrapped_data_is_0600_whatever_the_umask(tmp_path: Path) -> None:
+    """The data file taken out of a ZIP (and any scratch) is readable by us alone, even
+    in a process whose umask would allow more."""
+    old = os.umask(0o022)
+    try:
+        zip_path = tmp_path / "a_20261127_101500.zip"
+        zip_path.write_bytes(plain_zip({"a_20261127_101500.csv": b"x,y\n1,2\n"}))
+        work = tmp_path / "work"
+        work.mkdir()
+        out = unwrap(zip_path, zip_path.name, work, password=None, require_aes=False,
+                     limits=UnwrapLimits(10_000, 100.0, 1_000))
+        assert out.path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.asyncio
+async def test_an_attachment_named_dotdot_is_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ZIP attached under the name '..' never becomes a path on our disk: it is read
+    like any other (the data file inside names the batch) and answered, and the queue
+    moves on to the next message."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    sink = await Sink().start()
+    running = await start(tmp_path, sink)
+    try:
+        await running.send(client_mail([("..", aes_zip({NAME: rows(2)}), "application/zip")]))
+        first = (await sink.wait_to(SENDER))[0].message
+        assert "Status: Done" in first.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        other = f"acme_spring_{T}_01.csv"
+        await running.send(client_mail([(f"{other[:-4]}.zip", aes_zip({other: rows(2)}),
+                                         "application/zip")]))
+        second = (await sink.wait_to(SENDER, 2))[1].message
+        assert "Status: Done" in second.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert not (running.data_dir / "mail-work").exists() or not any(
+            (running.data_dir / "mail-work").iterdir())
+        assert running.spooled() == []
+    finally:
+        await running.shutdown()
+        await sink.stop()

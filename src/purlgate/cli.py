@@ -560,6 +560,8 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # What we create is ours alone unless a file says otherwise (results are 0640).
+    os.umask(0o077)
     args = _parser().parse_args(argv)
     default = "INFO" if args.command == "serve" else "WARNING"
     setup_logging(getattr(args, "log_level", default), getattr(args, "log_format", "text"))

@@ -82,6 +82,7 @@ def build_region(
     use_jemalloc()
     data_dir = data_dir or region.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)  # client data lives here: spools, rows, keys, results
     store = SqliteBatchStore(data_dir / "batches.sqlite3")
     key = token_key(region, data_dir)
     embedded = EmbeddedRenderer(key, region.public_base_url)

@@ -12,6 +12,7 @@ spool entry owns it.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sqlite3
 from collections.abc import Mapping
@@ -31,11 +32,18 @@ from purlgate.channels.replies import (
 from purlgate.channels.smtp_listener import client_of
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig
+from purlgate.core.files import private_file
 from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
 from purlgate.core.pipeline import BatchProcessor, Submission
 from purlgate.errors import ConfigError, MessageError
 
 log = logging.getLogger("purlgate.mail")
+
+
+def safe_suffix(filename: str) -> str:
+    """The file name's extension when it is a plain one (``.zip``), else nothing."""
+    suffix = Path(filename).suffix
+    return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
 
 
 class MailLedger:
@@ -113,9 +121,11 @@ class MailWorker:
             raise ConfigError(f"client {client_id} mails data files but has no zip_password")
         password = client.zip_password.reveal()
         work = self.work_root / entry.id
-        upload = work / "in" / attachment.filename
-        upload.parent.mkdir(parents=True, exist_ok=True)
-        upload.write_bytes(attachment.data)
+        # The client's file name never becomes a path on our disk (think of "..").
+        upload = work / "in" / f"attachment{safe_suffix(attachment.filename)}"
+        upload.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with private_file(upload) as f:
+            f.write(attachment.data)
         out_dir = work / "out"
         out_dir.mkdir(exist_ok=True)
         outcome = self.processor.process(

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyzipper
 
+from purlgate.core.files import private_file
 from purlgate.core.naming import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS, split_extension
 from purlgate.errors import ArchiveError, ArchivePasswordError
 
@@ -131,7 +132,7 @@ def _copy_limited(
     source: Any, target: Path, compressed_size: int, limits: UnwrapLimits
 ) -> None:
     written = 0
-    with target.open("wb") as out:
+    with private_file(target) as out:
         while chunk := source.read(CHUNK):
             written += len(chunk)
             if written > limits.max_uncompressed_bytes:

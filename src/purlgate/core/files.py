@@ -24,16 +24,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+RESULT_MODE = 0o640  # PURL, flag and error files: the owner writes, its group may read
+
+
+def private_file(path: Path) -> BinaryIO:
+    """A new scratch file only we can read (0600), for decrypted or unwrapped data."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 class AtomicFile:
     """Write ``final`` through ``.<final>.part`` and publish it only on ``commit()``.
 
-    By default an existing ``final`` is never replaced (the commit fails instead).
+    By default an existing ``final`` is never replaced (the commit fails instead). The
+    file gets exactly ``mode`` (0600 unless said: what we write holds client data),
+    whatever the process umask.
 
     Leaving the ``with`` block without ``commit()`` (an exception, an early return)
     removes the temporary file, so nothing partial is left behind.
     """
 
-    def __init__(self, final: Path, *, mode: int = 0o644, no_clobber: bool = True) -> None:
+    def __init__(self, final: Path, *, mode: int = 0o600, no_clobber: bool = True) -> None:
         self.final = final
         self._no_clobber = no_clobber
         self.temp = final.with_name(f".{final.name}.part")
@@ -44,6 +56,7 @@ class AtomicFile:
     def __enter__(self) -> Self:
         try:
             fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self._mode)
+            os.fchmod(fd, self._mode)
         except OSError as exc:
             raise StorageError(f"cannot create {self.temp.name}: {exc.strerror}") from exc
         self._file = os.fdopen(fd, "wb", buffering=1 << 20)

@@ -31,7 +31,7 @@ from purlgate.config import ClientConfig, ProjectConfig
 from purlgate.core import dialect as dia
 from purlgate.core.archive import UnwrapLimits, unwrap
 from purlgate.core.crypto import Crypto, Decrypted, check_signature, looks_like_pgp
-from purlgate.core.files import AtomicFile
+from purlgate.core.files import RESULT_MODE, AtomicFile, private_file
 from purlgate.core.lifecycle import (
     EVENT_OF_STATE,
     TERMINAL,
@@ -148,7 +148,7 @@ class ErrorLog:
 
     def __init__(self, scratch: Path) -> None:
         self._path = scratch
-        self._file = scratch.open("w", encoding="utf-8", newline="")
+        self._file = io.TextIOWrapper(private_file(scratch), encoding="utf-8", newline="")
         self._writer = csv.writer(self._file, lineterminator="\n")
         self.rows_with_errors = 0
         self.batch_errors: list[str] = []
@@ -171,9 +171,9 @@ class ErrorLog:
     def empty(self) -> bool:
         return not self.rows_with_errors and not self.batch_errors
 
-    def publish(self, final: Path, *, replace: bool = False) -> Path:
+    def publish(self, final: Path, *, replace: bool = False, mode: int = RESULT_MODE) -> Path:
         self._file.close()
-        with AtomicFile(final, no_clobber=not replace) as out:
+        with AtomicFile(final, no_clobber=not replace, mode=mode) as out:
             text = io.TextIOWrapper(out.file, encoding="utf-8", newline="", write_through=True)
             writer = csv.writer(text, lineterminator="\n")
             writer.writerow(self.HEADER)
@@ -347,7 +347,7 @@ class BatchProcessor:
             hasher.start()
         work = self.work_root / f"batch-{record.id}"
         shutil.rmtree(work, ignore_errors=True)  # a restarted batch starts from scratch
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
         errors = ErrorLog(work / "row-errors.csv")
         job: _Job | None = None
         try:
@@ -448,14 +448,14 @@ class BatchProcessor:
         recipient = job.client.pgp_fingerprint
         if self.crypto is None or recipient is None:
             raise ServerError("the project encrypts its results but PGP is not set up")
-        with AtomicFile(final, no_clobber=not job.restarted) as out:
+        with AtomicFile(final, no_clobber=not job.restarted, mode=RESULT_MODE) as out:
             self.crypto.encrypt(source, out.file, recipient=recipient)
             return out.commit()
 
     def _publish_errors(self, job: _Job) -> Path:
         if not job.encrypt:
             return job.errors.publish(job.error_path, replace=job.restarted)
-        plain = job.errors.publish(job.work / "errors-plain.csv")
+        plain = job.errors.publish(job.work / "errors-plain.csv", mode=0o600)
         return self._encrypt_to(plain, job.error_path, job)
 
     def _run(self, job: _Job) -> BatchOutcome:
@@ -486,7 +486,7 @@ class BatchProcessor:
         flag = None
         if project.flag_file:
             flag_path = purl.with_name(flag_name(purl.name))
-            with AtomicFile(flag_path, no_clobber=not job.restarted) as out:
+            with AtomicFile(flag_path, no_clobber=not job.restarted, mode=RESULT_MODE) as out:
                 flag = out.commit()
             outputs.append(flag)
         errors_path = None
@@ -512,7 +512,9 @@ class BatchProcessor:
         numbers = reader.numbers
         rendered = 0  # ordinal of the next row handed to the renderer (token input)
         ok = 0
-        with AtomicFile(target, no_clobber=not job.restarted) as out, \
+        # Encrypted results: the plain PURL file is scratch (0600); else it is the result.
+        mode = 0o600 if job.encrypt else RESULT_MODE
+        with AtomicFile(target, no_clobber=not job.restarted, mode=mode) as out, \
                 contextlib.ExitStack() as stack:
             sink: RowSink | None = None
             if self.rows is not None and job.renderer.keeps_rows:
