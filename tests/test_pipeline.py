@@ -351,3 +351,27 @@ def test_purl_file_named_after_a_purl_file_is_refused(harness: Harness) -> None:
     outcome = harness.run(path)
     assert outcome.state is BatchState.FAILED
     assert outcome.batch.error_code == "bad-header"
+
+
+def test_a_file_cut_mid_row_is_refused_whole(harness: Harness) -> None:
+    """A transfer that stopped early (the last line short, no line end) fails as cut off
+    at that row, with no PURL file; the whole file then goes through under the same
+    name. A short last line that does end, or a whole last line without a line end,
+    is not a cut."""
+    name = "acme_spring_20261127_121500_00.csv"
+    whole = b"first_name,email,city\n" + b"".join(
+        b"N%d,n%d@x.example,Paris\n" % (i, i) for i in range(5)) + b"Bo,b@x.example,Rome\n"
+    cut = harness.run(harness.write(name, whole[:-12]))
+    assert cut.state is BatchState.FAILED
+    assert cut.batch.error_code == "cut-off"
+    assert cut.batch.reason == (
+        "the file looks cut off at row 7: its last line has 2 of the 3 fields and no line "
+        "end, as when an upload or a copy stops early; send the whole file again")
+    assert not any(p.name.startswith("PURL_") and p.suffix == ".csv" and "_errors" not in p.name
+                   for p in harness.out.iterdir())
+    assert harness.run(harness.write(name, whole)).state is BatchState.DONE
+    short_but_ended = harness.run(harness.write(
+        "acme_spring_20261127_121501_00.csv", whole + b"Cy,c@x.example\n"))
+    assert short_but_ended.state is BatchState.DONE_WITH_ERRORS
+    no_final_eol = harness.run(harness.write("acme_spring_20261127_121502_00.csv", whole[:-1]))
+    assert no_final_eol.state is BatchState.DONE

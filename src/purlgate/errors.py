@@ -13,7 +13,8 @@
     │   ├── EncodingError           bytes that are neither UTF-8 nor Windows-1252
     │   ├── DelimiterError          no delimiter, or more than one, fits the header
     │   ├── HeaderError             missing required columns, duplicate or empty names
-    │   └── NoDataError             empty file, header only, or no valid row at all
+    │   ├── NoDataError             empty file, header only, or no valid row at all
+    │   └── CutOffError             the file ends mid-row: a transfer stopped early
     ├── ConfigError                 regions.toml is wrong; nothing starts
     └── ServerError                 our side or a backend failed; retry, alert ops
         ├── StorageError            disk full, fsync/rename failed, state store broken
@@ -93,6 +94,10 @@ class HeaderError(ClientInputError):
 
 class NoDataError(ClientInputError):
     code = "no-data"
+
+
+class CutOffError(ClientInputError):
+    code = "cut-off"
 
 
 class ConfigError(PurlgateError):

@@ -51,9 +51,10 @@ from purlgate.core.naming import (
     strip_pgp,
 )
 from purlgate.core.render import Renderer, RenderRequest, RowSink, RowStore
-from purlgate.core.table import InvalidUtf8Error, LineWriter, RowReader
+from purlgate.core.table import BadRow, InvalidUtf8Error, LineWriter, RowReader
 from purlgate.errors import (
     ClientInputError,
+    CutOffError,
     EncodingError,
     FileNameError,
     NoDataError,
@@ -572,8 +573,9 @@ class BatchProcessor:
                 errors.add_rows(found)
                 if progress is not None:
                     progress(reader.position(), reader.size)
-            errors.add_rows(RowError(b.record + 1, "", ragged.format(b.fields))
-                            for b in numbers.take_bad_rows())
+            tail = numbers.take_bad_rows()
+            _refuse_cut_off(job.path, tail, numbers.last, len(header))
+            errors.add_rows(RowError(b.record + 1, "", ragged.format(b.fields)) for b in tail)
             if ok == 0:
                 raise NoDataError(
                     "no row could be used: every data row has an error (see the error list)"
@@ -611,6 +613,23 @@ def _empty_required(
         if pc.any(mask).as_py():
             empty[col] = mask
     return empty
+
+
+def _refuse_cut_off(path: Path, tail: Sequence[BadRow], last_good: int, width: int) -> None:
+    """A transfer cut short ends mid-row: the last record is short and has no line end.
+    Such a file is refused whole (rather than processed as if complete)."""
+    if not tail or tail[-1].record <= last_good or tail[-1].fields >= width:
+        return
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        if f.read(1) in (b"\n", b"\r"):
+            return
+    last = tail[-1]
+    raise CutOffError(
+        f"the file looks cut off at row {last.record + 1}: its last line has {last.fields} "
+        f"of the {width} fields and no line end, as when an upload or a copy stops early; "
+        "send the whole file again"
+    )
 
 
 def _all_utf8(path: Path) -> bool:

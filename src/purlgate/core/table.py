@@ -66,6 +66,11 @@ class RecordNumbers:
                 return record
             record = moved
 
+    @property
+    def last(self) -> int:
+        """Record number of the last row delivered so far (0: none yet)."""
+        return self._last
+
     def advance(self, delivered: int) -> None:
         if delivered:
             self._last = self.record_of(delivered - 1)
