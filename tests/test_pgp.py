@@ -461,3 +461,35 @@ def test_check_config_refuses_control_characters(keys: Keys, tmp_path: Path) -> 
     assert ("region usa, field pgp.passphrase: the PGP passphrase contains a newline or "
             "another control character") in result.stderr
     assert "two" not in result.stderr, "the secret must not be echoed"
+
+
+def test_gpg_armor_default_asc_name(keys: Keys, gateway: Gateway, tmp_path: Path) -> None:
+    """What `gpg -a -e -s -r <ours> file.csv` makes with its defaults, file.csv.asc, is
+    decrypted and processed; the PURL file comes back as PURL_file.csv.gpg."""
+    source = tmp_path / f"acme_secure_{T}_05.csv"
+    source.write_text(CSV)
+    gpg(keys.acme.home, "--trust-model", "always", "-a", "-e", "-s", "--local-user",
+        keys.acme.fpr, "-r", keys.ours.fpr, str(source))
+    asc = source.with_name(source.name + ".asc")
+    assert asc.read_bytes().startswith(b"-----BEGIN PGP MESSAGE-----")
+    outcome = gateway.send(asc.read_bytes(), asc.name)
+    assert outcome.state is BatchState.DONE, outcome.batch.reason
+    assert outcome.batch.data_name == source.name
+    assert outputs(gateway) == [f"PURL_{source.name}.gpg", f"PURL_{source.name}.gpg.flg"]
+
+
+@pytest.mark.parametrize("name", [f"acme_secure_{T}_06.csv.asc", f"acme_secure_{T}_06.csv"])
+def test_clearsigned_file_is_refused_not_processed(keys: Keys, gateway: Gateway,
+                                                   tmp_path: Path, name: str) -> None:
+    """A clearsigned CSV (gpg --clearsign), whatever its name, is refused with what to
+    send instead; no PURL file with armor lines, and the name stays free."""
+    source = tmp_path / "data.csv"
+    source.write_text(CSV)
+    signed = gpg(keys.acme.home, "--local-user", keys.acme.fpr, "--clearsign",
+                 "--output", "-", str(source))
+    assert signed.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----")
+    outcome = gateway.send(signed, name)
+    assert_refused(gateway, outcome,
+                   "the file is clearsigned (signed but not encrypted), which we do not "
+                   "accept; encrypt it to our public key (gpg --encrypt --sign), or send the "
+                   "plain file in a password-protected ZIP")

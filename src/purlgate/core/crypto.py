@@ -13,9 +13,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from purlgate.core.naming import PGP_EXTENSIONS
 from purlgate.errors import PgpError
 
 PGP_ARMOR = b"-----BEGIN PGP MESSAGE-----"
+CLEARSIGNED = b"-----BEGIN PGP SIGNED MESSAGE-----"
 # A message starts with a public-key (1) or symmetric-key (3) encrypted session key.
 SESSION_KEY_TAGS = (1, 3)
 
@@ -44,11 +46,19 @@ class Crypto(Protocol):
 
 
 def looks_like_pgp(path: Path, name: str) -> bool:
-    """By extension, or by content: an armored message or a binary session-key packet."""
-    if name.lower().endswith((".pgp", ".gpg")):
-        return True
+    """By extension, or by content: an armored message or a binary session-key packet.
+    A clearsigned file (signed, not encrypted) is refused outright: processed as text,
+    its armor lines would become a PURL file's header."""
     with path.open("rb") as f:
         head = f.read(64)
+    if head.lstrip().startswith(CLEARSIGNED):
+        raise PgpError(
+            "the file is clearsigned (signed but not encrypted), which we do not accept; "
+            "encrypt it to our public key (gpg --encrypt --sign), or send the plain file "
+            "in a password-protected ZIP"
+        )
+    if name.lower().endswith(tuple(f".{e}" for e in PGP_EXTENSIONS)):
+        return True
     if head.lstrip().startswith(PGP_ARMOR):
         return True
     if not head or not head[0] & 0x80:

@@ -15,7 +15,7 @@ from purlgate.errors import FileNameError, FileTypeError
 
 DATA_EXTENSIONS = ("csv", "tsv", "txt", "dat")
 ARCHIVE_EXTENSIONS = ("zip",)
-PGP_EXTENSIONS = ("pgp", "gpg")
+PGP_EXTENSIONS = ("pgp", "gpg", "asc")  # .asc: gpg -a's and Kleopatra's default name
 RECOMMENDED_FORM = "<client>_<project>_YYYYMMdd_HHMMss_mm.<ext>"
 MAX_NAME_LENGTH = 180
 
