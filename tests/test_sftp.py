@@ -464,6 +464,37 @@ async def test_defender_bans_after_failures(running: Running, keys: Keys) -> Non
 
 
 @pytest.mark.asyncio
+async def test_a_polling_script_is_never_banned(running: Running, keys: Keys) -> None:
+    """Logging in again and again (a script polling Downloads) scores nothing: ten times
+    the ban threshold of successful logins, and the next one still gets in."""
+    for _ in range(12):
+        async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+            await sftp.listdir("/spring/Downloads")
+    assert running.gateway.sftp_service is not None
+    assert not running.gateway.sftp_service.defender.banned("127.0.0.1")
+    assert running.gateway.sftp_service.defender.events["valid"] == 12
+
+
+@pytest.mark.asyncio
+async def test_unknown_users_take_as_long_as_known_ones(tmp_path: Path, keys: Keys) -> None:
+    """A wrong password for a user that does not exist is refused after the same slow
+    hash as for one that does: the timing does not tell which usernames exist."""
+    r = await start(tmp_path, keys, safelist='"127.0.0.1"')
+    try:
+        async def refused_in(user: str) -> float:
+            start_at = time.perf_counter()
+            with pytest.raises(asyncssh.PermissionDenied):
+                async with r.connect(user=user, password="wrong"):
+                    pass
+            return time.perf_counter() - start_at
+        known = sorted([await refused_in("acme") for _ in range(5)])[2]
+        unknown = sorted([await refused_in("nobody-here") for _ in range(5)])[2]
+    finally:
+        await r.shutdown()
+    assert 0.6 < unknown / known < 1.6, (known, unknown)
+
+
+@pytest.mark.asyncio
 async def test_safelist_is_never_banned(tmp_path: Path, keys: Keys) -> None:
     """A safelisted network keeps access after many failures."""
     r = await start(tmp_path, keys, safelist='"127.0.0.0/8"')

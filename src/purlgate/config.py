@@ -298,7 +298,6 @@ class DefenderConfig(_Model):
 
     enabled: bool = True
     threshold: int = Field(default=15, gt=0)  # score at which the IP is banned
-    score_valid: int = Field(default=1, ge=0)  # a successful login
     score_invalid: int = Field(default=2, ge=0)  # a failed password
     score_no_auth: int = Field(default=2, ge=0)  # a connection that never logged in
     observation_seconds: float = Field(default=1800.0, gt=0)

@@ -61,11 +61,12 @@ class Defender:
     def record(self, ip: str, event: Event) -> bool:
         """Add an event; True if the IP is banned now."""
         self.events[event.value] += 1  # for the metrics: logins by outcome
-        if not self.config.enabled or self.safe(ip):
+        if event is Event.VALID or not self.config.enabled or self.safe(ip):
+            # As SFTPGo scores: only failures count; a script logging in every minute
+            # to poll Downloads must never be banned for it.
             return False
         c = self.config
-        points = {Event.VALID: c.score_valid, Event.INVALID: c.score_invalid,
-                  Event.NO_AUTH: c.score_no_auth}[event]
+        points = c.score_invalid if event is Event.INVALID else c.score_no_auth
         now = self.clock()
         with self._lock:
             events = self._events[ip]

@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import threading
@@ -42,7 +43,7 @@ from purlgate.channels.spool import GroupSync
 from purlgate.config import ClientConfig, SftpConfig
 from purlgate.core.naming import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS, PGP_EXTENSIONS
 from purlgate.core.pipeline import BatchProcessor, Submission
-from purlgate.passwords import verify_password
+from purlgate.passwords import hash_password, verify_password
 from purlgate.store import SqliteBatchStore
 
 log = logging.getLogger("purlgate.sftp")
@@ -158,6 +159,8 @@ class SftpService:
             self.accounts[client.sftp.username] = Account(client_id, client, keys)
             self.ensure_home(client_id, client)
         self._lock = threading.Lock()
+        # Checked against for unknown users, so that they take as long as known ones.
+        self.dummy_hash = hash_password(secrets.token_urlsafe(16))
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self._in_flight: dict[tuple[str, str, str], str] = {}
         for upload in spool.pending():
@@ -262,7 +265,11 @@ class _SshConnection(asyncssh.SSHServer):
         self.attempted = True
         account = self.service.accounts.get(username)
         stored = account.password_hash if account else None
-        ok = stored is not None and await asyncio.to_thread(verify_password, password, stored)
+        # An unknown user (or a key-only account) costs the same scrypt as a known one:
+        # the answer's timing must not tell which usernames exist.
+        checked = await asyncio.to_thread(verify_password, password,
+                                          stored or self.service.dummy_hash)
+        ok = stored is not None and checked
         if not ok:
             log.info("failed password login for %r from %s", username, self.ip)
             if self.service.defender.record(self.ip, Event.INVALID) and self.conn is not None:
