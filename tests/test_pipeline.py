@@ -375,3 +375,20 @@ def test_a_file_cut_mid_row_is_refused_whole(harness: Harness) -> None:
     assert short_but_ended.state is BatchState.DONE_WITH_ERRORS
     no_final_eol = harness.run(harness.write("acme_spring_20261127_121502_00.csv", whole[:-1]))
     assert no_final_eol.state is BatchState.DONE
+
+
+def test_the_same_bad_file_twice_fails_twice_for_its_own_reason(harness: Harness) -> None:
+    """A failed batch frees its name, so the same bad file can come again: it fails again
+    with the same reason (not an internal error over the earlier error file), and the
+    error file is the newer one."""
+    name = "acme_agreed_20261127_131500_00.csv"
+    bad = b"first_name,email,city\n,a@x.example,P\n"
+    first = harness.run(harness.write(name, bad), project="agreed")
+    second = harness.run(harness.write(name, bad), project="agreed")
+    assert [first.state, second.state] == [BatchState.FAILED, BatchState.FAILED]
+    assert first.batch.reason == second.batch.reason
+    assert second.batch.error_code == "no-data"
+    assert second.errors is not None
+    assert second.errors.read_text().splitlines()[1:] == [
+        ",,no row could be used: every data row has an error (see the error list)",
+        "2,first_name,required value is empty"]

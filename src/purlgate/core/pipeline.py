@@ -445,19 +445,23 @@ class BatchProcessor:
         result = self.crypto.decrypt(submission.path, target)
         return target, strip_pgp(name)[0], result
 
-    def _encrypt_to(self, source: Path, final: Path, job: _Job) -> Path:
+    def _encrypt_to(self, source: Path, final: Path, job: _Job, *,
+                    replace: bool = False) -> Path:
         recipient = job.client.pgp_fingerprint
         if self.crypto is None or recipient is None:
             raise ServerError("the project encrypts its results but PGP is not set up")
-        with AtomicFile(final, no_clobber=not job.restarted, mode=RESULT_MODE) as out:
+        with AtomicFile(final, no_clobber=not (job.restarted or replace),
+                        mode=RESULT_MODE) as out:
             self.crypto.encrypt(source, out.file, recipient=recipient)
             return out.commit()
 
     def _publish_errors(self, job: _Job) -> Path:
+        # An error file of this name can only be an earlier failed batch's (a batch that
+        # delivered holds the name): the newer list replaces it.
         if not job.encrypt:
-            return job.errors.publish(job.error_path, replace=job.restarted)
+            return job.errors.publish(job.error_path, replace=True)
         plain = job.errors.publish(job.work / "errors-plain.csv", mode=0o600)
-        return self._encrypt_to(plain, job.error_path, job)
+        return self._encrypt_to(plain, job.error_path, job, replace=True)
 
     def _run(self, job: _Job) -> BatchOutcome:
         project, errors = job.project, job.errors
