@@ -21,7 +21,7 @@ import pytest_asyncio
 from purlgate.app import Gateway, build_gateway, serve
 from purlgate.config import parse_config
 from purlgate.passwords import hash_password
-from tests.mail_helpers import Sink
+from tests.mail_helpers import Sink, plain_zip
 
 T = "20261127_101500"
 PASSWORD = "acme sftp pass 2026"
@@ -545,3 +545,65 @@ async def test_login_timeout_drops_idle_connections(running: Running) -> None:
         pass  # the server's key exchange offer, then EOF
     assert asyncio.get_running_loop().time() - start < 8
     writer.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("name", "reason"), [
+    ("no_time_of_day.csv", "'no_time_of_day.csv' does not contain an exact time of day; "
+                           "name the file like <client>_<project>_YYYYMMdd_HHMMss_mm.<ext>"),
+    (f"acme_autumn_{T}_00.csv", "the file name names project 'autumn' but it was sent for "
+                                "project 'spring'; rename it or send it to the right place"),
+    (f"globex_main_{T}_00.csv", "the file name names client 'globex', but it came from "
+                                "client acme"),
+], ids=["name-rule", "other-project", "other-client"])
+async def test_what_the_name_shows_is_refused_at_open(
+        running: Running, keys: Keys, name: str, reason: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A name that breaks the name rule or names another project or client is refused
+    when the client opens it, with the reason in the status text and a log line;
+    nothing is stored and no batch is made."""
+    caplog.set_level("INFO", logger="purlgate.sftp")
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        with pytest.raises(asyncssh.SFTPError) as err:
+            await sftp.open(f"/spring/Uploads/{name}", "wb")
+    assert reason in err.value.reason
+    assert any(f"refused upload of '{name}' for client acme project spring" in r.message
+               for r in caplog.records)
+    assert list(running.uploads().iterdir()) == []
+    assert running.gateway.region.store.recent() == []
+
+
+@pytest.mark.asyncio
+async def test_a_name_waiting_in_the_spool_is_not_taken_twice(running: Running,
+                                                              keys: Keys) -> None:
+    """The same name put again in the same session while the first upload waits to be
+    processed is refused, saying why; one batch, not two."""
+    service = running.gateway.sftp_service
+    assert service is not None
+    waiting: list[object] = []
+    service.on_upload = waiting.append  # the worker is busy elsewhere: it waits
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        async with sftp.open(f"/spring/Uploads/wait_{T}.csv", "wb") as f:
+            await f.write(CSV)
+        with pytest.raises(asyncssh.SFTPError) as err:
+            await sftp.open(f"/spring/Uploads/wait_{T}.csv", "wb")
+    assert err.value.reason == (f"a file named wait_{T}.csv was received and is being "
+                                "processed; if it fails you may send it again under this "
+                                "name, else use a new name")
+    assert len(waiting) == 1 and len(service.spool.pending()) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_refused_zip_leaves_its_reason_in_downloads(running: Running,
+                                                            keys: Keys) -> None:
+    """A ZIP refused before any row is read (two data files in it) still tells the
+    client why, in an error file in Downloads named like the results."""
+    zipped = plain_zip({f"a_{T}.csv": CSV, f"b_{T}.csv": CSV})
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp, \
+            sftp.open(f"/spring/Uploads/two_{T}.zip", "wb") as f:
+        await f.write(zipped)
+    errors = await running.wait_for(running.downloads() / f"PURL_two_{T}_errors.csv")
+    assert errors.read_text().splitlines() == [
+        "row,column,reason",
+        f',,"the ZIP holds 2 data files (a_{T}.csv, b_{T}.csv); send one data file per ZIP"']
+    assert errors.stat().st_mode & 0o777 == 0o640

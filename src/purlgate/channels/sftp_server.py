@@ -18,7 +18,9 @@ at open with the time it arrived.
 from __future__ import annotations
 
 import asyncio
+import csv
 import errno
+import io
 import json
 import logging
 import os
@@ -31,7 +33,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
 from typing import Any
 
 import asyncssh
@@ -41,8 +42,19 @@ from purlgate.channels.defender import Defender, Event
 from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.spool import GroupSync
 from purlgate.config import ClientConfig, SftpConfig
-from purlgate.core.naming import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS, PGP_EXTENSIONS
+from purlgate.core.files import RESULT_MODE, AtomicFile
+from purlgate.core.lifecycle import BatchState
+from purlgate.core.naming import (
+    ARCHIVE_EXTENSIONS,
+    DATA_EXTENSIONS,
+    PGP_EXTENSIONS,
+    parse_data_name,
+    select_project,
+    split_extension,
+    strip_pgp,
+)
 from purlgate.core.pipeline import BatchProcessor, Submission
+from purlgate.errors import ClientInputError
 from purlgate.passwords import hash_password, verify_password
 from purlgate.store import SqliteBatchStore
 
@@ -188,10 +200,10 @@ class SftpService:
                     continue
                 cutoff = now - project.retention_days * 86400
                 for path in folder.iterdir():
-                    stat = path.lstat()
-                    if path.name.startswith(".") or not S_ISREG(stat.st_mode):
+                    info = path.lstat()
+                    if path.name.startswith(".") or not stat.S_ISREG(info.st_mode):
                         continue  # being written, or not ours
-                    if stat.st_mtime < cutoff:
+                    if info.st_mtime < cutoff:
                         path.unlink(missing_ok=True)
                         removed += 1
         return removed
@@ -214,11 +226,22 @@ class SftpService:
                             "upload it under a new name")
         with self._lock:
             holder = self._in_flight.get((client_id, project, name))
+            if holder == "spooled":
+                raise SFTPError(asyncssh.FX_FAILURE,
+                                f"a file named {name} was received and is being processed; "
+                                "if it fails you may send it again under this name, else "
+                                "use a new name")
             if holder is not None and holder != owner:
                 raise SFTPError(asyncssh.FX_FAILURE,
                                 f"a file named {name} is being received already; "
                                 "upload it under a new name")
             self._in_flight[(client_id, project, name)] = owner
+
+    def spooled(self, client_id: str, project: str, name: str) -> None:
+        """The upload is complete and waits for its batch: nobody may send the name again,
+        not even the session that sent it, until the batch has ended."""
+        with self._lock:
+            self._in_flight[(client_id, project, name)] = "spooled"
 
     def release(self, client_id: str, project: str, name: str, owner: str) -> None:
         with self._lock:
@@ -388,9 +411,7 @@ class ClientSftp(asyncssh.SFTPServer):
             if area != "Uploads" or not name or "/" in name or project is None:
                 raise denied("files can be uploaded to Uploads only")
             if not is_temp(name):
-                self._check_type(name)
-                await asyncio.to_thread(self.service.reserve, self.account.client_id,
-                                        project, name, self.session)
+                await self._admit(project, name)
             # O_NOFOLLOW: a link planted after the lstat checks is still not followed.
             fd = _open_nofollow(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             return _Open(os.fdopen(fd, "wb"), real, project, name, upload=True)
@@ -403,11 +424,31 @@ class ClientSftp(asyncssh.SFTPServer):
             return _Open(os.fdopen(fd, "rb"), real, project, name, upload=False)
         raise denied("unsupported open mode")
 
-    def _check_type(self, name: str) -> None:
+    async def _admit(self, project: str, name: str) -> None:
+        """Refuse at once what the name alone shows to be wrong (type, name rule,
+        another project, a name held); the reason goes back in the status and the log."""
+        client_id = self.account.client_id
+        try:
+            self._check_name(project, name)
+            await asyncio.to_thread(self.service.reserve, client_id, project, name,
+                                    self.session)
+        except SFTPError as exc:
+            log.info("refused upload of %r for client %s project %s: %s", name, client_id,
+                     project, exc.reason)
+            raise
+
+    def _check_name(self, project: str, name: str) -> None:
         ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
         if ext not in ALLOWED:
             allowed = " ".join(f".{e}" for e in ALLOWED)
             raise denied(f"{name} is not a data file; allowed types: {allowed}")
+        if ext not in DATA_EXTENSIONS:
+            return  # a ZIP or PGP file: the name that counts is the one inside
+        try:
+            data = parse_data_name(name)
+            select_project(self.service.clients, self.account.client_id, project, data)
+        except ClientInputError as exc:
+            raise denied(exc.message) from exc
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         assert isinstance(file_obj, _Open)
@@ -444,6 +485,7 @@ class ClientSftp(asyncssh.SFTPServer):
             self.service.release(self.account.client_id, project, name, self.session)
             raise SFTPError(asyncssh.FX_FAILURE,
                             "the upload could not be stored; please try again") from exc
+        self.service.spooled(self.account.client_id, project, name)
         self.service.on_upload(upload)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
@@ -458,9 +500,7 @@ class ClientSftp(asyncssh.SFTPServer):
         if is_temp(new):
             real_old.rename(self._real(self._virtual(newpath)))
             return
-        self._check_type(new)
-        await asyncio.to_thread(self.service.reserve, self.account.client_id, project, new,
-                                self.session)
+        await self._admit(project, new)
         await self._complete(real_old, project, new)
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
@@ -534,10 +574,30 @@ class SftpWorker:
 
     def handle(self, upload: Upload) -> None:
         m = upload.meta
-        self.processor.process(
+        downloads = self.service.downloads(m["client"], m["project"])
+        outcome = self.processor.process(
             Submission(path=upload.path, received_name=m["name"], channel="sftp",
                        client_id=m["client"], project_id=m["project"], intake_id=upload.id),
-            self.service.downloads(m["client"], m["project"]),
+            downloads,
         )
+        if outcome.state is BatchState.FAILED and outcome.errors is None:
+            # A failure before the batch could write its error file (a ZIP or PGP file
+            # refused, say): the client still finds the reason where results appear.
+            self._error_file(downloads, m["client"], m["project"], m["name"],
+                             outcome.batch.reason or "the file could not be processed")
         self.service.spool.finish(upload)
         self.service.done(m["client"], m["project"], m["name"])
+
+    def _error_file(self, downloads: Path, client_id: str, project_id: str, received: str,
+                    reason: str) -> None:
+        project = self.service.clients[client_id].projects[project_id]
+        if not project.error_file:
+            return
+        stem = split_extension(strip_pgp(received)[0])[0]
+        final = downloads / f"{project.purl_prefix}{stem}{project.purl_suffix}_errors.csv"
+        with AtomicFile(final, no_clobber=False, mode=RESULT_MODE) as out:
+            text = io.StringIO()
+            csv.writer(text, lineterminator="\n").writerows([("row", "column", "reason"),
+                                                             ("", "", reason)])
+            out.file.write(text.getvalue().encode("utf-8"))
+            out.commit()

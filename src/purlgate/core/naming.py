@@ -8,10 +8,15 @@ contain an exact time of day (YYYYMMdd and HHMMss).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from purlgate.errors import FileNameError, FileTypeError
+
+if TYPE_CHECKING:
+    from purlgate.config import ClientConfig
 
 DATA_EXTENSIONS = ("csv", "tsv", "txt", "dat")
 ARCHIVE_EXTENSIONS = ("zip",)
@@ -126,3 +131,42 @@ def flag_name(purl: str) -> str:
 def error_name(data: DataName, prefix: str, suffix: str, *, encrypted: bool = False) -> str:
     name = f"{prefix}{data.stem}{suffix}_errors.csv"
     return f"{name}.gpg" if encrypted else name
+
+
+def select_project(clients: Mapping[str, ClientConfig], client_id: str, wanted: str | None,
+                   data: DataName) -> str:
+    """The project a file is for: the one its name names, else the channel's, else the
+    client's only one; a name naming another project or client is refused, not guessed."""
+    client = clients[client_id]
+    if wanted is not None and wanted not in client.projects:
+        raise FileNameError(f"client {client_id} has no project {wanted!r}")
+    named_client, named_project = data.client_part, data.project_part
+    if named_client is not None and named_project is not None:
+        if named_client.casefold() == client_id.casefold():
+            by_name = {p.casefold(): p for p in client.projects}
+            project = by_name.get(named_project.casefold())
+            if project is None:
+                raise FileNameError(
+                    f"the file name names project {named_project!r}, which client "
+                    f"{client_id} does not have; projects: {', '.join(client.projects)}"
+                )
+            if wanted is not None and wanted != project:
+                raise FileNameError(
+                    f"the file name names project {project!r} but it was sent for "
+                    f"project {wanted!r}; rename it or send it to the right place"
+                )
+            return project
+        if named_client.casefold() in (c.casefold() for c in clients):
+            raise FileNameError(
+                f"the file name names client {named_client!r}, but it came from "
+                f"client {client_id}"
+            )
+    if wanted is not None:
+        return wanted
+    if len(client.projects) == 1:
+        return next(iter(client.projects))
+    raise FileNameError(
+        f"cannot tell the project of {data.name!r}; name the file "
+        f"{client_id}_<project>_YYYYMMdd_HHMMss_mm.{data.extension} with one of: "
+        + ", ".join(client.projects)
+    )

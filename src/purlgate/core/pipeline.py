@@ -47,6 +47,7 @@ from purlgate.core.naming import (
     flag_name,
     parse_data_name,
     purl_name,
+    select_project,
     split_extension,
     strip_pgp,
 )
@@ -245,39 +246,7 @@ class BatchProcessor:
         )
 
     def select_project(self, client_id: str, wanted: str | None, data: DataName) -> str:
-        client = self.clients[client_id]
-        if wanted is not None and wanted not in client.projects:
-            raise FileNameError(f"client {client_id} has no project {wanted!r}")
-        named_client, named_project = data.client_part, data.project_part
-        if named_client is not None and named_project is not None:
-            if named_client.casefold() == client_id.casefold():
-                by_name = {p.casefold(): p for p in client.projects}
-                project = by_name.get(named_project.casefold())
-                if project is None:
-                    raise FileNameError(
-                        f"the file name names project {named_project!r}, which client "
-                        f"{client_id} does not have; projects: {', '.join(client.projects)}"
-                    )
-                if wanted is not None and wanted != project:
-                    raise FileNameError(
-                        f"the file name names project {project!r} but it was sent for "
-                        f"project {wanted!r}; rename it or send it to the right place"
-                    )
-                return project
-            if named_client.casefold() in (c.casefold() for c in self.clients):
-                raise FileNameError(
-                    f"the file name names client {named_client!r}, but it came from "
-                    f"client {client_id}"
-                )
-        if wanted is not None:
-            return wanted
-        if len(client.projects) == 1:
-            return next(iter(client.projects))
-        raise FileNameError(
-            f"cannot tell the project of {data.name!r}; name the file "
-            f"{client_id}_<project>_YYYYMMdd_HHMMss_mm.{data.extension} with one of: "
-            + ", ".join(client.projects)
-        )
+        return select_project(self.clients, client_id, wanted, data)
 
     # -- events -------------------------------------------------------------------
 
