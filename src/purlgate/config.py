@@ -311,6 +311,8 @@ class SftpConfig(_Model):
     port: int = Field(default=2222, ge=0, le=65535)
     host_key: Path | None = None  # default: <data_dir>/ssh_host_ed25519_key, made once
     login_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Temporary-named uploads never renamed (an abandoned resume) go after this long.
+    temp_max_age_hours: float = Field(default=24.0, gt=0)
     defender: DefenderConfig = Field(default_factory=DefenderConfig)
 
 
@@ -321,6 +323,9 @@ class ClientSftpConfig(_Model):
     password_hash: str | None = None  # from `purlgate hash-password`
     authorized_keys: list[str] = Field(default_factory=list)  # OpenSSH public key lines
     flat: bool = False  # one project: /Uploads and /Downloads at the top
+    # "close": an upload is complete when its file is closed (or a temporary name is
+    # renamed); "rename": only a temporary name renamed to the final one counts.
+    complete_on: Literal["close", "rename"] = "close"
 
     @model_validator(mode="after")
     def _some_way_in(self) -> Self:

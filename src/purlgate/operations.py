@@ -132,12 +132,14 @@ def sweep_files(gateway: Gateway) -> tuple[int, int]:
     clients = gateway.region.processor.clients
     days = max((p.retention_days for c in clients.values() for p in c.projects.values()),
                default=30)
-    results = (gateway.sftp_service.sweep_downloads(time.time())
-               if gateway.sftp_service is not None else 0)
+    results = temp = 0
+    if gateway.sftp_service is not None:
+        results = gateway.sftp_service.sweep_downloads(time.time())
+        temp = gateway.sftp_service.sweep_temp_uploads(time.time())
     mail = gateway.outbox.sweep_sent(days * 86400)
-    if results or mail:
-        log.info("retention: deleted %d result file(s) from Downloads and %d sent mail(s)",
-                 results, mail)
+    if results or mail or temp:
+        log.info("retention: deleted %d result file(s) from Downloads, %d abandoned "
+                 "temporary upload(s) and %d sent mail(s)", results, temp, mail)
     return results, mail
 
 

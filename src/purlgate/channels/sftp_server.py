@@ -59,7 +59,10 @@ from purlgate.passwords import hash_password, verify_password
 from purlgate.store import SqliteBatchStore
 
 log = logging.getLogger("purlgate.sftp")
-TEMP_SUFFIXES = (".filepart", ".part", ".tmp")
+# Temporary names that clients upload to and then rename: WinSCP ".filepart", rclone
+# ".<8 hex>.partial", FileZilla/others ".part" and ".tmp"; lftp's ".in.<name>." and any
+# other hidden name start with a dot.
+TEMP_SUFFIXES = (".filepart", ".partial", ".part", ".tmp")
 ALLOWED = (*DATA_EXTENSIONS, *ARCHIVE_EXTENSIONS, *PGP_EXTENSIONS)
 WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC | asyncssh.FXF_APPEND
 
@@ -171,6 +174,7 @@ class SftpService:
             self.accounts[client.sftp.username] = Account(client_id, client, keys)
             self.ensure_home(client_id, client)
         self._lock = threading.Lock()
+        self.ghosts: dict[tuple[str, str, str], asyncssh.SFTPAttrs] = {}
         # Checked against for unknown users, so that they take as long as known ones.
         self.dummy_hash = hash_password(secrets.token_urlsafe(16))
         self.connections: set[asyncssh.SSHServerConnection] = set()
@@ -237,11 +241,38 @@ class SftpService:
                                 "upload it under a new name")
             self._in_flight[(client_id, project, name)] = owner
 
-    def spooled(self, client_id: str, project: str, name: str) -> None:
+    def spooled(self, client_id: str, project: str, name: str,
+                attrs: asyncssh.SFTPAttrs) -> None:
         """The upload is complete and waits for its batch: nobody may send the name again,
-        not even the session that sent it, until the batch has ended."""
+        not even the session that sent it, until the batch has ended; meanwhile the name
+        still answers stat with what was uploaded (rclone stats and sets the time of what
+        it just wrote)."""
         with self._lock:
             self._in_flight[(client_id, project, name)] = "spooled"
+            self.ghosts[(client_id, project, name)] = attrs
+
+    def ghost(self, client_id: str, project: str, name: str) -> asyncssh.SFTPAttrs | None:
+        with self._lock:
+            return self.ghosts.get((client_id, project, name))
+
+    def sweep_temp_uploads(self, now: float) -> int:
+        """Delete temporary-named uploads older than ``temp_max_age_hours``."""
+        cutoff = now - self.config.temp_max_age_hours * 3600
+        removed = 0
+        for client_id, client in self.clients.items():
+            if client.sftp is None:
+                continue
+            for project_id in client.projects:
+                folder = self.downloads(client_id, project_id).with_name("Uploads")
+                if not folder.is_dir():
+                    continue
+                for path in folder.iterdir():
+                    info = path.lstat()
+                    if is_temp(path.name) and stat.S_ISREG(info.st_mode) \
+                            and info.st_mtime < cutoff:
+                        path.unlink(missing_ok=True)
+                        removed += 1
+        return removed
 
     def release(self, client_id: str, project: str, name: str, owner: str) -> None:
         with self._lock:
@@ -251,6 +282,7 @@ class SftpService:
     def done(self, client_id: str, project: str, name: str) -> None:
         with self._lock:
             self._in_flight.pop((client_id, project, name), None)
+            self.ghosts.pop((client_id, project, name), None)
 
 
 class _SshConnection(asyncssh.SSHServer):
@@ -411,6 +443,11 @@ class ClientSftp(asyncssh.SFTPServer):
             if area != "Uploads" or not name or "/" in name or project is None:
                 raise denied("files can be uploaded to Uploads only")
             if not is_temp(name):
+                if self.account.client.sftp is not None \
+                        and self.account.client.sftp.complete_on == "rename":
+                    raise denied(f"this account completes an upload when a temporary name "
+                                 f"is renamed to the final one: upload to {name}.filepart "
+                                 "(or another temporary name) and rename it")
                 await self._admit(project, name)
             # O_NOFOLLOW: a link planted after the lstat checks is still not followed.
             fd = _open_nofollow(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -478,6 +515,7 @@ class ClientSftp(asyncssh.SFTPServer):
 
     async def _complete(self, real: Path, project: str, name: str) -> None:
         meta = {"client": self.account.client_id, "project": project, "name": name}
+        attrs = asyncssh.SFTPAttrs.from_local(os.lstat(real))
         try:
             upload = await asyncio.to_thread(self.service.spool.adopt, real, name, meta)
         except OSError as exc:
@@ -485,7 +523,7 @@ class ClientSftp(asyncssh.SFTPServer):
             self.service.release(self.account.client_id, project, name, self.session)
             raise SFTPError(asyncssh.FX_FAILURE,
                             "the upload could not be stored; please try again") from exc
-        self.service.spooled(self.account.client_id, project, name)
+        self.service.spooled(self.account.client_id, project, name, attrs)
         self.service.on_upload(upload)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
@@ -508,16 +546,44 @@ class ClientSftp(asyncssh.SFTPServer):
 
     def remove(self, path: bytes) -> None:
         _, area, name = self._place(path)
-        if area != "Downloads" or not name or "/" in name:
-            raise denied("files can be deleted from Downloads only")
+        abandoned = area == "Uploads" and is_temp(name)  # a client's own unfinished upload
+        if (area != "Downloads" and not abandoned) or not name or "/" in name:
+            raise denied("files can be deleted from Downloads (and temporary uploads from "
+                         "Uploads) only")
         real = self._real(self._virtual(path))
         try:
             real.unlink()
         except FileNotFoundError as exc:
             raise SFTPError(asyncssh.FX_NO_SUCH_FILE, "no such file") from exc
 
+    def _ghost(self, path: bytes) -> asyncssh.SFTPAttrs | None:
+        project, area, name = self._place(path)
+        if area != "Uploads" or project is None or not name or "/" in name:
+            return None
+        return self.service.ghost(self.account.client_id, project, name)
+
+    def stat(self, path: bytes) -> asyncssh.SFTPAttrs:
+        try:
+            return asyncssh.SFTPAttrs.from_local(Path(os.fsdecode(self.map_path(path))).stat())
+        except FileNotFoundError:
+            ghost = self._ghost(path)
+            if ghost is None:
+                raise
+            return ghost
+
+    def lstat(self, path: bytes) -> asyncssh.SFTPAttrs:
+        try:
+            return asyncssh.SFTPAttrs.from_local(
+                Path(os.fsdecode(self.map_path(path))).lstat())
+        except FileNotFoundError:
+            ghost = self._ghost(path)
+            if ghost is None:
+                raise
+            return ghost
+
     def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
-        """Clients set times after an upload; accepted and ignored."""
+        """Clients set times after an upload (also of one already taken in); accepted
+        and ignored."""
 
     def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
         """Accepted and ignored, as setstat."""
