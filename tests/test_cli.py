@@ -280,3 +280,25 @@ def test_config_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     bad = purlgate("check-config", "--config", str(conf / "regions.toml"), cwd=elsewhere)
     assert bad.returncode == 2
     assert f"secret unreadable: file {conf / 'zip-password'}" in bad.stderr
+
+
+def test_check_config_reads_every_secret(tmp_path: Path) -> None:
+    """Every secret reference is read, wherever it is (relay, IMAP, the web's ops
+    password): each unreadable one is named by region and field, none echoed."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        '[regions.usa]\ninbound_addresses=["a@b.example"]\ndata_dir="v"\n'
+        'public_base_url="https://x.example"\n'
+        '[regions.usa.relay]\nusername="u"\npassword={env="PG_NOPE_RELAY"}\n'
+        '[regions.usa.imap]\nhost="imap.example"\nuser="u"\n'
+        'password={file="no-such-imap-password"}\n'
+        '[regions.usa.web]\nops_password={env="PG_NOPE_OPS"}\n')
+    result = purlgate("check-config", "--config", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[1:] == [
+        "  region usa, field relay.password: secret not set: environment variable "
+        "PG_NOPE_RELAY",
+        f"  region usa, field imap.password: secret unreadable: file "
+        f"{tmp_path / 'no-such-imap-password'}: No such file or directory",
+        "  region usa, field web.ops_password: secret not set: environment variable "
+        "PG_NOPE_OPS"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from purlgate.config import parse_config
-from purlgate.core.crypto import looks_like_pgp
+from purlgate.core.crypto import looks_like_pgp, spaced_fingerprint
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import BatchOutcome, Submission
 from purlgate.errors import ConfigError
@@ -165,6 +165,8 @@ pgp_public_key = "{k.expired.pub}"
 pgp_fingerprint = "{k.expired.fpr}"
 [clients.oldco.projects.main]
 pgp_require_signature = true
+[clients.oldco.projects.enc]
+pgp_encrypt_output = true
 
 [clients.revco]
 name = "Rev Co"
@@ -493,3 +495,57 @@ def test_clearsigned_file_is_refused_not_processed(keys: Keys, gateway: Gateway,
                    "the file is clearsigned (signed but not encrypted), which we do not "
                    "accept; encrypt it to our public key (gpg --encrypt --sign), or send the "
                    "plain file in a password-protected ZIP")
+
+
+def test_an_expired_client_key_fails_the_batch_before_it_runs(keys: Keys,
+                                                              gateway: Gateway) -> None:
+    """Results to be encrypted to an expired key: the batch fails before any row is
+    read (not after the whole file), says why and that operators know, nothing is
+    written, and the name stays free."""
+    outcome = gateway.send(CSV.encode(), f"oldco_enc_{T}_00.csv", client="oldco",
+                           project="enc")
+    assert outcome.state is BatchState.FAILED
+    assert outcome.batch.error_code == "pgp-encrypt"
+    assert outcome.batch.reason == (
+        "we could not encrypt your results to your PGP key on file (it may have expired or "
+        "been revoked), so none were delivered; our operators have been alerted and will "
+        "contact you about a renewed key")
+    assert outcome.batch.data_name is None
+    assert [s for s, _ in outcome.batch.history] == [BatchState.INITIALIZING,
+                                                     BatchState.FAILED]
+    assert outputs(gateway) == []
+
+
+def test_check_config_opens_every_key_and_dates_it(keys: Keys, tmp_path: Path) -> None:
+    """check-config imports and pins every key: an expired and a revoked client key are
+    problems naming client and fingerprint (exit 2); a key that expires within 30 days
+    is a warning (exit 0)."""
+    exe = Path(sys.executable).with_name("purlgate")
+    env = {**os.environ, "PG_TEST_OUR_PASSPHRASE": OUR_PASSPHRASE}
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(config_text(keys))
+    bad = subprocess.run([str(exe), "check-config", "--config", str(cfg)], capture_output=True,
+                         text=True, env=env, check=False, timeout=120)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert (f"region usa: client oldco's PGP key ({spaced_fingerprint(keys.expired.fpr)}) "
+            "expired on ") in bad.stderr
+    assert (f"region usa: client revco's PGP key ({spaced_fingerprint(keys.revoked.fpr)}) "
+            "is revoked: replace it") in bad.stderr
+    soon_home = tmp_path / "soon"
+    soon_fpr = new_key(soon_home, "soon <soon@example.test>", expire="10d")
+    soon_pub = tmp_path / "soon.asc"
+    soon_pub.write_bytes(gpg(soon_home, "--armor", "--export", soon_fpr))
+    text = config_text(keys).split("[clients.oldco]")[0] + (
+        f'[clients.soon]\nname = "Soon"\nregions = ["usa"]\npgp_public_key = "{soon_pub}"\n'
+        f'pgp_fingerprint = "{soon_fpr}"\n[clients.soon.projects.main]\n')
+    cfg.write_text(text)
+    ok = subprocess.run([str(exe), "check-config", "--config", str(cfg)], capture_output=True,
+                        text=True, env=env, check=False, timeout=120)
+    subprocess.run(["gpgconf", "--homedir", str(soon_home), "--kill", "gpg-agent"],
+                   check=False, capture_output=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    warning = ok.stdout.splitlines()[0]
+    assert warning.startswith(f"warning:  region usa: client soon's PGP key "
+                              f"({spaced_fingerprint(soon_fpr)}) expires on ")
+    assert warning.endswith("day(s): extend it before then")
+    assert ok.stdout.splitlines()[-1] == "configuration OK (1 warning(s))"

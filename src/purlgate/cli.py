@@ -480,35 +480,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from purlgate.config import load_config
+    from purlgate.config import load_config, secret_refs
     from purlgate.pgp import check_passphrase
     from purlgate.web.templates import Template
 
     config = load_config(args.config)
     problems = []
-    for region_id, region in config.regions.items():
-        if region.token_key is not None:
-            try:
-                region.token_key.reveal()
-            except ConfigError as exc:
-                problems.append(f"  region {region_id}, field token_key: {exc.message}")
-        if region.pgp is not None:
-            for field, ref in (("private_key", region.pgp.private_key),
-                               ("passphrase", region.pgp.passphrase)):
-                if ref is None:
-                    continue
-                try:
-                    secret = ref.reveal()
-                    if field == "passphrase":
-                        check_passphrase(secret.decode("utf-8", "replace"))
-                except ConfigError as exc:
-                    problems.append(f"  region {region_id}, field pgp.{field}: {exc.message}")
-        if region.storyboard is not None:
-            try:
-                region.storyboard.password.reveal()
-            except ConfigError as exc:
-                problems.append(f"  region {region_id}, field storyboard.password: "
-                                f"{exc.message}")
+    for where, ref in secret_refs(config):  # every secret: relay, IMAP, keys, passwords
+        try:
+            secret = ref.reveal()
+            if where.endswith("field pgp.passphrase"):
+                check_passphrase(secret.decode("utf-8", "replace"))
+        except ConfigError as exc:
+            problems.append(f"  {where}: {exc.message}")
     for client_id, client in config.clients.items():
         for project_id, project in client.projects.items():
             if project.render.template is not None:
@@ -517,14 +501,16 @@ def _check_config(args: argparse.Namespace) -> int:
                 except ConfigError as exc:
                     problems.append(f"  client {client_id}, project {project_id}, field "
                                     f"render.template: {exc.message}")
-        if client.zip_password is not None:
-            try:
-                client.zip_password.reveal()
-            except ConfigError as exc:
-                problems.append(f"  client {client_id}, field zip_password: {exc.message}")
         if client.pgp_public_key is not None and not client.pgp_public_key.is_file():
             problems.append(f"  client {client_id}, field pgp_public_key: no file "
                             f"{client.pgp_public_key}")
+    warnings: list[str] = []
+    if not problems:  # the keys themselves: each one opened, pinned and dated
+        for region_id in config.regions:
+            for fatal, message in _key_report(config, region_id):
+                (problems if fatal else warnings).append(f"  region {region_id}: {message}")
+    for warning in warnings:
+        print(f"warning:{warning}")
     if problems:
         raise ConfigError(f"{len(problems)} problem(s):\n" + "\n".join(problems))
     for region_id, region in config.regions.items():
@@ -532,8 +518,33 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"region {region_id}: {', '.join(region.inbound_addresses)}; "
               f"{len(clients)} client(s): "
               + ", ".join(f"{cid} ({', '.join(c.projects)})" for cid, c in clients.items()))
-    print("configuration OK")
+    print("configuration OK" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return EXIT_OK
+
+
+def _key_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
+    """Open the region's keyring as serve would (a scratch copy when our key comes from a
+    secret) and report keys that are expired, revoked or expire within 30 days."""
+    import tempfile
+
+    from purlgate.pgp import GpgKeyStore
+
+    region = config.regions[region_id]
+    if region.pgp is None:
+        return []
+    client_keys = {cid: (c.pgp_public_key, c.pgp_fingerprint)
+                   for cid, c in config.clients_of(region_id).items()
+                   if c.pgp_public_key is not None and c.pgp_fingerprint is not None}
+    with tempfile.TemporaryDirectory() as scratch:
+        pgp = region.pgp
+        if pgp.private_key is not None:  # nothing of the real keyring is touched
+            pgp = pgp.model_copy(update={"home": Path(scratch) / "gnupg"})
+        try:
+            keys = GpgKeyStore.open(pgp, region.data_dir, client_keys)
+        except ConfigError as exc:
+            return [(True, exc.message)]
+        keys.close()
+        return keys.key_report
 
 
 class JsonFormatter(logging.Formatter):

@@ -493,6 +493,38 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return ", ".join(parts) or "top level"
 
 
+def secret_refs(config: Config) -> list[tuple[str, SecretRef]]:
+    """Every secret reference in the configuration, with where it is, in the words of
+    ``_where`` ("region usa, field relay.password")."""
+    found: list[tuple[str, SecretRef]] = []
+
+    def walk(value: Any, loc: tuple[int | str, ...]) -> None:
+        if isinstance(value, SecretRef):
+            scope: list[int | str] = []  # region / client / project, then one dotted field
+            field: list[str] = []
+            i = 0
+            while i < len(loc):
+                if loc[i] in ("regions", "clients", "projects") and i + 1 < len(loc):
+                    scope += [loc[i], loc[i + 1]]
+                    i += 2
+                else:
+                    field.append(str(loc[i]))
+                    i += 1
+            found.append((f"{_where(tuple(scope))}, field {'.'.join(field)}", value))
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), (*loc, name))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, (*loc, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, (*loc, index))
+
+    walk(config, ())
+    return found
+
+
 def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None) -> Config:
     """Validate TOML text; every problem is listed with where it is."""
     try:

@@ -18,6 +18,7 @@
     ├── ConfigError                 regions.toml is wrong; nothing starts
     └── ServerError                 our side or a backend failed; retry, alert ops
         ├── StorageError            disk full, fsync/rename failed, state store broken
+        ├── PgpEncryptError         the client's key cannot be encrypted to (alert ops)
         └── RenderError             the render backend failed for the whole batch
             └── RenderAuthError     the render API refused our credentials (alert ops)
 
@@ -117,6 +118,15 @@ class ServerError(PurlgateError):
 
 class StorageError(ServerError):
     code = "storage"
+
+
+class PgpEncryptError(ServerError):
+    code = "pgp-encrypt"
+    client_reason = (
+        "we could not encrypt your results to your PGP key on file (it may have expired or "
+        "been revoked), so none were delivered; our operators have been alerted and will "
+        "contact you about a renewed key"
+    )
 
 
 class RenderError(ServerError):

@@ -16,7 +16,9 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,7 +26,7 @@ import gnupg
 
 from purlgate.config import PgpConfig
 from purlgate.core.crypto import Decrypted, SignatureProblem, spaced_fingerprint
-from purlgate.errors import ConfigError, PgpError, ServerError
+from purlgate.errors import ConfigError, PgpEncryptError, PgpError, ServerError
 
 log = logging.getLogger("purlgate.pgp")
 CHUNK = 1 << 20
@@ -94,6 +96,34 @@ def ensure_home(home: Path) -> None:
         home.chmod(0o700)
 
 
+SOON_SECONDS = 30 * 86400
+
+
+def key_health(keys: Sequence[Mapping[str, Any]], owners: Mapping[str, str],
+               now: float) -> list[tuple[bool, str]]:
+    """(fatal, message) for each pinned key that is revoked, expired or expires within
+    30 days: whose key, its fingerprint, and when."""
+    report = []
+    for key in keys:
+        fingerprint = str(key.get("fingerprint", "")).upper()
+        owner = owners.get(fingerprint)
+        if owner is None:
+            continue
+        shown = spaced_fingerprint(fingerprint)
+        expires = int(key["expires"]) if str(key.get("expires") or "").isdigit() else None
+        when = (datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%d")
+                if expires is not None else "")
+        if key.get("trust") == "r":
+            report.append((True, f"{owner} ({shown}) is revoked: replace it"))
+        elif key.get("trust") == "e" or (expires is not None and expires <= now):
+            report.append((True, f"{owner} ({shown}) expired on {when}: replace or extend it"))
+        elif expires is not None and expires - now < SOON_SECONDS:
+            days = int((expires - now) // 86400)
+            report.append((False, f"{owner} ({shown}) expires on {when}, in {days} day(s): "
+                                  "extend it before then"))
+    return report
+
+
 class GpgKeyStore:
     """Our key pair and the clients' public keys, in one GNUPGHOME."""
 
@@ -104,6 +134,8 @@ class GpgKeyStore:
         self._passphrase = passphrase
         self._sign = sign
         self._timeout = timeout
+        # (fatal, message) per key that is expired, revoked or expires soon.
+        self.key_report: list[tuple[bool, str]] = []
 
     @classmethod
     def open(cls, config: PgpConfig, data_dir: Path,
@@ -151,6 +183,12 @@ class GpgKeyStore:
                     f"client {client_id}: pgp_public_key {key_file} must hold exactly the key "
                     f"{pinned.upper()} (it holds {', '.join(sorted(found)) or 'no key'})"
                 )
+        owners = {self.fingerprint: "the region's own PGP key",
+                  **{pinned.upper(): f"client {cid}'s PGP key"
+                     for cid, (_, pinned) in client_keys.items()}}
+        self.key_report = key_health(gpg.list_keys(), owners, time.time())
+        for fatal, message in self.key_report:
+            (log.error if fatal else log.warning)("%s", message)
 
     def _gpg(self) -> _TimedGPG:
         try:
@@ -209,9 +247,19 @@ class GpgKeyStore:
         )
         if gpg.timed_out:
             raise ServerError(f"encrypting took longer than {self._timeout:g} s")
-        if not result.ok or getattr(result, "on_data_failure", None) is not None:
-            log.error("encrypt failed: %s", result.status)
-            raise ServerError("encrypting the result failed")
+        if getattr(result, "on_data_failure", None) is not None:
+            raise ServerError("could not write the encrypted result")
+        if not result.ok:
+            log.error("encrypt to %s failed: %s", recipient, result.status)
+            raise PgpEncryptError(f"encrypting to {recipient} failed: {result.status}")
+
+    def check_recipient(self, recipient: str) -> None:
+        """Before a batch runs: refuse a recipient key that is expired or revoked."""
+        problems = key_health(self._gpg().list_keys(keys=[recipient]),
+                              {recipient.upper(): "the client's key"}, time.time())
+        fatal = [message for is_fatal, message in problems if is_fatal]
+        if fatal:
+            raise PgpEncryptError(fatal[0])
 
 
 def _signature_facts(result: Any) -> Decrypted:

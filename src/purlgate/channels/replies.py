@@ -132,6 +132,9 @@ def notification(event: BatchEvent, *, sender: str, to: Sequence[str]) -> EmailM
 
 # Failures a client cannot fix and an operator must: each one alerts the operator.
 OPERATOR_CODES: Mapping[str, str] = {
+    "pgp-encrypt": "the client's pinned PGP key cannot be encrypted to (expired or revoked): "
+                   "get a renewed key from the client, update pgp_public_key and "
+                   "pgp_fingerprint, restart, and ask for the file again (its name is free)",
     "render-auth": "the render API refused our credentials: check the region's "
                    "[storyboard] username and password, then ask the client to send the "
                    "file again",

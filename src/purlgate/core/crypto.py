@@ -44,6 +44,10 @@ class Crypto(Protocol):
         """Encrypt ``source`` to the key ``recipient`` (a fingerprint), into ``out``."""
         ...
 
+    def check_recipient(self, recipient: str) -> None:
+        """PgpEncryptError if ``recipient`` cannot be encrypted to (expired, revoked)."""
+        ...
+
 
 def looks_like_pgp(path: Path, name: str) -> bool:
     """By extension, or by content: an armored message or a binary session-key packet.

@@ -338,6 +338,10 @@ class BatchProcessor:
                 # Before the claim: a file that is not authentic must not take the name.
                 check_signature(decrypted or Decrypted(None), pinned=client.pgp_fingerprint,
                                 required=project.pgp_require_signature)
+                if project.pgp_encrypt_output and self.crypto is not None \
+                        and client.pgp_fingerprint is not None:
+                    # Not after the whole file was processed: before anything is.
+                    self.crypto.check_recipient(client.pgp_fingerprint)
                 self.store.claim_name(record.id, project=project_id, data_name=data.name)
                 job = _Job(
                     batch_id=record.id, client=client, path=unwrapped.path, data=data,
