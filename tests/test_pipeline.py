@@ -392,3 +392,30 @@ def test_the_same_bad_file_twice_fails_twice_for_its_own_reason(harness: Harness
     assert second.errors.read_text().splitlines()[1:] == [
         ",,no row could be used: every data row has an error (see the error list)",
         "2,first_name,required value is empty"]
+
+
+def test_a_stray_quote_is_reported_and_every_line_counts(harness: Harness) -> None:
+    """A quote opened in row 9 and closed in line 15 makes seven lines one row of the
+    wrong width: the error says so with both lines, each swallowed line counts as a row
+    with an error, and the counts add up to the 20 lines sent."""
+    lines = [f"N{i},e{i}@x.example,City{i}" for i in range(1, 21)]
+    lines[7] = 'N8,"e8@x.example,City8'  # row 9 as a spreadsheet shows it
+    lines[13] = 'N14,e14@x.example"'  # closes the quote; the merged row has 2 fields
+    body = ("first_name,email,city\n" + "\n".join(lines) + "\n").encode()
+    outcome = harness.run(harness.write("acme_spring_20261127_141500_00.csv", body))
+    assert outcome.state is BatchState.DONE_WITH_ERRORS
+    counts = outcome.batch.counts
+    assert (counts.rows_total, counts.rows_ok, counts.rows_error) == (20, 13, 7)
+    assert outcome.errors is not None
+    assert outcome.errors.read_text().splitlines()[1:] == [
+        '9,,"row 9 opens a quote that closes in line 15: lines 9 to 15 became one row of 2 '
+        'fields, the header has 3; check the quotes"']
+    unclosed = lines[:]
+    unclosed[13] = "N14,e14@x.example,City14"
+    never = harness.run(harness.write("acme_spring_20261127_141501_00.csv",
+                                      ("first_name,email,city\n" + "\n".join(unclosed)
+                                       + "\n").encode()))
+    assert never.errors is not None
+    assert "row 9 opens a quote that never closes: lines 9 to 21 (the end of the file)" \
+        in never.errors.read_text()
+    assert never.batch.counts.rows_total == 20

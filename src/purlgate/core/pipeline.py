@@ -108,6 +108,25 @@ class RowError:
     row: int  # as a spreadsheet shows it: the header is row 1
     column: str
     reason: str
+    swallowed: int = 0  # further lines of the file this one error stands for
+
+
+def bad_row_error(bad: BadRow, width: int) -> RowError:
+    """A row with the wrong field count; one that a stray quote ran over several lines is
+    said so, and every line it swallowed counts, so counts add up to the lines sent."""
+    row = bad.record + 1
+    if bad.lines == 1:
+        return RowError(row, "", f"has {bad.fields} fields, the header has {width}")
+    last = row + bad.lines - 1
+    if bad.quote_open:
+        reason = (f"row {row} opens a quote that never closes: lines {row} to {last} (the "
+                  f"end of the file) became one row of {bad.fields} fields, the header has "
+                  f"{width}; check the quotes")
+    else:
+        reason = (f"row {row} opens a quote that closes in line {last}: lines {row} to "
+                  f"{last} became one row of {bad.fields} fields, the header has {width}; "
+                  "check the quotes")
+    return RowError(row, "", reason, swallowed=bad.lines - 1)
 
 
 @dataclass
@@ -166,7 +185,7 @@ class ErrorLog:
         for e in sorted(errors, key=lambda e: e.row):
             self._writer.writerow((e.row, e.column, e.reason))
             if e.row != last:
-                self.rows_with_errors += 1
+                self.rows_with_errors += 1 + e.swallowed
                 last = e.row
 
     @property
@@ -485,7 +504,6 @@ class BatchProcessor:
         read = sorted(set(plan.output) | set(plan.required))
         where = {col: i for i, col in enumerate(read)}
         out_names = [header[i] for i in plan.output]
-        ragged = f"has {{}} fields, the header has {len(header)}"
         reader = RowReader(job.path, dialect, read)
         numbers = reader.numbers
         rendered = 0  # ordinal of the next row handed to the renderer (token input)
@@ -544,7 +562,7 @@ class BatchProcessor:
                     writer.write([*data, *links])
                     ok += len(links[0])
                 last = numbers.record_of(n - 1) if n else None
-                found += [RowError(b.record + 1, "", ragged.format(b.fields))
+                found += [bad_row_error(b, len(header))
                           for b in numbers.take_bad_rows(up_to=last)]
                 numbers.advance(n)
                 errors.add_rows(found)
@@ -552,7 +570,7 @@ class BatchProcessor:
                     progress(reader.position(), reader.size)
             tail = numbers.take_bad_rows()
             _refuse_cut_off(job.path, tail, numbers.last, len(header))
-            errors.add_rows(RowError(b.record + 1, "", ragged.format(b.fields)) for b in tail)
+            errors.add_rows(bad_row_error(b, len(header)) for b in tail)
             if ok == 0:
                 raise NoDataError(
                     "no row could be used: every data row has an error (see the error list)"

@@ -39,6 +39,8 @@ class InvalidUtf8Error(Exception):
 class BadRow:
     record: int  # 1 = first data row after the header
     fields: int
+    lines: int = 1  # lines of the file it spans (more than one: a quote ran on)
+    quote_open: bool = False  # a quote opened in it never closed (the file ended)
 
 
 class RecordNumbers:
@@ -53,9 +55,10 @@ class RecordNumbers:
         self._last = 0  # record number of the last delivered row
         self.bad_rows: list[BadRow] = []  # skipped since the last ``take_bad_rows``
 
-    def skipped(self, record: int, fields: int) -> None:
+    def skipped(self, record: int, fields: int, text: str = "") -> None:
         bisect.insort(self._pending, record)
-        self.bad_rows.append(BadRow(record, fields))
+        self.bad_rows.append(BadRow(record, fields, text.count("\n") + 1,
+                                    text.count('"') % 2 == 1))
 
     def record_of(self, position: int) -> int:
         """Record number of the delivered row ``position`` places after the last one."""
@@ -137,7 +140,7 @@ class RowReader:
             raise
 
     def _on_invalid(self, row: Any) -> str:
-        self.numbers.skipped(int(row.number), int(row.actual_columns))
+        self.numbers.skipped(int(row.number), int(row.actual_columns), str(row.text or ""))
         return "skip"
 
     def position(self) -> int:
