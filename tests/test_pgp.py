@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import pyzipper
 
 from purlgate.config import parse_config
 from purlgate.core.crypto import looks_like_pgp, spaced_fingerprint
@@ -549,3 +550,28 @@ def test_check_config_opens_every_key_and_dates_it(keys: Keys, tmp_path: Path) -
                               f"({spaced_fingerprint(soon_fpr)}) expires on ")
     assert warning.endswith("day(s): extend it before then")
     assert ok.stdout.splitlines()[-1] == "configuration OK (1 warning(s))"
+
+
+def test_pgp_around_a_password_zip_with_purlgate_process(keys: Keys, tmp_path: Path) -> None:
+    """`purlgate process` of a PGP file holding an AES ZIP opens the ZIP with the
+    client's agreed password (it used to be refused for want of it)."""
+    zipped = io.BytesIO()
+    with pyzipper.AESZipFile(zipped, "w", compression=pyzipper.ZIP_DEFLATED,
+                             encryption=pyzipper.WZ_AES) as z:
+        z.setpassword(b"zip-pass-1")
+        z.writestr(f"acme_secure_{T}_07.csv", CSV)
+    name = f"acme_secure_{T}_07.zip.pgp"
+    (tmp_path / name).write_bytes(encrypt(keys, keys.acme, zipped.getvalue(), sign=keys.acme))
+    (tmp_path / "zip-password").write_text("zip-pass-1\n")
+    text = config_text(keys).replace(
+        '[clients.acme]\nname = "Acme"',
+        f'[clients.acme]\nname = "Acme"\nzip_password = {{ file = "{tmp_path / "zip-password"}" }}')
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(text)
+    exe = Path(sys.executable).with_name("purlgate")
+    result = subprocess.run([str(exe), "process", name, "--config", str(cfg), "--project",
+                             "secure", "--data-dir", "state"], cwd=tmp_path,
+                            capture_output=True, text=True, check=False, timeout=120,
+                            env={**os.environ, "PG_TEST_OUR_PASSPHRASE": OUR_PASSPHRASE})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "status    Done" in result.stdout

@@ -22,12 +22,13 @@ import pytest_asyncio
 from purlgate.app import Gateway, build_gateway, serve
 from purlgate.config import parse_config
 from purlgate.passwords import hash_password
-from tests.mail_helpers import Sink, plain_zip
+from tests.mail_helpers import Sink, aes_zip, plain_zip
 
 T = "20261127_101500"
 PASSWORD = "acme sftp pass 2026"
 CSV = b"first_name,email\nZo\xc3\xab,z@acme.example\nAda,a@acme.example\n"
 HASH = hash_password(PASSWORD)
+ZIP_PASSWORD = "acme zip 2026"
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Keys:
     globex: Path
     acme_pub: str
     globex_pub: str
+    zip_password: Path  # acme's agreed ZIP password, as a secret file
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
         (root / name).write_bytes(key.export_private_key())
         (root / name).chmod(0o600)
         pubs[name] = key.export_public_key().decode().strip()
-    return Keys(root / "acme", root / "globex", pubs["acme"], pubs["globex"])
+    (root / "acme-zip").write_text(ZIP_PASSWORD + "\n")
+    return Keys(root / "acme", root / "globex", pubs["acme"], pubs["globex"],
+                root / "acme-zip")
 
 
 def config(keys: Keys, relay: int, safelist: str = "", complete_on: str = "close") -> str:
@@ -68,6 +72,7 @@ safelist = [{safelist}]
 [clients.acme]
 name = "Acme"
 regions = ["usa"]
+zip_password = {{ file = "{keys.zip_password}" }}
 [clients.acme.sftp]
 username = "acme"
 complete_on = "{complete_on}"
@@ -746,3 +751,16 @@ async def test_complete_on_rename_refuses_direct_uploads(tmp_path: Path, keys: K
         await r.wait_for(r.downloads() / f"PURL_ok_{T}.csv.flg")
     finally:
         await r.shutdown()
+
+
+
+@pytest.mark.asyncio
+async def test_a_password_zip_opens_with_the_agreed_password(running: Running,
+                                                             keys: Keys) -> None:
+    """Over SFTP too, a ZIP protected with the client's agreed password (AES) is
+    opened and processed."""
+    zipped = aes_zip({f"z_{T}.csv": CSV}, ZIP_PASSWORD.encode())
+    async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp, \
+            sftp.open(f"/spring/Uploads/z_{T}.zip", "wb") as f:
+        await f.write(zipped)
+    await running.wait_for(running.downloads() / f"PURL_z_{T}.csv.flg")

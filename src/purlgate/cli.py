@@ -377,6 +377,7 @@ def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
 def _process(args: argparse.Namespace) -> int:
     from purlgate.config import load_config
     from purlgate.core.archive import needs_password
+    from purlgate.core.crypto import looks_like_pgp
     from purlgate.core.lifecycle import BatchState
     from purlgate.core.pipeline import Submission
     from purlgate.region import build_region
@@ -394,7 +395,9 @@ def _process(args: argparse.Namespace) -> int:
     # The password is read only when it matters, for an encrypted ZIP (a missing secret
     # is then a configuration error); a plain file or ZIP does not need it.
     password = None
-    if client and client.zip_password and needs_password(path, path.name):
+    # Read only when it can matter: an encrypted ZIP, or a PGP file that may hold one.
+    if client and client.zip_password and (needs_password(path, path.name)
+                                           or looks_like_pgp(path, path.name)):
         password = client.zip_password.reveal()
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)

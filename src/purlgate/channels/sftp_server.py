@@ -641,9 +641,14 @@ class SftpWorker:
     def handle(self, upload: Upload) -> None:
         m = upload.meta
         downloads = self.service.downloads(m["client"], m["project"])
+        client = self.service.clients[m["client"]]
+        # The client's agreed ZIP password opens a password ZIP (or one inside PGP) here
+        # too; without one, only plain ZIPs open.
+        password = client.zip_password.reveal() if client.zip_password else None
         outcome = self.processor.process(
             Submission(path=upload.path, received_name=m["name"], channel="sftp",
-                       client_id=m["client"], project_id=m["project"], intake_id=upload.id),
+                       client_id=m["client"], project_id=m["project"], intake_id=upload.id,
+                       zip_password=password),
             downloads,
         )
         if outcome.state is BatchState.FAILED and outcome.errors is None:
