@@ -41,6 +41,12 @@ class Dovecot:
     tls_port: int  # implicit TLS (imaps)
     cert: Path  # the CA to trust for both
 
+    def restart(self) -> None:
+        """Stop the server and start it again on the same ports and mailboxes."""
+        self.process.terminate()
+        self.process.wait(timeout=15)
+        self.process = _start(self.root, self.port)
+
     def add_user(self) -> tuple[str, str]:
         """A fresh mailbox. Users are written before start: Dovecot re-reads the
         passwd-file by mtime, which two writes in one second would not change."""
@@ -124,6 +130,22 @@ service imap-login {{
 """
 
 
+def _start(root: Path, port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
+    process = subprocess.Popen([binary, "-F", "-c", str(root / "dovecot.conf")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = (root / "dovecot.log").read_text() if (root / "dovecot.log").exists() else ""
+                raise AssertionError(f"dovecot did not start: {log}") from None
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[Dovecot]:
     binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -138,19 +160,10 @@ def dovecot() -> Iterator[Dovecot]:
     port, tls_port = free_port(), free_port()
     cert, _ = self_signed(root)
     (root / "dovecot.conf").write_text(_config(root, port, tls_port))
-    process = subprocess.Popen([binary, "-F", "-c", str(root / "dovecot.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log = (root / "dovecot.log").read_text() if (root / "dovecot.log").exists() else ""
-                raise AssertionError(f"dovecot did not start: {log}") from None
-            time.sleep(0.1)
-    yield Dovecot(root, port, process, users, tls_port, cert)
+    process = _start(root, port)
+    server = Dovecot(root, port, process, users, tls_port, cert)
+    yield server
+    process = server.process
     process.terminate()
     process.wait(timeout=15)
     shutil.rmtree(root, ignore_errors=True)

@@ -16,6 +16,7 @@ from purlgate.app import Gateway, build_gateway, serve
 from purlgate.channels.imap_poller import ImapPoller
 from purlgate.channels.spool import Spool
 from purlgate.config import ImapConfig, SecretRef, parse_config
+from purlgate.errors import ConfigError
 from tests.dovecot import Dovecot, dovecot, free_port  # noqa: F401 - dovecot is a fixture
 from tests.mail_helpers import PASSWORD, SENDER, Sink, aes_zip, client_mail, rows
 from tests.test_email import CONFIG
@@ -190,3 +191,78 @@ def test_tls_modes_verify_the_server(dovecot: Dovecot, account: tuple[str, str],
                            spool=spool, on_accepted=lambda e: None)
     with pytest.raises(ssl.SSLCertVerificationError):
         untrusted._connect()
+
+
+async def start_imap_gateway(dovecot: Dovecot, user: str, tmp_path: Path,  # noqa: F811
+                             sink: Sink, *, poll: float) -> tuple[Gateway, asyncio.Event,
+                                                                  asyncio.Task[None]]:
+    text = CONFIG.format(relay_port=sink.port, max_bytes=5_000_000, min_free=0, tls="")
+    text += (f'\n[regions.usa.imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\n'
+             f'tls = "none"\nuser = "{user}"\npassword = {{ env = "PG_TEST_IMAP_PW" }}\n'
+             f"poll_seconds = {poll}\n")
+    gateway = build_gateway(parse_config(text), "usa", data_dir=tmp_path / "state")
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(gateway, stop))
+    assert gateway.imap is not None
+    await asyncio.to_thread(gateway.imap.connected.wait, 30)
+    return gateway, stop, task
+
+
+@pytest.mark.asyncio
+async def test_idle_answers_in_seconds_not_at_the_next_poll(
+        dovecot: Dovecot, account: tuple[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """The capabilities are read after login, so IDLE (and MOVE) are seen: with polling
+    every 60 s, a message appended is answered within a few seconds."""
+    user, password = account
+    sink = await Sink().start()
+    gateway, stop, task = await start_imap_gateway(dovecot, user, tmp_path, sink, poll=60)
+    try:
+        assert gateway.imap is not None
+        assert {"IDLE", "MOVE"} <= gateway.imap.capabilities
+        start = asyncio.get_running_loop().time()
+        await asyncio.to_thread(dovecot.append, user, password, mail("<idle@acme.example>"))
+        await sink.wait_to(SENDER, timeout=20)
+        assert asyncio.get_running_loop().time() - start < 5
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await sink.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_server_is_reconnected_and_read(
+        dovecot: Dovecot, account: tuple[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """Dovecot stops and starts again under the poller: it reconnects by itself and the
+    next message is answered."""
+    user, password = account
+    sink = await Sink().start()
+    gateway, stop, task = await start_imap_gateway(dovecot, user, tmp_path, sink, poll=0.5)
+    try:
+        assert gateway.imap is not None
+        await asyncio.to_thread(dovecot.restart)
+        await asyncio.to_thread(dovecot.append, user, password, mail("<again@acme.example>"))
+        await sink.wait_to(SENDER, timeout=60)
+        assert gateway.imap.connected.is_set()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await sink.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_refused_login_stops_the_start_with_a_clear_error(
+        dovecot: Dovecot, account: tuple[str, str], tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong IMAP password is not retried for ever in silence: serve does not start,
+    and the error names the server and what to check."""
+    user, _ = account
+    monkeypatch.setenv("PG_TEST_IMAP_PW", "not-the-password")
+    text = CONFIG.format(relay_port=25, max_bytes=5_000_000, min_free=0, tls="")
+    text += (f'\n[regions.usa.imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\n'
+             f'tls = "none"\nuser = "{user}"\npassword = {{ env = "PG_TEST_IMAP_PW" }}\n')
+    gateway = build_gateway(parse_config(text), "usa", data_dir=tmp_path / "state")
+    with pytest.raises(ConfigError) as err:
+        await asyncio.wait_for(serve(gateway, asyncio.Event()), 30)
+    assert err.value.message == (
+        f"IMAP 127.0.0.1:{dovecot.port}: the server refused the login of {user!r}: check "
+        "imap.user and imap.password")

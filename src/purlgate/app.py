@@ -8,11 +8,14 @@ and ``serve`` runs them in one TaskGroup.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,7 +35,7 @@ from purlgate.channels.sftp_server import (
 )
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
-from purlgate.config import ClientConfig, Config
+from purlgate.config import ClientConfig, Config, RegionConfig
 from purlgate.errors import ConfigError
 from purlgate.operations import build_ops, run_retention
 from purlgate.region import Region, build_region, utc_now
@@ -75,6 +78,24 @@ class Gateway:
         return int(self.smtp.sockets[0].getsockname()[1])
 
 
+def alert_operator(outbox: Outbox, region: RegionConfig, text: str) -> None:
+    """Mail the region's operator about something only they can fix (at most one such
+    alert per hour for the same text)."""
+    if region.relay.operator is None:
+        log.error("no relay.operator to alert: %s", text)
+        return
+    sender = region.inbound_addresses[0]
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = region.relay.operator
+    message["Subject"] = f"[purlgate] operator alert: {text[:120]}"
+    message.set_content(f"{text}\n\nThis alert is sent at most once an hour.\n")
+    hour = int(time.time() // 3600)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    outbox.enqueue(message, sender=sender, recipients=[region.relay.operator],
+                   key=f"alert-{digest}-{hour}")
+
+
 def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = None,
                   sender: Sender | None = None) -> Gateway:
     """Everything ``serve`` runs, built but not started (tests start pieces of it)."""
@@ -96,7 +117,8 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     imap = None
     if region_cfg.imap is not None:
         imap = ImapPoller(region_cfg.imap, inbound=region_cfg.inbound_addresses,
-                          clients=clients, spool=spool, on_accepted=worker.submit)
+                          clients=clients, spool=spool, on_accepted=worker.submit,
+                          on_alert=lambda text: alert_operator(outbox, region_cfg, text))
     gateway = Gateway(region, spool, outbox, worker, handler, imap)
     if region_cfg.sftp is not None:
         sftp_cfg = region_cfg.sftp
@@ -196,6 +218,8 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
                 start_web(gateway.links, web,
                           tls_context(web, gateway.region.data_dir, config.public_base_url)))
             log.info("region %s: links served on %s:%d", rid, web.host, gateway.web_port)
+        if gateway.imap is not None:  # a login or certificate to fix stops the start here
+            await asyncio.to_thread(gateway.imap.check_login)
         log.info("region %s: resuming %s", rid, _resumed(gateway))
         if on_ready is not None:
             on_ready(gateway)
