@@ -97,7 +97,12 @@ class ImapPoller:
             box = MailBoxStartTls(c.host, c.port, ssl_context=context)
         else:
             box = MailBoxUnencrypted(c.host, c.port)
-        box.login(c.user, c.password.reveal().decode(), initial_folder=None)
+        try:
+            box.login(c.user, c.password.reveal().decode(), initial_folder=None)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                box.client.shutdown()  # the connection is ours to close, login or not
+            raise
         # The capabilities after login (imaplib keeps the pre-login ones): imap-tools
         # reads them to choose MOVE, we to choose IDLE and UID EXPUNGE.
         status, data = box.client.capability()
