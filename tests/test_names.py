@@ -16,10 +16,13 @@ from typing import Any
 import pytest
 import pyzipper
 
+from purlgate.config import parse_config
 from purlgate.core.archive import UnwrapLimits, unwrap
 from purlgate.core.lifecycle import BatchState
+from purlgate.core.pipeline import Submission
+from purlgate.region import build_region
 from purlgate.store import MIGRATIONS, SqliteBatchStore
-from tests.conftest import DATA, Harness
+from tests.conftest import DATA, TEST_CONFIG, Harness
 from tests.mail_helpers import (
     PASSWORD,
     SENDER,
@@ -192,3 +195,19 @@ async def test_an_attachment_named_dotdot_is_answered(
     finally:
         await running.shutdown()
         await sink.stop()
+
+
+def test_results_mode_is_configurable(tmp_path: Path) -> None:
+    """results_mode sets the mode of PURL and flag files (here 0600)."""
+    text = TEST_CONFIG.replace('public_base_url = "https://purl.test"',
+                               'public_base_url = "https://purl.test"\nresults_mode = "0600"')
+    region = build_region(parse_config(text), "usa", data_dir=tmp_path / "state")
+    out = tmp_path / "out"
+    out.mkdir()
+    outcome = region.processor.process(
+        Submission(path=DATA / "acme_spring_20261127_101500_00.csv",
+                   received_name="acme_spring_20261127_101500_00.csv", channel="test",
+                   client_id="acme", project_id="spring"), out)
+    region.close()
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o600}
+    assert outcome.purl is not None

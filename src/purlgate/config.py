@@ -399,6 +399,8 @@ class RegionConfig(_Model):
     sftp: SftpConfig | None = None
     web: WebConfig | None = None
     storyboard: StoryboardConfig | None = None
+    # Mode of PURL, flag and error files (octal): the owner writes, its group may read.
+    results_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0640"
 
     @model_validator(mode="after")
     def _render_api_alerts(self) -> Self:

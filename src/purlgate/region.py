@@ -130,6 +130,7 @@ def build_region(
         region_id=region_id, clients=clients, limits=limits, store=store,
         renderer_for=renderer_for, clock=utc_now, work_root=data_dir / "work",
         subscribers=subscribers, crypto=keys, rows=rows,
+        result_mode=int(region.results_mode, 8),
     )
     return Region(region_id, region, data_dir, store, processor, rows, key, keys,
                   api[0] if api is not None else None)

@@ -42,7 +42,7 @@ from purlgate.channels.defender import Defender, Event
 from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.spool import GroupSync
 from purlgate.config import ClientConfig, SftpConfig
-from purlgate.core.files import RESULT_MODE, AtomicFile
+from purlgate.core.files import AtomicFile
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.naming import (
     ARCHIVE_EXTENSIONS,
@@ -666,7 +666,7 @@ class SftpWorker:
             return
         stem = split_extension(strip_pgp(received)[0])[0]
         final = downloads / f"{project.purl_prefix}{stem}{project.purl_suffix}_errors.csv"
-        with AtomicFile(final, no_clobber=False, mode=RESULT_MODE) as out:
+        with AtomicFile(final, no_clobber=False, mode=self.processor.result_mode) as out:
             text = io.StringIO()
             csv.writer(text, lineterminator="\n").writerows([("row", "column", "reason"),
                                                              ("", "", reason)])

@@ -234,8 +234,10 @@ class BatchProcessor:
         subscribers: Sequence[Subscriber] = (),
         crypto: Crypto | None = None,
         rows: RowStore | None = None,
+        result_mode: int = RESULT_MODE,
     ) -> None:
         self.region_id = region_id
+        self.result_mode = result_mode  # PURL, flag and error files
         self.rows = rows
         self.crypto = crypto
         self.clients = clients
@@ -443,7 +445,7 @@ class BatchProcessor:
         if self.crypto is None or recipient is None:
             raise ServerError("the project encrypts its results but PGP is not set up")
         with AtomicFile(final, no_clobber=not (job.restarted or replace),
-                        mode=RESULT_MODE) as out:
+                        mode=self.result_mode) as out:
             self.crypto.encrypt(source, out.file, recipient=recipient)
             return out.commit()
 
@@ -451,7 +453,7 @@ class BatchProcessor:
         # An error file of this name can only be an earlier failed batch's (a batch that
         # delivered holds the name): the newer list replaces it.
         if not job.encrypt:
-            return job.errors.publish(job.error_path, replace=True)
+            return job.errors.publish(job.error_path, replace=True, mode=self.result_mode)
         plain = job.errors.publish(job.work / "errors-plain.csv", mode=0o600)
         return self._encrypt_to(plain, job.error_path, job, replace=True)
 
@@ -483,7 +485,8 @@ class BatchProcessor:
         flag = None
         if project.flag_file:
             flag_path = purl.with_name(flag_name(purl.name))
-            with AtomicFile(flag_path, no_clobber=not job.restarted, mode=RESULT_MODE) as out:
+            with AtomicFile(flag_path, no_clobber=not job.restarted,
+                            mode=self.result_mode) as out:
                 flag = out.commit()
             outputs.append(flag)
         errors_path = None
@@ -509,7 +512,7 @@ class BatchProcessor:
         rendered = 0  # ordinal of the next row handed to the renderer (token input)
         ok = 0
         # Encrypted results: the plain PURL file is scratch (0600); else it is the result.
-        mode = 0o600 if job.encrypt else RESULT_MODE
+        mode = 0o600 if job.encrypt else self.result_mode
         with AtomicFile(target, no_clobber=not job.restarted, mode=mode) as out, \
                 contextlib.ExitStack() as stack:
             sink: RowSink | None = None
