@@ -10,6 +10,7 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import make_msgid
+from typing import Any
 
 import pyzipper
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -138,3 +139,16 @@ def reply_zip(captured: Captured, password: bytes = PASSWORD) -> dict[str, bytes
     with pyzipper.AESZipFile(io.BytesIO(data)) as z:
         z.setpassword(password)
         return {n: z.read(n) for n in z.namelist()}
+
+
+async def drained(gateway: Any, timeout: float = 30.0) -> None:
+    """Nothing left to do: no mail waiting in the spool, none in the outbox queue (twice
+    in a row, so that a reply being queued between the two looks is seen)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    quiet = 0
+    while quiet < 2:
+        busy = await asyncio.to_thread(
+            lambda: bool(gateway.spool.pending()) or bool(gateway.outbox.items()))
+        quiet = 0 if busy else quiet + 1
+        assert asyncio.get_running_loop().time() < deadline, "the queues never drained"
+        await asyncio.sleep(0.05)

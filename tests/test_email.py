@@ -26,6 +26,7 @@ from tests.mail_helpers import (
     Sink,
     aes_zip,
     client_mail,
+    drained,
     plain_zip,
     reply_zip,
     rows,
@@ -190,7 +191,7 @@ async def test_unknown_sender_refused_in_session(running: Running) -> None:
                            sender="mallory@evil.example")
     assert err.value.code == 550
     assert "5.7.1" in err.value.message
-    await asyncio.sleep(0.5)
+    await drained(running.gateway)
     assert running.sink.messages == []
     assert running.spooled() == []
 
@@ -290,7 +291,7 @@ async def test_smuggling_is_one_message(running: Running) -> None:
     writer.close()
     assert len(accepted) == 1
     replies = await running.sink.wait_to(SENDER)
-    await asyncio.sleep(0.5)
+    await drained(running.gateway)
     assert len(running.sink.messages) == 1, "one (failure) reply for one message"
     assert "no ZIP attachment" in replies[0].raw.decode()
 
@@ -319,7 +320,7 @@ async def test_failure_replies(running: Running, attachments: list[tuple[str, by
     """Each failure gets a plain reply to the sender saying what to fix, no attachment."""
     await running.send(client_mail(attachments))
     replies = await running.sink.wait_to(SENDER)
-    await asyncio.sleep(0.3)
+    await drained(running.gateway)
     assert len(replies) == 1
     reply = replies[0].message
     assert list(reply.iter_attachments()) == []
@@ -351,7 +352,7 @@ async def test_same_message_twice_is_processed_once(running: Running) -> None:
     await running.send(raw)
     await running.send(raw)
     await running.sink.wait_to(SENDER)
-    await asyncio.sleep(1.0)
+    await drained(running.gateway)
     assert len(running.sink.to(SENDER)) == 1
     assert running.gateway.region.store.recent() and \
         len(running.gateway.region.store.recent()) == 1
@@ -404,7 +405,7 @@ async def test_reply_arrives_once_after_a_kill(tmp_path: Path, sink: Sink,
     await sink.wait_to(SENDER)
     await r2.shutdown()
     r3 = await start(tmp_path, sink, data_dir=r.data_dir)
-    await asyncio.sleep(1.0)
+    await drained(r3.gateway)
     await r3.shutdown()
     assert len(sink.to(SENDER)) == 1
     assert r3.spooled() == []

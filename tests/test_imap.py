@@ -18,7 +18,7 @@ from purlgate.channels.spool import Spool
 from purlgate.config import ImapConfig, SecretRef, parse_config
 from purlgate.errors import ConfigError
 from tests.dovecot import Dovecot, dovecot, free_port  # noqa: F401 - dovecot is a fixture
-from tests.mail_helpers import PASSWORD, SENDER, Sink, aes_zip, client_mail, rows
+from tests.mail_helpers import PASSWORD, SENDER, Sink, aes_zip, client_mail, drained, rows
 from tests.test_email import CONFIG
 
 T = "20261127_101500"
@@ -144,7 +144,7 @@ async def test_same_message_by_smtp_and_imap_once(imap_gateway: tuple[Gateway, S
         if await asyncio.to_thread(dovecot.uids, user, password, "Processed"):
             break
         await asyncio.sleep(0.1)
-    await asyncio.sleep(1.0)
+    await drained(gateway)
     assert len(sink.to(SENDER)) == 1
     assert len(gateway.region.store.recent()) == 1
 
