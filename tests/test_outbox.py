@@ -202,3 +202,25 @@ async def test_relay_with_starttls_and_auth(tmp_path: Path,
         assert len(sink.messages) == 1
     finally:
         await sink.stop()
+
+
+def test_whatever_a_crash_left_enqueue_adopts_and_sent_is_never_sent_again(
+        tmp_path: Path) -> None:
+    """A body left without its .json (a crash between the two) is replaced by the next
+    enqueue of that key, which succeeds; an entry whose "sent" record exists but whose
+    queue files remain (a crash after the record) is finished off, not sent again."""
+    clock, script = Clock(), Script()
+    box = Outbox(tmp_path, RELAY, sender=script, clock=clock)
+    (tmp_path / "queue" / "r1.eml").write_bytes(b"half a message")
+    assert box.enqueue(note(), sender="sftp-usa@idomoo.com", recipients=["a@acme.example"],
+                       key="r1")
+    assert b"Subject: hello" in (tmp_path / "queue" / "r1.eml").read_bytes()
+    box.enqueue(note("second"), sender="sftp-usa@idomoo.com", recipients=["b@acme.example"],
+                key="r2")
+    (tmp_path / "sent" / "r2.json").write_text((tmp_path / "queue" / "r2.json").read_text())
+    assert [item.id for item in box.items()] == ["r1"]
+    assert sorted(p.name for p in (tmp_path / "sent").iterdir()) == ["r2.eml", "r2.json"]
+    asyncio.run(box.deliver_due())
+    assert [r for _, _, r in script.sent] == [["a@acme.example"]]
+    assert not box.enqueue(note("second"), sender="sftp-usa@idomoo.com",
+                           recipients=["b@acme.example"], key="r2"), "sent: never again"

@@ -36,6 +36,7 @@ from purlgate.core.files import private_file
 from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
 from purlgate.core.pipeline import BatchProcessor, Submission
 from purlgate.errors import ConfigError, MessageError
+from purlgate.faults import crash_point
 
 log = logging.getLogger("purlgate.mail")
 
@@ -136,6 +137,7 @@ class MailWorker:
             out_dir,
         )
         batch = outcome.batch
+        crash_point("purl-published")
         if batch.state is BatchState.FAILED or outcome.purl is None:
             reply = failure_reply(message, batch.reason or "the file could not be processed",
                                   sender=ours, to=sender, batch=batch, errors=outcome.errors,

@@ -28,6 +28,7 @@ import aiosmtplib
 
 from purlgate.config import RelayConfig
 from purlgate.core.files import AtomicFile
+from purlgate.faults import crash_point
 
 log = logging.getLogger("purlgate.outbox")
 KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -105,6 +106,8 @@ class Outbox:
         item_id = key or make_msgid().strip("<>").split("@")[0]
         item_id = "".join(c if c in KEY_CHARS else "_" for c in item_id.lower())
         with self._lock:
+            # The .json is the entry's one commit point: with it (queued, sent or failed)
+            # the entry exists; without it, a body left by a crash is simply replaced.
             if any((folder / f"{item_id}.json").exists()
                    for folder in (self.queue, self.sent, self.failed)):
                 return False
@@ -115,10 +118,11 @@ class Outbox:
             now = self._clock()
             meta = {"sender": sender, "recipients": list(recipients), "attempts": 0,
                     "created_at": now, "next_at": now, "last_error": None, "alert": alert}
-            with AtomicFile(self.queue / f"{item_id}.eml") as out:
+            with AtomicFile(self.queue / f"{item_id}.eml", no_clobber=False) as out:
                 # CRLF, as on the wire: the stored file is exactly what every try sends.
                 out.file.write(message.as_bytes(policy=policy.SMTP))
                 out.commit()
+            crash_point("outbox-body-written")
             with AtomicFile(self.queue / f"{item_id}.json") as out:  # the commit point
                 out.file.write(json.dumps(meta).encode())
                 out.commit()
@@ -134,9 +138,18 @@ class Outbox:
     # -- delivery (the event loop) ----------------------------------------------------
 
     def items(self) -> list[Item]:
+        """Entries still to send. One recorded sent (or failed) is finished off, never
+        sent again: a crash after that record left its queue files behind."""
         found = []
         for meta_path in sorted(self.queue.glob("*.json")):
             eml = meta_path.with_suffix(".eml")
+            done = next((f for f in (self.sent, self.failed)
+                         if (f / meta_path.name).exists()), None)
+            if done is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    eml.replace(done / eml.name)
+                meta_path.unlink(missing_ok=True)
+                continue
             if eml.exists():
                 found.append(Item(meta_path.stem, eml, json.loads(meta_path.read_text())))
         return found
@@ -234,6 +247,7 @@ class Outbox:
             log.error("outbox %s failed permanently: %s", item.id, exc)  # noqa: TRY400
             await asyncio.to_thread(self._fail, item, "refused")
         else:
+            crash_point("relay-accepted")
             log.info("outbox %s delivered after %d attempt(s)", item.id, meta["attempts"])
             meta["delivered_at"] = self._clock()
             await asyncio.to_thread(self._save, item, self.sent)

@@ -25,6 +25,7 @@ from typing import Any
 
 from purlgate.core.files import fsync_dir
 from purlgate.errors import ServerError
+from purlgate.faults import crash_point
 
 MAGIC = b"PURLGATE-ENVELOPE "
 
@@ -109,6 +110,7 @@ class Spool:
                 os.fsync(f.fileno())
             tmp.rename(final)  # the commit point, made durable by the folder sync
             self._sync.sync()
+            crash_point("spool-committed")
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)

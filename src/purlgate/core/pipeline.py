@@ -64,6 +64,7 @@ from purlgate.errors import (
     ServerError,
     StorageError,
 )
+from purlgate.faults import crash_point
 
 log = logging.getLogger("purlgate.core")
 
@@ -564,6 +565,7 @@ class BatchProcessor:
                         links = [pc.filter(c, good) for c in links]
                     writer.write([*data, *links])
                     ok += len(links[0])
+                    crash_point("batch-running")
                 last = numbers.record_of(n - 1) if n else None
                 found += [bad_row_error(b, len(header))
                           for b in numbers.take_bad_rows(up_to=last)]

@@ -1,0 +1,21 @@
+"""Crash points for the crash tests: ``PURLGATE_CRASH_AT=<point>`` kills the process with
+SIGKILL the first time it reaches that point, as a power cut or the OOM killer would.
+
+Points: ``spool-committed`` (the message is on disk, 250 not said yet),
+``batch-running`` (mid-batch, after the first rows), ``purl-published`` (the PURL file is
+out, the reply not queued), ``outbox-body-written`` (between the outbox entry's two
+files), ``relay-accepted`` (the relay said 250, "sent" not recorded). Unset in
+production: one dictionary look-up per point.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+CRASH_AT = os.environ.get("PURLGATE_CRASH_AT")
+
+
+def crash_point(name: str) -> None:
+    if name == CRASH_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
