@@ -28,6 +28,7 @@ import aiosmtplib
 
 from purlgate.config import RelayConfig
 from purlgate.core.files import AtomicFile
+from purlgate.errors import StorageError
 from purlgate.faults import crash_point
 
 log = logging.getLogger("purlgate.outbox")
@@ -80,6 +81,7 @@ class Item:
 
 
 RESCAN_SECONDS = 30.0
+STORAGE_RETRY_SECONDS = 5.0
 
 
 class Outbox:
@@ -278,7 +280,14 @@ class Outbox:
         self._wake = asyncio.Event()
         while not stop.is_set():
             self._wake.clear()
-            next_due = await self.deliver_due()
+            try:
+                next_due = await self.deliver_due()
+            except (OSError, StorageError) as exc:
+                # A full or failing disk: keep every entry as it is and try again soon;
+                # never let it end the process (the listeners must go on answering).
+                log.warning("outbox: storage fault (%s); trying again in %.0f s",
+                            getattr(exc, "message", None) or exc, STORAGE_RETRY_SECONDS)
+                next_due = STORAGE_RETRY_SECONDS
             waiters = [asyncio.ensure_future(self._wake.wait()),
                        asyncio.ensure_future(stop.wait())]
             # At most 30 s asleep: `purlgate outbox --retry-now` edits files from outside.

@@ -6,6 +6,7 @@ A reader of the folder (an SFTP client polling Downloads, a script waiting for t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -95,7 +96,10 @@ class AtomicFile:
         if self.committed:
             return
         if self._file is not None and not self._file.closed:
-            self._file.close()
+            # Closing flushes, and on a full disk that fails too: the error in hand (the
+            # storage fault that got us here) is the one to report, and the .part goes.
+            with contextlib.suppress(OSError):
+                self._file.close()
         self.temp.unlink(missing_ok=True)
 
 
