@@ -433,3 +433,43 @@ async def test_starttls_required(tmp_path: Path, sink: Sink,
         assert reply_zip((await sink.wait_to(SENDER))[0])
     finally:
         await r.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_connection_limits_and_idle_timeout(tmp_path: Path, sink: Sink,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond max_connections_per_ip a new session is refused with 421 4.7.0 and closed
+    (and counted); a closed one frees its place; a session that sends nothing is closed
+    after timeout_seconds."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    r = await start(tmp_path, sink, tls="max_connections_per_ip = 2\ntimeout_seconds = 1")
+    try:
+        async def open_session() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            return reader, writer, await asyncio.wait_for(reader.readline(), 10)
+        first, second = await open_session(), await open_session()
+        assert first[2].startswith(b"220") and second[2].startswith(b"220")
+        reader, writer, line = await open_session()
+        assert line == b"421 4.7.0 Too many connections, try again later\r\n"
+        assert await asyncio.wait_for(reader.read(), 10) == b"", "closed after the 421"
+        writer.close()
+        await writer.wait_closed()
+        assert r.gateway.handler.outcomes["refused-too-many"] == 1
+        first[1].close()
+        await first[1].wait_closed()
+        await asyncio.sleep(0)  # the server sees the close on its next turn
+        for _ in range(100):
+            reader, writer, line = await open_session()
+            writer.close()
+            await writer.wait_closed()
+            if line.startswith(b"220"):
+                break
+            await asyncio.sleep(0.05)
+        assert line.startswith(b"220"), "a closed session frees its place"
+        # The second session never sent a command: closed by the idle timeout.
+        rest = await asyncio.wait_for(second[0].read(), 10)
+        assert rest.startswith(b"421 4.4.2"), rest
+        second[1].close()
+        await second[1].wait_closed()
+    finally:
+        await r.shutdown()

@@ -237,6 +237,11 @@ class SmtpConfig(_Model):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     require_starttls: bool = False
+    # As Postfix's smtpd_client_connection_count_limit and process limit: beyond, 421.
+    max_connections: int = Field(default=100, gt=0)
+    max_connections_per_ip: int = Field(default=10, gt=0)
+    # A session that sends no command for this long is closed (421).
+    timeout_seconds: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:

@@ -113,15 +113,74 @@ def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
     return context
 
 
+class ConnectionLimits:
+    """Sessions open, in total and per client address (touched on the loop only)."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total, self.per_ip = total, per_ip
+        self.open: dict[str, int] = {}
+
+    def admit(self, ip: str) -> bool:
+        if sum(self.open.values()) >= self.total or self.open.get(ip, 0) >= self.per_ip:
+            return False
+        self.open[ip] = self.open.get(ip, 0) + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        left = self.open.get(ip, 0) - 1
+        if left > 0:
+            self.open[ip] = left
+        else:
+            self.open.pop(ip, None)
+
+
+class LimitedSMTP(SMTP):
+    """aiosmtpd's session, refused with 421 4.7.0 beyond the connection limits."""
+
+    def __init__(self, handler: SmtpHandler, *, limits: ConnectionLimits,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._limits = limits
+        self._outcomes = handler.outcomes
+        self._ip: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._ip is None:  # not the STARTTLS re-entry: a new connection
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if peer else "?"
+            if not self._limits.admit(ip):
+                log.info("refused a connection from %s: too many connections", ip)
+                self._outcomes["refused-too-many"] += 1
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+                transport.close()
+                return
+            self._ip = ip
+        super().connection_made(transport)
+
+    def _timeout_cb(self) -> None:
+        # As Postfix does: say why before closing (aiosmtpd closes without a word).
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.write(b"421 4.4.2 Error: timeout exceeded\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._ip is None:
+            return  # refused at connect: nothing was set up
+        self._limits.release(self._ip)
+        super().connection_lost(error)
+
+
 async def start_smtp(handler: SmtpHandler, config: SmtpConfig) -> asyncio.Server:
     """Listen on config.host:config.port (port 0: any free port)."""
     context = tls_context(config)
+    limits = ConnectionLimits(config.max_connections, config.max_connections_per_ip)
 
     def factory() -> Any:
-        return SMTP(handler, data_size_limit=config.max_message_bytes,
-                    hostname=config.hostname, ident="purlgate ESMTP",
-                    tls_context=context, require_starttls=config.require_starttls,
-                    enable_SMTPUTF8=True)
+        return LimitedSMTP(handler, limits=limits, data_size_limit=config.max_message_bytes,
+                           hostname=config.hostname, ident="purlgate ESMTP",
+                           tls_context=context, require_starttls=config.require_starttls,
+                           enable_SMTPUTF8=True, timeout=config.timeout_seconds)
 
     loop = asyncio.get_running_loop()
     return await loop.create_server(factory, host=config.host, port=config.port)
