@@ -10,6 +10,7 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import make_msgid
+from pathlib import Path
 from typing import Any
 
 import pyzipper
@@ -152,3 +153,16 @@ async def drained(gateway: Any, timeout: float = 30.0) -> None:
         quiet = 0 if busy else quiet + 1
         assert asyncio.get_running_loop().time() < deadline, "the queues never drained"
         await asyncio.sleep(0.05)
+
+
+async def queues_empty(data_dir: Path, timeout: float = 60.0) -> None:
+    """As ``drained``, for a gateway in another process: its data directory's spool and
+    outbox queue hold nothing (twice in a row)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    quiet = 0
+    while quiet < 2:
+        busy = any((data_dir / "spool" / "incoming").glob("*.msg")) or any(
+            (data_dir / "outbox" / "queue").glob("*.json"))
+        quiet = 0 if busy else quiet + 1
+        assert asyncio.get_running_loop().time() < deadline, "the queues never drained"
+        await asyncio.sleep(0.1)

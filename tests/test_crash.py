@@ -14,7 +14,7 @@ import aiosmtplib
 import pytest
 
 from tests.dovecot import free_port
-from tests.mail_helpers import INBOUND, PASSWORD, SENDER, Sink
+from tests.mail_helpers import INBOUND, PASSWORD, SENDER, Sink, queues_empty
 from tests.test_email import CONFIG, good_mail
 
 POINTS = ["spool-committed", "batch-running", "purl-published", "outbox-body-written",
@@ -34,18 +34,6 @@ def serve(cfg: Path, data: Path, smtp: int, crash_at: str | None) -> subprocess.
     assert proc.stdout is not None
     assert "accepting mail" in proc.stdout.readline()
     return proc
-
-
-async def queues_empty(data: Path, timeout: float = 60) -> None:
-    """The spool and the outbox queue are empty (twice in a row)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    quiet = 0
-    while quiet < 2:
-        busy = any((data / "spool" / "incoming").glob("*.msg")) or any(
-            (data / "outbox" / "queue").glob("*.json"))
-        quiet = 0 if busy else quiet + 1
-        assert asyncio.get_running_loop().time() < deadline, "the queues never drained"
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.asyncio

@@ -30,6 +30,7 @@ from tests.mail_helpers import (
     Sink,
     aes_zip,
     client_mail,
+    queues_empty,
     reply_zip,
 )
 
@@ -278,7 +279,7 @@ async def test_kill_mid_batch_resumes_without_paying_twice(tmp_path: Path,
     try:
         replies = await sink.wait_to(SENDER, timeout=60)
         assert len(replies) == 1
-        await wait_for_drained_outbox(tmp_path / "usa" / "outbox")
+        await queues_empty(tmp_path / "usa")
     finally:
         second.terminate()
         await asyncio.to_thread(second.wait, 30)
@@ -292,11 +293,3 @@ async def test_kill_mid_batch_resumes_without_paying_twice(tmp_path: Path,
     assert [r["first_name"] for r in rows] == [f"Zoë{i}" for i in range(40)]
     assert all(r["landingPage"].startswith("https://cdn.fake-render.example/lp/")
                for r in rows)
-
-
-async def wait_for_drained_outbox(outbox: Path, timeout: float = 30.0) -> None:
-    """The queue is empty: everything that will be sent has been."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while any((outbox / "queue").glob("*.json")):
-        assert asyncio.get_running_loop().time() < deadline, "outbox never drained"
-        await asyncio.sleep(0.05)
