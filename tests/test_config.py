@@ -150,3 +150,23 @@ def test_web_tls_settings_are_checked() -> None:
         with pytest.raises(ConfigError) as exc:
             parse_config(GOOD_REGION + "[regions.usa.web]\n" + web + "\n")
         assert message in exc.value.message
+
+
+
+def test_encrypting_projects_need_an_operator_to_alert() -> None:
+    """A project that encrypts results names an operator: a dead client key fails its
+    batches with "our operators have been alerted", which must be true."""
+    text = GOOD_REGION + CLIENT.replace(
+        "[clients.acme.projects.spring]\n",
+        '[clients.acme.projects.spring]\npgp_encrypt_output = true\n').replace(
+        '[clients.acme]\nname = "Acme"',
+        '[clients.acme]\nname = "Acme"\npgp_public_key = "k.asc"\n'
+        'pgp_fingerprint = "' + "A" * 40 + '"')
+    text = text.replace("[regions.usa]", "[regions.usa]", 1) + (
+        '[regions.usa.pgp]\nfingerprint = "' + "B" * 40 + '"\n')
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text)
+    assert ("client acme, project spring encrypts its results but region(s) usa have no "
+            "relay.operator") in exc.value.message
+    ok = parse_config(text + '[regions.usa.relay]\noperator = "ops@x.example"\n')
+    assert ok.clients["acme"].projects["spring"].pgp_encrypt_output

@@ -137,6 +137,9 @@ inbound_addresses = ["sftp-usa@idomoo.com"]
 data_dir = "var/usa"
 public_base_url = "https://purl.test"
 
+[regions.usa.relay]
+operator = "ops@idomoo.example"
+
 [regions.usa.pgp]
 fingerprint = "{k.ours.fpr}"
 private_key = {{ file = "{k.secret_file}" }}

@@ -237,8 +237,10 @@ async def test_winscp_style_filepart_rename(running: Running, keys: Keys) -> Non
     async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
         async with sftp.open(f"/spring/Uploads/ws_{T}.csv.filepart", "wb") as f:
             await f.write(CSV)
-        await asyncio.sleep(0.3)
-        assert not (running.downloads() / f"PURL_ws_{T}.csv").exists(), "not before rename"
+        # A close is answered only after a completed upload is spooled: nothing is.
+        assert running.gateway.sftp_service is not None
+        assert running.gateway.sftp_service.spool.pending() == [], "not before rename"
+        assert not (running.downloads() / f"PURL_ws_{T}.csv").exists()
         await sftp.rename(f"/spring/Uploads/ws_{T}.csv.filepart", f"/spring/Uploads/ws_{T}.csv")
     await running.wait_for(running.downloads() / f"PURL_ws_{T}.csv.flg")
     assert list(running.uploads().iterdir()) == []
@@ -256,7 +258,12 @@ async def test_cut_off_upload_is_never_processed(running: Running, keys: Keys) -
     f = await sftp.open(f"/spring/Uploads/cut_{T}.csv", "wb")
     await f.write(CSV[:20])
     conn.abort()
-    await asyncio.sleep(1.0)
+    # The server discards the cut-off file when it sees the connection gone; nothing
+    # else can follow once it has.
+    for _ in range(200):
+        if not any(running.uploads().iterdir()):
+            break
+        await asyncio.sleep(0.05)
     assert running.gateway.region.store.recent() == []
     assert list(running.uploads().iterdir()) == []
     assert running.gateway.sftp_service is not None

@@ -438,6 +438,11 @@ def _process(args: argparse.Namespace) -> int:
             print(f"{label:<9} {out.resolve()}")
     if batch.state is BatchState.FAILED:
         print(f"purlgate: batch failed: {batch.reason}", file=sys.stderr)
+        if batch.error_code in ("render-auth", "pgp-encrypt"):
+            # The reason is written for a client of `serve`, which mails the operator;
+            # here nobody else is told.
+            print("purlgate: (process sends no alert: you are the operator here)",
+                  file=sys.stderr)
         if batch.error_code == "bad-file-name" and args.client is None:
             print("purlgate: --client and --project name them when the file name does not",
                   file=sys.stderr)

@@ -450,6 +450,16 @@ class Config(_Model):
                         "have no [regions.<id>.pgp] key pair"
                     )
             for project_id, project in client.projects.items():
+                if project.pgp_encrypt_output:
+                    # A key that can no longer be encrypted to fails batches with "our
+                    # operators have been alerted": someone must be.
+                    unalerted = [r for r in client.regions
+                                 if self.regions[r].relay.operator is None]
+                    if unalerted:
+                        raise ValueError(
+                            f"client {client_id}, project {project_id} encrypts its results "
+                            f"but region(s) {', '.join(unalerted)} have no relay.operator "
+                            "to alert when the client's key stops working")
                 if project.render.backend != "storyboard-api":
                     continue
                 missing = [r for r in client.regions if self.regions[r].storyboard is None]

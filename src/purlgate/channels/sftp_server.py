@@ -41,7 +41,7 @@ from asyncssh import SFTPError
 from purlgate.channels.defender import Defender, Event
 from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.spool import GroupSync
-from purlgate.config import ClientConfig, SftpConfig
+from purlgate.config import ClientConfig, ProjectConfig, SftpConfig
 from purlgate.core.files import AtomicFile
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.naming import (
@@ -192,25 +192,31 @@ class SftpService:
         home = self.home(client_id)
         return home / "Downloads" if flat else home / project / "Downloads"
 
-    def sweep_downloads(self, now: float) -> int:
-        """Delete results older than their project's retention; the number deleted."""
+    def _sweep(self, area: str, now: float, max_age: Callable[[ProjectConfig], float],
+               wanted: Callable[[str], bool]) -> int:
+        """Delete regular files in every account's ``area`` older than ``max_age``
+        seconds whose names ``wanted`` accepts; the number deleted."""
         removed = 0
         for client_id, client in self.clients.items():
             if client.sftp is None:
                 continue
             for project_id, project in client.projects.items():
-                folder = self.downloads(client_id, project_id)
+                folder = self.downloads(client_id, project_id).with_name(area)
                 if not folder.is_dir():
                     continue
-                cutoff = now - project.retention_days * 86400
+                cutoff = now - max_age(project)
                 for path in folder.iterdir():
                     info = path.lstat()
-                    if path.name.startswith(".") or not stat.S_ISREG(info.st_mode):
-                        continue  # being written, or not ours
-                    if info.st_mtime < cutoff:
+                    if wanted(path.name) and stat.S_ISREG(info.st_mode) \
+                            and info.st_mtime < cutoff:
                         path.unlink(missing_ok=True)
                         removed += 1
         return removed
+
+    def sweep_downloads(self, now: float) -> int:
+        """Delete results older than their project's retention (not files being written)."""
+        return self._sweep("Downloads", now, lambda p: p.retention_days * 86400,
+                           lambda name: not name.startswith("."))
 
     def ensure_home(self, client_id: str, client: ClientConfig) -> None:
         home = self.home(client_id)
@@ -257,22 +263,8 @@ class SftpService:
 
     def sweep_temp_uploads(self, now: float) -> int:
         """Delete temporary-named uploads older than ``temp_max_age_hours``."""
-        cutoff = now - self.config.temp_max_age_hours * 3600
-        removed = 0
-        for client_id, client in self.clients.items():
-            if client.sftp is None:
-                continue
-            for project_id in client.projects:
-                folder = self.downloads(client_id, project_id).with_name("Uploads")
-                if not folder.is_dir():
-                    continue
-                for path in folder.iterdir():
-                    info = path.lstat()
-                    if is_temp(path.name) and stat.S_ISREG(info.st_mode) \
-                            and info.st_mtime < cutoff:
-                        path.unlink(missing_ok=True)
-                        removed += 1
-        return removed
+        hours = self.config.temp_max_age_hours
+        return self._sweep("Uploads", now, lambda _: hours * 3600, is_temp)
 
     def release(self, client_id: str, project: str, name: str, owner: str) -> None:
         with self._lock:
