@@ -24,6 +24,7 @@ import contextlib
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -166,10 +167,19 @@ class ImapPoller:
 
     def _wait(self, box: BaseMailBox, stop: threading.Event) -> None:
         timeout = self.config.poll_seconds
-        if self.config.idle and "IDLE" in self.capabilities:
-            box.idle.wait(timeout=min(timeout, 29 * 60))  # RFC 2177: renew before 30 min
-        else:
+        if not (self.config.idle and "IDLE" in self.capabilities):
             stop.wait(timeout)
+            return
+        # One IDLE command (RFC 2177: renewed before the server's 30 minutes), listened
+        # to in 1 s slices so that a stop is seen at once, not at the end of the wait.
+        deadline = time.monotonic() + min(timeout, 29 * 60)
+        box.idle.start()  # type: ignore[no-untyped-call]
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                if box.idle.poll(timeout=1.0):
+                    break  # the mailbox changed
+        finally:
+            box.idle.stop()  # type: ignore[no-untyped-call]
 
     def run(self, stop: threading.Event) -> None:
         backoff = 1.0

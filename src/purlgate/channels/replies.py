@@ -132,6 +132,10 @@ def notification(event: BatchEvent, *, sender: str, to: Sequence[str]) -> EmailM
 
 # Failures a client cannot fix and an operator must: each one alerts the operator.
 OPERATOR_CODES: Mapping[str, str] = {
+    "storage": "a storage fault stopped the batch (full disk, failed write): see the log "
+               "and free space; the client was asked to send the file again",
+    "server-error": "an error on our side stopped the batch: see the log; the client was "
+                    "asked to send the file again",
     "pgp-encrypt": "the client's pinned PGP key cannot be encrypted to (expired or revoked): "
                    "get a renewed key from the client, update pgp_public_key and "
                    "pgp_fingerprint, restart, and ask for the file again (its name is free)",

@@ -71,7 +71,10 @@ log = logging.getLogger("purlgate.core")
 Progress = Callable[[int, int], None]
 Subscriber = Callable[[BatchEvent], None]
 RendererFactory = Callable[[str, str], Renderer]
-INTERNAL_REASON = "an internal error stopped the batch; our operators have been alerted"
+# Said to a client whatever is configured, so it promises no alert (serve sends one to
+# relay.operator when there is one: see channels/replies.OPERATOR_CODES).
+INTERNAL_REASON = ("an error on our side stopped the batch, not a problem with your file; "
+                   "please send it again later")
 
 
 @dataclass(frozen=True)
