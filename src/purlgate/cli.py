@@ -581,6 +581,9 @@ def setup_logging(level: str, fmt: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     # What we create is ours alone unless a file says otherwise (results are 0640).
     os.umask(0o077)
+    # We use no pydantic plugins; looking for them scans every installed package's
+    # metadata (about 11 ms of each command's start).
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     args = _parser().parse_args(argv)
     default = "INFO" if args.command == "serve" else "WARNING"
     setup_logging(getattr(args, "log_level", default), getattr(args, "log_format", "text"))

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pyzipper
-
 from purlgate.core.files import private_file
 from purlgate.core.naming import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS, split_extension
 from purlgate.errors import ArchiveError, ArchivePasswordError
@@ -52,6 +50,8 @@ def needs_password(path: Path, received_name: str) -> bool:
     """True for a ZIP with an encrypted entry (read from its directory, nothing extracted)."""
     if not is_zip(path, received_name):
         return False
+    import pyzipper  # noqa: PLC0415 (only ZIPs need it; a plain file starts faster)
+
     try:
         with pyzipper.AESZipFile(path) as zf:
             return any(info.flag_bits & 0x1 for info in zf.infolist())
@@ -163,6 +163,8 @@ def unwrap(
     """Return the one data file in ``path``; a plain data file is returned as it is."""
     if not is_zip(path, received_name):
         return Unwrapped(path=path, data_name=received_name, from_archive=False)
+    import pyzipper  # noqa: PLC0415 (only ZIPs need it; a plain file starts faster)
+
     archive_size = path.stat().st_size
     try:
         zf = pyzipper.AESZipFile(path)
