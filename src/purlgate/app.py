@@ -8,19 +8,17 @@ and ``serve`` runs them in one TaskGroup.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
 
+from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.defender import Defender
 from purlgate.channels.imap_poller import ImapPoller
 from purlgate.channels.mail_worker import MailLedger, MailWorker, Notifier
@@ -35,7 +33,7 @@ from purlgate.channels.sftp_server import (
 )
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
-from purlgate.config import ClientConfig, Config, RegionConfig
+from purlgate.config import ClientConfig, Config
 from purlgate.errors import ConfigError
 from purlgate.operations import build_ops, run_retention
 from purlgate.region import Region, build_region, utc_now
@@ -78,24 +76,6 @@ class Gateway:
         return int(self.smtp.sockets[0].getsockname()[1])
 
 
-def alert_operator(outbox: Outbox, region: RegionConfig, text: str) -> None:
-    """Mail the region's operator about something only they can fix (at most one such
-    alert per hour for the same text)."""
-    if region.relay.operator is None:
-        log.error("no relay.operator to alert: %s", text)
-        return
-    sender = region.inbound_addresses[0]
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = region.relay.operator
-    message["Subject"] = f"[purlgate] operator alert: {text[:120]}"
-    message.set_content(f"{text}\n\nThis alert is sent at most once an hour.\n")
-    hour = int(time.time() // 3600)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    outbox.enqueue(message, sender=sender, recipients=[region.relay.operator],
-                   key=f"alert-{digest}-{hour}")
-
-
 def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = None,
                   sender: Sender | None = None) -> Gateway:
     """Everything ``serve`` runs, built but not started (tests start pieces of it)."""
@@ -106,19 +86,21 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     outbox = Outbox(data_dir / "outbox", region_cfg.relay,
                     sender=sender or relay_sender(region_cfg.relay))
     notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox)
+    alerts = OperatorAlerts(outbox, sender=region_cfg.inbound_addresses[0],
+                            operator=region_cfg.relay.operator)
     region = build_region(config, region_id, data_dir=data_dir, subscribers=[notifier])
     spool = Spool(data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes)
     worker = MailWorker(region=region_cfg, clients=clients, processor=region.processor,
                         spool=spool, outbox=outbox,
                         ledger=MailLedger(data_dir / "mail.sqlite3"),
-                        work_root=data_dir / "mail-work")
+                        work_root=data_dir / "mail-work", alerts=alerts)
     handler = SmtpHandler(inbound=set(region_cfg.inbound_addresses), clients=clients,
                           spool=spool, on_accepted=worker.submit)
     imap = None
     if region_cfg.imap is not None:
         imap = ImapPoller(region_cfg.imap, inbound=region_cfg.inbound_addresses,
                           clients=clients, spool=spool, on_accepted=worker.submit,
-                          on_alert=lambda text: alert_operator(outbox, region_cfg, text))
+                          on_alert=lambda text: alerts.send(f"imap|{text}", text, text))
     gateway = Gateway(region, spool, outbox, worker, handler, imap)
     if region_cfg.sftp is not None:
         sftp_cfg = region_cfg.sftp
@@ -126,7 +108,8 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
             config=sftp_cfg, root=data_dir / "sftp", clients=clients, store=region.store,
             spool=SftpSpool(data_dir / "sftp-spool"), defender=Defender(sftp_cfg.defender),
         )
-        sftp_worker = SftpWorker(service, region.processor)
+        sftp_worker = SftpWorker(service, region.processor,
+                                 processing=region_cfg.processing, alerts=alerts)
         service.on_upload = sftp_worker.submit
         gateway.sftp_service, gateway.sftp_worker = service, sftp_worker
         gateway.host_key = load_or_create_host_key(

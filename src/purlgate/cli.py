@@ -126,9 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     act.add_argument("--drop", metavar="ID", help="stop trying a message (moved to failed)")
 
     d = sub.add_parser("dead-letters", parents=[common],
-                       help="mail that could not be delivered (outbox/failed), and re-queue")
+                       help="what could not be processed (spooled mail and uploads) or "
+                            "delivered (outbox/failed), and re-queue")
     _region_options(d)
-    d.add_argument("--requeue", metavar="ID", help="send this message again from scratch")
+    d.add_argument("--requeue", metavar="ID",
+                   help="process a spool entry again, or send an outbox message again")
 
     e = sub.add_parser("e2e", parents=[common],
                        help="the 20-row end-to-end check before a client's launch")
@@ -305,22 +307,51 @@ def _outbox(args: argparse.Namespace) -> int:
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
+    import time
+
+    from purlgate.channels.sftp_server import SftpSpool
+    from purlgate.channels.spool import Spool
+
     outbox = _outbox_of(args)
+    _, data_dir, _ = _region_dir(args)
+    # Spooled mail and uploads that could not be processed, beside mail that could not
+    # be delivered: all three wait for an operator.
+    spools: list[tuple[str, Any]] = [("mail", Spool(data_dir / "spool", owner=False))]
+    if (data_dir / "sftp-spool").is_dir():
+        spools.append(("sftp", SftpSpool(data_dir / "sftp-spool", owner=False)))
     if args.requeue:
+        for _kind, spool in spools:
+            try:
+                spool.requeue(args.requeue)
+            except KeyError:
+                continue
+            print(f"{args.requeue}: back in the spool (a running gateway takes it within "
+                  "30 s, else at its next start)")
+            return EXIT_OK
         try:
             outbox.requeue(args.requeue)
         except KeyError as exc:
-            raise ConfigError(f"no failed message {exc.args[0]!r}; `purlgate dead-letters` "
+            raise ConfigError(f"no dead letter {exc.args[0]!r}; `purlgate dead-letters` "
                               "lists them") from exc
         print(f"{args.requeue}: queued again (a running gateway sends it within 30 s)")
         return EXIT_OK
+    now = time.time()
+    print(f"{'SPOOL ENTRY':<34} {'CHANNEL':<7} {'CLIENT':<12} {'TRIES':>5} {'AGE':>8}  ERROR")
+    count = 0
+    for kind, spool in spools:
+        for entry_id, reason in spool.dead_entries():
+            count += 1
+            print(f"{entry_id:<34} {reason.get('channel') or kind:<7} "
+                  f"{reason.get('client') or '-':<12} {reason.get('attempts', '?'):>5} "
+                  f"{now - float(reason.get('at', now)):>7.0f}s  {reason.get('error', '-')}")
+    print(f"-- {count} message(s) or upload(s) not processed")
     items = outbox.failed_items()
-    print(f"{'ID':<44} {'TRIES':>5}  RECIPIENTS / LAST ERROR")
+    print(f"\n{'OUTBOX ID':<44} {'TRIES':>5}  RECIPIENTS / LAST ERROR")
     for item in items:
         meta = item.meta
         print(f"{item.id:<44} {meta['attempts']:>5}  {', '.join(meta['recipients'])} / "
               f"{meta.get('last_error') or '-'}")
-    print(f"-- {len(items)} message(s) in {outbox.failed}")
+    print(f"-- {len(items)} message(s) not delivered, in {outbox.failed}")
     return EXIT_OK
 
 

@@ -226,6 +226,18 @@ class LimitsConfig(_Model):
     ratio_check_after_bytes: int = Field(default=1024**2, ge=0)
 
 
+class ProcessingConfig(_Model):
+    """How the workers take spooled mail and uploads."""
+
+    # Batches run at once (threads; the core's heavy parts let go of the GIL). Each
+    # client has its own queue and the queues are served in turn.
+    workers: int = Field(default=2, ge=1, le=64)
+    # An entry that fails (not a storage fault) is tried this many times, with doubling
+    # delays from retry_seconds, then moved to the dead-letter folder.
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    retry_seconds: float = Field(default=5.0, gt=0, le=3600)
+
+
 class SmtpConfig(_Model):
     """The region's SMTP listener (the inbound addresses' MX points here)."""
 
@@ -397,6 +409,7 @@ class RegionConfig(_Model):
     public_base_url: str
     token_key: SecretRef | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
     pgp: PgpConfig | None = None
     smtp: SmtpConfig = Field(default_factory=SmtpConfig)
     relay: RelayConfig = Field(default_factory=RelayConfig)

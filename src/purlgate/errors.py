@@ -18,6 +18,7 @@
     ├── ConfigError                 regions.toml is wrong; nothing starts
     └── ServerError                 our side or a backend failed; retry, alert ops
         ├── StorageError            disk full, fsync/rename failed, state store broken
+        ├── DamagedEntryError       a spool entry's own files are unreadable (no retry)
         ├── PgpEncryptError         the client's key cannot be encrypted to (alert ops)
         └── RenderError             the render backend failed for the whole batch
             └── RenderAuthError     the render API refused our credentials (alert ops)
@@ -118,6 +119,10 @@ class ServerError(PurlgateError):
 
 class StorageError(ServerError):
     code = "storage"
+
+
+class DamagedEntryError(ServerError):
+    code = "damaged-entry"
 
 
 class PgpEncryptError(ServerError):

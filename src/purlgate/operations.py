@@ -106,6 +106,18 @@ def _metric_families(gateway: Gateway) -> Iterable[Metric]:
                             value=len(list(gateway.outbox.failed.glob("*.json"))))
     yield GaugeMetricFamily("purlgate_spool_depth", "Accepted mail not answered yet",
                             value=len(gateway.spool.pending()))
+    dead = GaugeMetricFamily("purlgate_dead_letters",
+                             "Spooled mail and uploads moved to the dead-letter folder",
+                             labels=["channel"])
+    dead.add_metric(["mail"], len(gateway.spool.dead_entries()))
+    busy = GaugeMetricFamily("purlgate_batches_running", "Entries being handled now",
+                             labels=["channel"])
+    busy.add_metric(["mail"], gateway.worker.queue.running)
+    if gateway.sftp_service is not None and gateway.sftp_worker is not None:
+        dead.add_metric(["sftp"], len(gateway.sftp_service.spool.dead_entries()))
+        busy.add_metric(["sftp"], gateway.sftp_worker.queue.running)
+    yield dead
+    yield busy
     if gateway.sftp_service is not None:
         defender = gateway.sftp_service.defender
         logins = CounterMetricFamily("purlgate_sftp_logins", "SFTP logins by outcome",

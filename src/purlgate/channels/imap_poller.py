@@ -60,7 +60,7 @@ class ImapPoller:
     def __init__(self, config: ImapConfig, *, inbound: list[str],
                  clients: Mapping[str, ClientConfig], spool: Spool,
                  on_accepted: Callable[[SpoolEntry], None],
-                 on_alert: Callable[[str], None] | None = None) -> None:
+                 on_alert: Callable[[str], object] | None = None) -> None:
         self.config = config
         self.inbound = [a.lower() for a in inbound]
         self.clients = clients

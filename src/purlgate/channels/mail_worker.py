@@ -15,16 +15,22 @@ import logging
 import re
 import shutil
 import sqlite3
+import time
 from collections.abc import Mapping
 from contextlib import closing
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
+from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.mail_message import Attachment, message_id, parse, zip_attachment
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.replies import (
     OPERATOR_CODES,
     failure_reply,
+    fault_reply,
     notification,
     operator_alert,
     success_reply,
@@ -35,7 +41,7 @@ from purlgate.config import ClientConfig, RegionConfig
 from purlgate.core.files import private_file
 from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
 from purlgate.core.pipeline import BatchProcessor, Submission
-from purlgate.errors import ConfigError, MessageError
+from purlgate.errors import ConfigError, DamagedEntryError, MessageError
 from purlgate.faults import crash_point
 
 log = logging.getLogger("purlgate.mail")
@@ -69,7 +75,7 @@ class MailLedger:
 class MailWorker:
     def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
                  processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: MailLedger,
-                 work_root: Path) -> None:
+                 work_root: Path, alerts: OperatorAlerts | None = None) -> None:
         self.region = region
         self.clients = clients
         self.processor = processor
@@ -77,9 +83,25 @@ class MailWorker:
         self.outbox = outbox
         self.ledger = ledger
         self.work_root = work_root
-        self._worker = QueueWorker("mail", handle=self.handle, pending=spool.pending)
+        self.alerts = alerts
+        self._worker: QueueWorker[SpoolEntry] = QueueWorker(
+            "mail", handle=self.handle, pending=spool.pending, ident=lambda entry: entry.id,
+            fair_key=lambda entry: client_of(str(entry.meta.get("mail_from", "")),
+                                             self.clients),
+            workers=region.processing.workers, max_attempts=region.processing.max_attempts,
+            retry_seconds=region.processing.retry_seconds, on_dead=self.dead_letter)
         self.submit = self._worker.submit
         self.run = self._worker.run
+
+    @property
+    def queue(self) -> QueueWorker[SpoolEntry]:
+        return self._worker
+
+    @staticmethod
+    def reply_key(entry: SpoolEntry) -> str:
+        """One answer per entry; one more each time an operator requeues it."""
+        again = int(entry.meta.get("requeued", 0))
+        return f"reply-{entry.id}" + (f"-r{again}" if again else "")
 
     def _reply_from(self, entry: SpoolEntry) -> str:
         inbound = [a.lower() for a in self.region.inbound_addresses]
@@ -89,6 +111,8 @@ class MailWorker:
     def handle(self, entry: SpoolEntry) -> None:
         if not entry.path.exists():
             return  # finished meanwhile (submitted twice)
+        if entry.meta.get("damaged"):
+            raise DamagedEntryError(f"spool entry {entry.id} has a damaged envelope line")
         sender = str(entry.meta.get("mail_from", "")).lower()
         client_id = client_of(sender, self.clients)
         if client_id is None:  # cannot happen for SMTP/IMAP intake; never reply
@@ -97,7 +121,7 @@ class MailWorker:
             return
         message = parse(entry.raw)
         ours = self._reply_from(entry)
-        key = f"reply-{entry.id}"
+        key = self.reply_key(entry)
         try:
             attachment: Attachment | None = zip_attachment(message)
             problem = None
@@ -148,6 +172,45 @@ class MailWorker:
         self.outbox.enqueue(reply, sender=ours, recipients=[sender], key=key)
         self.spool.finish(entry)
         shutil.rmtree(work, ignore_errors=True)
+
+
+    def dead_letter(self, entry: SpoolEntry, exc: BaseException, attempts: int) -> None:
+        """An entry that cannot be handled: the operator is alerted (at most once an hour
+        for the same kind), the client is told, the entry waits in ``spool/dead``."""
+        channel = str(entry.meta.get("channel", "smtp"))
+        sender = str(entry.meta.get("mail_from", "")).lower()
+        client_id = client_of(sender, self.clients) if sender else None
+        region = self.processor.region_id
+        alerted = self.alerts is not None and self.alerts.send(
+            f"dead-letter|{region}|{channel}|{client_id}|{type(exc).__name__}",
+            f"message dead-lettered in region {region}",
+            f"Region: {region}\nClient: {client_id or '-'}\nChannel: {channel}\n"
+            f"Error: {type(exc).__name__}\nSpool entry: {entry.id}\nAttempts: {attempts}\n\n"
+            "The message could not be processed and was moved to the dead-letter folder. "
+            "Fix the cause (see the log for this spool entry), then run "
+            f"`purlgate dead-letters --region {region} --requeue {entry.id}`; "
+            "`purlgate dead-letters` lists every dead letter.")
+        if client_id is not None:
+            ours = self._reply_from(entry)
+            self.outbox.enqueue(
+                fault_reply(headers_of(entry.path), sender=ours, to=sender,
+                            reference=entry.id, alerted=alerted),
+                sender=ours, recipients=[sender], key=self.reply_key(entry))
+        self.spool.dead_letter(entry, {
+            "error": type(exc).__name__, "attempts": attempts, "channel": channel,
+            "client": client_id, "alerted": alerted, "at": time.time()})
+        shutil.rmtree(self.work_root / entry.id, ignore_errors=True)
+
+
+def headers_of(path: Path) -> EmailMessage | None:
+    """The header block of a spooled message (to thread a reply), or None."""
+    try:
+        with path.open("rb") as f:
+            f.readline()  # the envelope line
+            headers = BytesHeaderParser(policy=policy.default).parse(f)
+    except Exception:  # noqa: BLE001 - a reply without threading is still a reply
+        return None
+    return headers if isinstance(headers, EmailMessage) else None
 
 
 class Notifier:

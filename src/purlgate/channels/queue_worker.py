@@ -1,51 +1,245 @@
-"""One loop for every spool: take entries in order, handle each in a worker thread.
+"""One scheduler for every spool: fair, parallel, retrying, with a dead-letter.
 
-What a previous run accepted but did not finish is queued first (``pending``); new
-entries arrive through ``submit`` from the event loop or from another thread. A
-failure is logged and the entry stays in its spool, to be tried again at next start.
+Entries wait in one queue per client, and the queues are served in turn: a burst from
+one client, or one client's million-row file, does not hold up another client's small
+file while a worker is free. Up to ``workers`` entries are handled at once, each in a
+thread (the batch core spends its time in Arrow kernels, fsync and SQLite, which let go
+of the GIL).
+
+What goes wrong decides what happens next:
+
+- a storage fault (disk full, quota, I/O error) pauses every worker and puts the entry
+  back at the front of its queue; the pause doubles up to a minute and ends by itself
+  once a try succeeds: nothing is lost and nothing is given up on;
+- a ``ConfigError`` cannot heal while this process runs, nor can a damaged spool
+  entry (``DamagedEntryError``); another error that repeats
+  ``max_attempts`` times is not going to heal either: ``on_dead`` moves the entry to the
+  dead-letter folder and answers the client (the channel decides how);
+- any other error is tried again after a doubling delay, meanwhile other entries go on.
+
+Entries a previous run left (``pending``) are queued first, and the spool is looked at
+again every ``RESCAN_SECONDS`` (what ``purlgate dead-letters --requeue`` put back).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
+
+from purlgate.errors import ConfigError, DamagedEntryError, StorageError
 
 T = TypeVar("T")
 log = logging.getLogger("purlgate.worker")
 
+RESCAN_SECONDS = 30.0
+STORAGE_PAUSE_FIRST = 1.0
+STORAGE_PAUSE_MAX = 60.0
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """A full or failing disk, however a library reports it (also as a cause)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StorageError):
+            return True
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and any(
+                words in str(seen) for words in ("disk is full", "disk I/O error")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """Trying again in this process cannot help."""
+    return isinstance(exc, ConfigError | DamagedEntryError)
+
 
 class QueueWorker(Generic[T]):
     def __init__(self, name: str, *, handle: Callable[[T], None],
-                 pending: Callable[[], Sequence[T]]) -> None:
+                 pending: Callable[[], Sequence[T]], ident: Callable[[T], str],
+                 fair_key: Callable[[T], Hashable] = lambda item: None, workers: int = 1,
+                 max_attempts: int = 3, retry_seconds: float = 5.0,
+                 on_dead: Callable[[T, BaseException, int], None] | None = None) -> None:
         self.name = name
         self._handle = handle
         self._pending = pending
-        self._queue: asyncio.Queue[T] = asyncio.Queue()
+        self._ident = ident
+        self._fair_key = fair_key
+        self.workers = max(1, workers)
+        self.max_attempts = max(1, max_attempts)
+        self.retry_seconds = retry_seconds
+        self._on_dead = on_dead
+        self._queues: dict[Hashable, deque[T]] = {}
+        self._turns: deque[Hashable] = deque()  # keys with something queued, in turn
+        self._known: set[str] = set()  # queued, running or waiting for a retry
+        self._attempts: dict[str, int] = {}
+        self._ready = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused_until = 0.0
+        self._pause = STORAGE_PAUSE_FIRST
+        self.running = 0
+        self.dead_letters = 0  # moved to the dead-letter folder by this process
+
+    # -- intake (any thread) ------------------------------------------------------------
 
     def submit(self, item: T) -> None:
         """Hand over an entry (from the loop or from another thread)."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._add, item)
         else:
-            self._queue.put_nowait(item)
+            self._add(item)
+
+    @property
+    def depth(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def _add(self, item: T) -> None:
+        ident = self._ident(item)
+        if ident in self._known:
+            return
+        self._known.add(ident)
+        self._enqueue(item)
+
+    def _enqueue(self, item: T, *, front: bool = False) -> None:
+        key = self._fair_key(item)
+        queue = self._queues.setdefault(key, deque())
+        if not queue:
+            if front:
+                self._turns.appendleft(key)
+            else:
+                self._turns.append(key)
+        if front:
+            queue.appendleft(item)
+        else:
+            queue.append(item)
+        self._ready.set()
+
+    def _take(self) -> T | None:
+        if not self._turns:
+            return None
+        key = self._turns.popleft()
+        queue = self._queues[key]
+        item = queue.popleft()
+        if queue:
+            self._turns.append(key)  # this client's next entry waits for the others
+        else:
+            del self._queues[key]
+        return item
+
+    # -- running ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        for item in self._pending():
-            self._queue.put_nowait(item)
+        for item in await asyncio.to_thread(self._pending):
+            self._add(item)
+        async with asyncio.TaskGroup() as tasks:
+            for _ in range(self.workers):
+                tasks.create_task(self._work(stop))
+            tasks.create_task(self._rescan(stop))
+
+    async def _rescan(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            getter = asyncio.ensure_future(self._queue.get())
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if getter not in done:
-                getter.cancel()
-                break
-            item = getter.result()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RESCAN_SECONDS)
+            if stop.is_set():
+                return
+            try:
+                found = await asyncio.to_thread(self._pending)
+            except Exception as exc:  # noqa: BLE001 - a rescan must never end the worker
+                log.warning("%s: could not look at the spool (%s)", self.name,
+                            type(exc).__name__)
+                continue
+            for item in found:
+                self._add(item)
+
+    async def _next(self, stop: asyncio.Event) -> T | None:
+        assert self._loop is not None
+        while not stop.is_set():
+            wait = self._paused_until - self._loop.time()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+                continue
+            item = self._take()
+            if item is not None:
+                return item
+            self._ready.clear()
+            ready = asyncio.ensure_future(self._ready.wait())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            stopped.cancel()
+        return None
+
+    async def _work(self, stop: asyncio.Event) -> None:
+        assert self._loop is not None
+        while (item := await self._next(stop)) is not None:
+            ident = self._ident(item)
+            self.running += 1
             try:
                 await asyncio.to_thread(self._handle, item)
-            except Exception:
-                log.exception("%s: an entry could not be handled; kept for retry", self.name)
+            except Exception as exc:  # noqa: BLE001 - every failure is sorted below
+                await self._failed(item, ident, exc)
+            else:
+                self._done(ident)
+                self._pause = STORAGE_PAUSE_FIRST
+            finally:
+                self.running -= 1
+
+    def _done(self, ident: str) -> None:
+        self._known.discard(ident)
+        self._attempts.pop(ident, None)
+
+    async def _failed(self, item: T, ident: str, exc: Exception) -> None:
+        assert self._loop is not None
+        if is_storage_fault(exc):
+            log.warning("%s: storage fault (%s); all work paused %.0f s, entry %s kept",
+                        self.name, getattr(exc, "message", None) or exc, self._pause, ident)
+            self._paused_until = self._loop.time() + self._pause
+            self._pause = min(self._pause * 2, STORAGE_PAUSE_MAX)
+            self._enqueue(item, front=True)
+            return
+        attempts = self._attempts.get(ident, 0) + 1
+        self._attempts[ident] = attempts
+        if is_deterministic(exc) or attempts >= self.max_attempts:
+            await self._dead(item, ident, exc, attempts)
+            return
+        delay = self.retry_seconds * 2 ** (attempts - 1)
+        log.warning("%s: entry %s failed (%s, attempt %d of %d); trying again in %.0f s",
+                    self.name, ident, type(exc).__name__, attempts, self.max_attempts, delay,
+                    exc_info=exc)
+        self._loop.call_later(delay, self._enqueue, item)
+
+    async def _dead(self, item: T, ident: str, exc: Exception, attempts: int) -> None:
+        log.error("%s: entry %s failed for good (%s after %d attempt(s)); dead-lettered",
+                  self.name, ident, type(exc).__name__, attempts, exc_info=exc)
+        if self._on_dead is None:
+            self._done(ident)
+            return
+        try:
+            await asyncio.to_thread(self._on_dead, item, exc, attempts)
+        except Exception as again:
+            if is_storage_fault(again):
+                assert self._loop is not None
+                self._paused_until = self._loop.time() + self._pause
+                self._pause = min(self._pause * 2, STORAGE_PAUSE_MAX)
+                self._enqueue(item, front=True)
+                return
+            log.exception("%s: entry %s could not be dead-lettered; tried again in %.0f s",
+                          self.name, ident, RESCAN_SECONDS)
+            assert self._loop is not None
+            self._loop.call_later(RESCAN_SECONDS, self._enqueue, item)
+            return
+        self.dead_letters += 1
+        self._done(ident)
+
+

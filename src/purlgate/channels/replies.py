@@ -105,6 +105,22 @@ def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to
     return reply
 
 
+def fault_reply(original: EmailMessage | None, *, sender: str, to: str, reference: str,
+                alerted: bool) -> EmailMessage:
+    """A message we could not process through no fault of the client's."""
+    reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
+    then = ("Our operators have been alerted and will process it once the fault is fixed; "
+            "you will then get the result in a further reply, so you need not send it "
+            "again.\n" if alerted else
+            "Please send it again later in a new message.\n")
+    reply.set_content(
+        "We could not process your message because of a fault on our side, not because of "
+        f"anything in it. Nothing from it was processed.\n\nReference: {reference}\n\n"
+        + then
+    )
+    return reply
+
+
 SUBJECTS = {
     EventKind.LOADED: "batch loaded",
     EventKind.SUMMARY: "batch done",

@@ -38,11 +38,12 @@ from typing import Any
 import asyncssh
 from asyncssh import SFTPError
 
+from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.defender import Defender, Event
 from purlgate.channels.queue_worker import QueueWorker
-from purlgate.channels.spool import GroupSync
-from purlgate.config import ClientConfig, ProjectConfig, SftpConfig
-from purlgate.core.files import AtomicFile
+from purlgate.channels.spool import GroupSync, write_json
+from purlgate.config import ClientConfig, ProcessingConfig, ProjectConfig, SftpConfig
+from purlgate.core.files import AtomicFile, fsync_dir
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.naming import (
     ARCHIVE_EXTENSIONS,
@@ -54,7 +55,7 @@ from purlgate.core.naming import (
     strip_pgp,
 )
 from purlgate.core.pipeline import BatchProcessor, Submission
-from purlgate.errors import ClientInputError
+from purlgate.errors import ClientInputError, DamagedEntryError
 from purlgate.passwords import hash_password, verify_password
 from purlgate.store import SqliteBatchStore
 
@@ -109,13 +110,14 @@ class Upload:
 
 class SftpSpool:
     """``incoming/<id>/`` holds one uploaded file and ``meta.json``; the rename of the
-    folder from ``tmp/`` is the commit point."""
+    folder from ``tmp/`` is the commit point. An upload that cannot be handled moves to
+    ``dead/<id>/`` with ``reason.json``; ``requeue`` puts it back."""
 
-    def __init__(self, root: Path) -> None:
-        self.incoming, self.tmp = root / "incoming", root / "tmp"
-        for folder in (self.incoming, self.tmp):
+    def __init__(self, root: Path, *, owner: bool = True) -> None:
+        self.incoming, self.tmp, self.dead = root / "incoming", root / "tmp", root / "dead"
+        for folder in (self.incoming, self.tmp, self.dead):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for leftover in self.tmp.iterdir():
+        for leftover in self.tmp.iterdir() if owner else ():
             shutil.rmtree(leftover, ignore_errors=True)
         self._sync = GroupSync(self.incoming)
 
@@ -129,11 +131,7 @@ class SftpSpool:
             os.fsync(f.fileno())
         meta = {**meta, "id": entry_id, "name": name}
         (staging / "meta.json").write_text(json.dumps(meta))
-        fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(staging)
         staging.rename(self.incoming / entry_id)
         self._sync.sync()
         return Upload(entry_id, self.incoming / entry_id / name, meta)
@@ -141,14 +139,43 @@ class SftpSpool:
     def pending(self) -> list[Upload]:
         found = []
         for folder in sorted(self.incoming.iterdir()):
-            meta_path = folder / "meta.json"
-            if meta_path.exists():
-                meta = json.loads(meta_path.read_text())
-                found.append(Upload(folder.name, folder / meta["name"], meta))
+            try:
+                meta = json.loads((folder / "meta.json").read_text())
+                path = folder / meta["name"]
+            except FileNotFoundError:
+                continue  # finished meanwhile
+            except (OSError, ValueError, KeyError, TypeError):
+                meta, path = {"damaged": True}, folder
+            found.append(Upload(folder.name, path, meta))
         return found
 
     def finish(self, upload: Upload) -> None:
         shutil.rmtree(self.incoming / upload.id, ignore_errors=True)
+
+    def dead_letter(self, upload: Upload, reason: dict[str, Any]) -> None:
+        folder = self.incoming / upload.id
+        write_json(folder / "reason.json", reason)
+        folder.replace(self.dead / upload.id)  # the commit point
+        fsync_dir(self.dead)
+
+    def dead_entries(self) -> list[tuple[str, dict[str, Any]]]:
+        found = []
+        for folder in sorted(self.dead.iterdir()):
+            try:
+                reason = json.loads((folder / "reason.json").read_text())
+            except (OSError, ValueError):
+                reason = {"error": "reason unreadable"}
+            found.append((folder.name, reason))
+        return found
+
+    def requeue(self, entry_id: str) -> None:
+        """Put a dead upload back in ``incoming/``; KeyError if there is none."""
+        folder = self.dead / entry_id
+        if not folder.is_dir() or "/" in entry_id or entry_id.startswith("."):
+            raise KeyError(entry_id)
+        (folder / "reason.json").unlink(missing_ok=True)
+        folder.replace(self.incoming / entry_id)
+        fsync_dir(self.incoming)
 
 
 class SftpService:
@@ -623,15 +650,30 @@ async def start_sftp(service: SftpService, host_key: asyncssh.SSHKey) -> Any:
 class SftpWorker:
     """Runs the batch core on spooled uploads; results land in the project's Downloads."""
 
-    def __init__(self, service: SftpService, processor: BatchProcessor) -> None:
+    def __init__(self, service: SftpService, processor: BatchProcessor, *,
+                 processing: ProcessingConfig | None = None,
+                 alerts: OperatorAlerts | None = None) -> None:
         self.service = service
         self.processor = processor
-        self._worker = QueueWorker("sftp", handle=self.handle, pending=service.spool.pending)
+        self.alerts = alerts
+        processing = processing or ProcessingConfig()
+        self._worker: QueueWorker[Upload] = QueueWorker(
+            "sftp", handle=self.handle, pending=service.spool.pending,
+            ident=lambda upload: upload.id,
+            fair_key=lambda upload: upload.meta.get("client"),
+            workers=processing.workers, max_attempts=processing.max_attempts,
+            retry_seconds=processing.retry_seconds, on_dead=self.dead_letter)
         self.submit = self._worker.submit
         self.run = self._worker.run
 
+    @property
+    def queue(self) -> QueueWorker[Upload]:
+        return self._worker
+
     def handle(self, upload: Upload) -> None:
         m = upload.meta
+        if m.get("damaged"):
+            raise DamagedEntryError(f"spool entry {upload.id} has no readable meta.json")
         downloads = self.service.downloads(m["client"], m["project"])
         client = self.service.clients[m["client"]]
         # The client's agreed ZIP password opens a password ZIP (or one inside PGP) here
@@ -650,6 +692,35 @@ class SftpWorker:
                              outcome.batch.reason or "the file could not be processed")
         self.service.spool.finish(upload)
         self.service.done(m["client"], m["project"], m["name"])
+
+    def dead_letter(self, upload: Upload, exc: BaseException, attempts: int) -> None:
+        """An upload that cannot be processed: the operator is alerted, the client finds
+        an error file in Downloads, and the upload waits in the dead-letter folder."""
+        m = upload.meta
+        client, project, name = m.get("client"), m.get("project"), m.get("name")
+        region = self.processor.region_id
+        alerted = self.alerts is not None and self.alerts.send(
+            f"dead-letter|{region}|sftp|{client}|{type(exc).__name__}",
+            f"SFTP upload dead-lettered in region {region}",
+            f"Region: {region}\nClient: {client or '-'}\nChannel: sftp\n"
+            f"Error: {type(exc).__name__}\nSpool entry: {upload.id}\nAttempts: {attempts}\n\n"
+            "The upload could not be processed and was moved to the dead-letter folder. "
+            "Fix the cause (see the log for this spool entry), then run "
+            f"`purlgate dead-letters --region {region} --requeue {upload.id}`; "
+            "`purlgate dead-letters` lists every dead letter.")
+        if isinstance(client, str) and isinstance(project, str) and isinstance(name, str) \
+                and client in self.service.clients:
+            told = ("our operators have been alerted and will process it once the fault is "
+                    "fixed; the results will then appear here, so you need not upload it "
+                    "again" if alerted else
+                    "please upload it again later under a new name")
+            self._error_file(self.service.downloads(client, project), client, project, name,
+                             f"we could not process this file because of a fault on our "
+                             f"side (reference {upload.id}); {told}")
+            self.service.done(client, project, name)
+        self.service.spool.dead_letter(upload, {
+            "error": type(exc).__name__, "attempts": attempts, "channel": "sftp",
+            "client": client, "alerted": alerted, "at": time.time()})
 
     def _error_file(self, downloads: Path, client_id: str, project_id: str, received: str,
                     reason: str) -> None:

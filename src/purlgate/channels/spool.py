@@ -9,10 +9,17 @@ renames happened before one fsync started share it, which keeps acceptance close
 one fsync per message. ``finish`` deletes an entry once its reply is queued; a deletion
 lost in a crash only brings the entry back, and it is then answered from the batch
 store and the outbox keys, not processed twice.
+
+An entry that cannot be handled moves to ``dead/`` (``<id>.msg`` beside ``<id>.json``,
+the reason); ``requeue`` moves it back to ``incoming/`` and counts the times, so its
+next answer is a new reply and not one the outbox already sent. A file in ``incoming/``
+whose envelope line is damaged is still listed (meta ``{"damaged": true}``): the worker
+dead-letters it instead of passing over it forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from purlgate.core.files import fsync_dir
+from purlgate.core.files import AtomicFile, fsync_dir
 from purlgate.errors import ServerError
 from purlgate.faults import crash_point
 
@@ -47,6 +54,12 @@ class SpoolEntry:
         with self.path.open("rb") as f:
             f.readline()
             return f.read()
+
+
+def write_json(path: Path, value: object) -> None:
+    with AtomicFile(path, no_clobber=False) as out:
+        out.file.write(json.dumps(value).encode())
+        out.commit()
 
 
 class GroupSync:
@@ -80,15 +93,17 @@ class GroupSync:
 
 
 class Spool:
-    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0, owner: bool = True) -> None:
         self.root = root
         self.incoming = root / "incoming"
         self.tmp = root / "tmp"
+        self.dead = root / "dead"
         self.min_free_bytes = min_free_bytes
-        for folder in (self.incoming, self.tmp):
+        for folder in (self.incoming, self.tmp, self.dead):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Leftovers of a crash before the commit point were never acknowledged.
-        for leftover in self.tmp.iterdir():
+        # Leftovers of a crash before the commit point were never acknowledged (only
+        # the gateway owns them: a command beside a running gateway must not touch them).
+        for leftover in self.tmp.iterdir() if owner else ():
             leftover.unlink(missing_ok=True)
         self._sync = GroupSync(self.incoming)
 
@@ -120,11 +135,60 @@ class Spool:
     def pending(self) -> list[SpoolEntry]:
         entries = []
         for path in sorted(self.incoming.glob("*.msg")):
-            with path.open("rb") as f:
-                first = f.readline()
+            try:
+                with path.open("rb") as f:
+                    first = f.readline(64 * 1024)
+            except FileNotFoundError:
+                continue  # finished meanwhile
+            found: object = None
             if first.startswith(MAGIC):
-                entries.append(SpoolEntry(path.stem, path, json.loads(first[len(MAGIC):])))
+                with contextlib.suppress(ValueError):
+                    found = json.loads(first[len(MAGIC):])
+            meta: dict[str, Any] = found if isinstance(found, dict) else {"damaged": True}
+            meta["requeued"] = self.requeued(path.stem)
+            entries.append(SpoolEntry(path.stem, path, meta))
         return entries
 
     def finish(self, entry: SpoolEntry) -> None:
         entry.path.unlink(missing_ok=True)
+        (self.incoming / f"{entry.id}.requeued").unlink(missing_ok=True)
+
+    # -- the dead-letter folder -----------------------------------------------------------
+
+    def requeued(self, entry_id: str) -> int:
+        """How many times an operator put this entry back from the dead-letter folder."""
+        try:
+            return int((self.incoming / f"{entry_id}.requeued").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def dead_letter(self, entry: SpoolEntry, reason: dict[str, Any]) -> None:
+        """Move an entry to ``dead/`` with its reason (the reason first: the move is the
+        commit point, and a crash before it only repeats the whole step)."""
+        write_json(self.dead / f"{entry.id}.json", {**reason, "requeued": self.requeued(
+            entry.id)})
+        entry.path.replace(self.dead / entry.path.name)
+        (self.incoming / f"{entry.id}.requeued").unlink(missing_ok=True)
+        fsync_dir(self.dead)
+
+    def dead_entries(self) -> list[tuple[str, dict[str, Any]]]:
+        found = []
+        for path in sorted(self.dead.glob("*.msg")):
+            try:
+                reason = json.loads(path.with_suffix(".json").read_text())
+            except (OSError, ValueError):
+                reason = {"error": "reason unreadable"}
+            found.append((path.stem, reason))
+        return found
+
+    def requeue(self, entry_id: str) -> None:
+        """Put a dead letter back in ``incoming/``; KeyError if there is none."""
+        source = self.dead / f"{entry_id}.msg"
+        if not source.exists():
+            raise KeyError(entry_id)
+        reason = json.loads(source.with_suffix(".json").read_text())
+        count = int(reason.get("requeued", 0)) + 1
+        write_json(self.incoming / f"{entry_id}.requeued", count)
+        source.replace(self.incoming / source.name)
+        source.with_suffix(".json").unlink(missing_ok=True)
+        fsync_dir(self.incoming)

@@ -1,0 +1,45 @@
+"""Alerts to the region's operator: real mail through the outbox, rate-limited.
+
+At most one alert an hour for the same kind of trouble (the kind names the region,
+channel and error class, never a client's data): a poison message repeated 500 times
+is one mail, and the alert says where the full list is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+
+from purlgate.channels.outbox import Outbox
+
+log = logging.getLogger("purlgate.alerts")
+
+
+class OperatorAlerts:
+    def __init__(self, outbox: Outbox, *, sender: str, operator: str | None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.outbox = outbox
+        self.sender = sender
+        self.operator = operator
+        self._clock = clock
+
+    def send(self, kind: str, subject: str, body: str) -> bool:
+        """Queue an alert unless one of this kind was queued this hour. True when the
+        operator has been alerted (now or earlier this hour); False without an operator.
+        """
+        if self.operator is None:
+            log.error("no relay.operator to alert: %s", subject)
+            return False
+        message = EmailMessage()
+        message["From"] = self.sender
+        message["To"] = self.operator
+        message["Subject"] = f"[purlgate] operator alert: {subject[:120]}"
+        message.set_content(f"{body}\n\nAlerts of this kind are sent at most once an hour.\n")
+        hour = int(self._clock() // 3600)
+        digest = hashlib.sha256(kind.encode()).hexdigest()[:12]
+        self.outbox.enqueue(message, sender=self.sender, recipients=[self.operator],
+                            key=f"alert-{digest}-{hour}", alert=False)
+        return True
