@@ -99,6 +99,11 @@ class QueueWorker(Generic[T]):
             self._add(item)
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued, running or waiting for a retry."""
+        return not self._known and self.running == 0
+
+    @property
     def depth(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
