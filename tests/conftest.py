@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,18 @@ from purlgate.core.lifecycle import BatchEvent
 from purlgate.core.pipeline import BatchOutcome, BatchProcessor, Submission
 from purlgate.renderers.embedded import EmbeddedRenderer
 from purlgate.store import SqliteBatchStore
+
+
+@pytest.fixture(autouse=True)
+def _umask_kept() -> Iterator[None]:
+    """``purlgate.cli.main`` sets the process umask to 077, as a command should; a test
+    that calls it in-process must not leave it so for the servers later tests start
+    (Dovecot could no longer read its passwd file)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fixtures" / "data"

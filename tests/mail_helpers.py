@@ -85,8 +85,10 @@ class Sink:
     messages: list[Captured] = field(default_factory=list)
     answer: str = "250 2.0.0 OK"
     server: asyncio.Server | None = None
+    tried: int = 0  # every DATA, also those answered with something else than 250
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.tried += 1
         if self.answer.startswith("250"):
             self.messages.append(Captured(str(envelope.mail_from), list(envelope.rcpt_tos),
                                           bytes(envelope.original_content or b"")))

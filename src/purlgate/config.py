@@ -277,6 +277,9 @@ class RelayConfig(_Model):
     retry_first_seconds: float = Field(default=60.0, gt=0)  # then doubling
     retry_max_seconds: float = Field(default=3600.0, gt=0)
     expire_seconds: float = Field(default=2 * 24 * 3600.0, gt=0)
+    # Messages handed to the relay at once, each on its own connection (Postfix's
+    # default_destination_concurrency_limit is 20).
+    max_connections: int = Field(default=8, ge=1, le=100)
     operator: str | None = None  # alerted when a message cannot be delivered
 
     @field_validator("operator")

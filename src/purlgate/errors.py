@@ -32,6 +32,11 @@ A ServerError's ``message`` is for operators; what a client is told of it is its
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
 
 class PurlgateError(Exception):
     """Base of every error purlgate raises on purpose."""
@@ -144,3 +149,19 @@ class RenderAuthError(RenderError):
         "our video rendering service refused our credentials, so no video was made; "
         "this is on our side and our operators have been alerted"
     )
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """A full or failing disk, however a library reports it (also as a cause): work that
+    met one waits for the disk and goes on, it is not failed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StorageError):
+            return True
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and any(
+                words in str(seen) for words in ("disk is full", "disk I/O error")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +93,7 @@ def _ts(at: datetime) -> str:
 class SqliteBatchStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
@@ -110,16 +112,28 @@ class SqliteBatchStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, kept open: opening one reads the schema, and closing
+        the last one checkpoints the WAL, which cost more than the work itself. A
+        transaction an error interrupted is rolled back before the error goes on."""
         try:
-            with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
+            db: sqlite3.Connection | None = getattr(self._local, "db", None)
+            if db is None:
+                db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
                 db.row_factory = sqlite3.Row
                 db.execute("PRAGMA synchronous=FULL")
                 db.execute("PRAGMA foreign_keys=ON")
-                yield db
-        except sqlite3.IntegrityError:
-            raise
+                self._local.db = db
         except sqlite3.Error as exc:
             raise StorageError(f"batch store {self.path.name}: {exc}") from exc
+        try:
+            yield db
+        except BaseException as exc:
+            if db.in_transaction:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                raise StorageError(f"batch store {self.path.name}: {exc}") from exc
+            raise
 
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,

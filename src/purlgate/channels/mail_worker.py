@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping
 from contextlib import closing
@@ -58,13 +59,19 @@ class MailLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._local = threading.local()
         with closing(sqlite3.connect(path)) as db, db:
+            db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS deliveries (key TEXT PRIMARY KEY,"
                        " intake_id TEXT NOT NULL)")
 
     def claim(self, key: str, intake_id: str) -> str:
         """The owner of ``key``: ``intake_id`` if it is the first to ask."""
-        with closing(sqlite3.connect(self.path, timeout=30)) as db, db:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:  # one connection per thread, kept (opening one costs a schema read)
+            db = self._local.db = sqlite3.connect(self.path, timeout=30)
+            db.execute("PRAGMA synchronous=FULL")
+        with db:
             db.execute("INSERT OR IGNORE INTO deliveries (key, intake_id) VALUES (?, ?)",
                        (key, intake_id))
             row = db.execute("SELECT intake_id FROM deliveries WHERE key = ?",

@@ -219,7 +219,8 @@ class Outbox:
             (self.queue / f"{item.id}.json").unlink(missing_ok=True)
 
     async def deliver_due(self) -> float | None:
-        """Try every message that is due; return seconds until the next one is."""
+        """Try every message that is due, one after another; return seconds until the
+        next one is (the tests' way in; ``run`` delivers several at once)."""
         for item in await asyncio.to_thread(self.items):
             if item.meta["next_at"] <= self._clock():
                 await self._attempt(item)
@@ -244,6 +245,7 @@ class Outbox:
             meta["next_at"] = self._clock() + delay
             log.warning("outbox %s deferred (%s); retry in %.0f s", item.id, exc, delay)
             await asyncio.to_thread(self._save, item, self.queue)
+            self._poke()  # a running loop plans its next look with the new deadline
         except PermanentDeliveryError as exc:
             meta["last_error"] = str(exc)
             log.error("outbox %s failed permanently: %s", item.id, exc)  # noqa: TRY400
@@ -275,19 +277,46 @@ class Outbox:
                      key=f"alert-{item.id}", alert=False)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until ``stop``; wakes on new messages and on retry deadlines."""
+        """Deliver until ``stop``: up to ``relay.max_connections`` messages at once; wakes
+        on new messages, on a deferral and on retry deadlines; at ``stop`` the attempts
+        in flight finish."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        while not stop.is_set():
-            self._wake.clear()
+        slots = asyncio.Semaphore(self.relay.max_connections)
+        in_flight: dict[str, asyncio.Task[None]] = {}
+        wake = self._wake
+
+        async def attempt(item: Item) -> None:
             try:
-                next_due = await self.deliver_due()
+                await self._attempt(item)
             except (OSError, StorageError) as exc:
-                # A full or failing disk: keep every entry as it is and try again soon;
+                # A full or failing disk: the entry stays as it was, tried again soon;
                 # never let it end the process (the listeners must go on answering).
                 log.warning("outbox: storage fault (%s); trying again in %.0f s",
                             getattr(exc, "message", None) or exc, STORAGE_RETRY_SECONDS)
-                next_due = STORAGE_RETRY_SECONDS
+                asyncio.get_running_loop().call_later(STORAGE_RETRY_SECONDS, wake.set)
+            finally:
+                in_flight.pop(item.id, None)
+                slots.release()
+
+        while not stop.is_set():
+            self._wake.clear()
+            next_due: float | None = None
+            try:
+                items = await asyncio.to_thread(self.items)
+            except (OSError, StorageError) as exc:
+                log.warning("outbox: storage fault (%s); trying again in %.0f s",
+                            getattr(exc, "message", None) or exc, STORAGE_RETRY_SECONDS)
+                items, next_due = [], STORAGE_RETRY_SECONDS
+            for item in items:
+                if item.id in in_flight or stop.is_set():
+                    continue
+                if item.meta["next_at"] > self._clock():
+                    wait = item.meta["next_at"] - self._clock()
+                    next_due = wait if next_due is None else min(next_due, wait)
+                    continue
+                await slots.acquire()  # a free connection: one in flight ended
+                in_flight[item.id] = asyncio.create_task(attempt(item))
             waiters = [asyncio.ensure_future(self._wake.wait()),
                        asyncio.ensure_future(stop.wait())]
             # At most 30 s asleep: `purlgate outbox --retry-now` edits files from outside.
@@ -295,3 +324,5 @@ class Outbox:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
                 w.cancel()
+        if in_flight:
+            await asyncio.gather(*in_flight.values(), return_exceptions=True)

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import sqlite3
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
-from purlgate.errors import ConfigError, DamagedEntryError, StorageError
+from purlgate.errors import ConfigError, DamagedEntryError, is_storage_fault
 
 T = TypeVar("T")
 log = logging.getLogger("purlgate.worker")
@@ -40,22 +38,6 @@ log = logging.getLogger("purlgate.worker")
 RESCAN_SECONDS = 30.0
 STORAGE_PAUSE_FIRST = 1.0
 STORAGE_PAUSE_MAX = 60.0
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
-
-
-def is_storage_fault(exc: BaseException) -> bool:
-    """A full or failing disk, however a library reports it (also as a cause)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, StorageError):
-            return True
-        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
-            return True
-        if isinstance(seen, sqlite3.OperationalError) and any(
-                words in str(seen) for words in ("disk is full", "disk I/O error")):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def is_deterministic(exc: BaseException) -> bool:
@@ -207,7 +189,7 @@ class QueueWorker(Generic[T]):
     async def _failed(self, item: T, ident: str, exc: Exception) -> None:
         assert self._loop is not None
         if is_storage_fault(exc):
-            log.warning("%s: storage fault (%s); all work paused %.0f s, entry %s kept",
+            log.warning("%s: storage fault (%s); all work paused %.1f s, entry %s kept",
                         self.name, getattr(exc, "message", None) or exc, self._pause, ident)
             self._paused_until = self._loop.time() + self._pause
             self._pause = min(self._pause * 2, STORAGE_PAUSE_MAX)

@@ -20,6 +20,7 @@ dead-letters it instead of passing over it forever.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -129,6 +130,8 @@ class Spool:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError("insufficient storage, try again later") from exc
             raise ServerError("could not store the message") from exc
         return SpoolEntry(entry_id, final, meta)
 

@@ -63,6 +63,7 @@ from purlgate.errors import (
     PurlgateError,
     ServerError,
     StorageError,
+    is_storage_fault,
 )
 from purlgate.faults import crash_point
 
@@ -390,6 +391,13 @@ class BatchProcessor:
                 )
                 return BatchOutcome(failed, errors=published, error=exc)
             except (ServerError, OSError) as exc:
+                if submission.intake_id is not None and is_storage_fault(exc):
+                    # A channel's spool keeps the file and tries again once the disk is
+                    # back; this batch then resumes. Failing it would tell the client to
+                    # resend a file we hold.
+                    log.warning("batch %d paused by a storage fault: %s", record.id,
+                                getattr(exc, "message", None) or exc)
+                    raise
                 log.exception("batch %d stopped by a server-side error", record.id)
                 error = exc if isinstance(exc, ServerError) else StorageError(INTERNAL_REASON)
                 self._drop_rows(record.id)

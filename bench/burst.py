@@ -1,0 +1,293 @@
+"""Benchmark: a burst of client mail answered end to end by a real `purlgate serve`.
+
+    python bench/burst.py [--messages 500] [--sessions 20] [--workers 2] [--baseline 1]
+
+N twenty-row emails (AES ZIP, as the bundled demo client sends them) go over S
+concurrent SMTP sessions to a `purlgate serve` subprocess whose relay is an SMTP sink in
+this process. Timed: the durable-accept rate (N / time until the last 250), the
+end-to-end rate (N / time from the first MAIL to the last reply at the relay) and the
+reply latency per message (its 250 to its reply at the relay), p50 and p99. Each reply
+is checked to arrive exactly once. The same burst first runs against an instance with
+``--baseline`` workers, and the figures are printed side by side with their ratio.
+
+    python bench/burst.py --big-rows 1000000
+
+While one client's file of that many rows runs, 50 twenty-row emails from another
+client are sent one after another: their reply latency p99, beside the same 50 with no
+big file in the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.smtp import INBOUND, ROOT, SENDER, config_text, email, free_port  # noqa: E402
+
+PYSPY_MODE = os.environ.get("PYSPY_MODE", "--gil").split()
+OTHER = "files@beta.example"
+BETA = """
+[clients.beta]
+name = "Beta (benchmark)"
+regions = ["usa"]
+senders = ["files@beta.example"]
+zip_password = {{ file = "{root}/fixtures/secrets/acme-zip-password" }}
+
+[clients.beta.projects.big]
+keep_all_columns = true
+"""
+
+
+class Relay:
+    """The relay: records when each reply (by In-Reply-To) arrives, and how often."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        self.count: Counter[str] = Counter()
+
+    async def handle_DATA(self, server: object, session: object,  # noqa: N802
+                          envelope: object) -> str:
+        raw: bytes = envelope.original_content or b""  # type: ignore[attr-defined]
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"in-reply-to:"):
+                key = line.split(b":", 1)[1].strip().decode()
+                self.count[key] += 1
+                self.arrived.setdefault(key, time.perf_counter())
+        return "250 OK"
+
+
+def write_config(tmp: Path, smtp_port: int, relay_port: int, workers: int) -> Path:
+    text = config_text(smtp_port, relay_port)
+    text = text.replace('data_dir = "var/usa"', f'data_dir = "{tmp}/state"')
+    text = text.replace("port = 8443\n", "port = 0\n").replace("port = 8453\n", "port = 0\n")
+    text = text.replace("[regions.usa.limits]", f"[regions.usa.processing]\nworkers = {workers}"
+                        "\n\n[regions.usa.limits]")
+    # All sessions come from 127.0.0.1 here: lift the per-address cap for the burst.
+    text = text.replace("[regions.usa.smtp]\n", "[regions.usa.smtp]\nmax_connections_per_ip = 100\n",
+                        1)
+    text += BETA.format(root=ROOT)
+    path = tmp / "regions.toml"
+    path.write_text(text)
+    return path
+
+
+async def start_serve(config: Path, smtp_port: int) -> subprocess.Popen[bytes]:
+    exe = str(Path(sys.executable).with_name("purlgate"))
+    child = subprocess.Popen([exe, "serve", "--config", str(config), "--region", "usa"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    for _ in range(300):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", smtp_port)
+            writer.close()
+            return child
+        except OSError:
+            await asyncio.sleep(0.05)
+    child.kill()
+    raise SystemExit("purlgate serve did not start")
+
+
+def stop_serve(child: subprocess.Popen[bytes]) -> None:
+    os.killpg(child.pid, signal.SIGTERM)
+    child.wait(timeout=60)
+
+
+def message(i: int, password: bytes, sender: str = SENDER) -> tuple[str, bytes]:
+    raw = email(i, password)
+    if sender != SENDER:
+        raw = raw.replace(SENDER.encode(), sender.encode())
+    msgid = raw.split(b"Message-ID: ")[1].split(b"\r\n")[0].decode()
+    return msgid, raw
+
+
+def profile_summary(raw: Path, top: int = 22) -> None:
+    """py-spy's collapsed stacks of the thread holding the GIL (the one resource every
+    Python thread shares), as time inside each function (inclusive), in percent."""
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1]
+                  + ")" if " (" in f else f for f in stack.split(";")]
+        n = int(count)
+        total += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    print(f"profile (py-spy --gil, {total} samples), share of GIL time inside:")
+    for frame, n in inclusive.most_common(top):
+        print(f"  {100 * n / total:5.1f}%  {frame}")
+
+
+async def burst(messages: int, sessions: int, workers: int,
+                profile: Path | None = None) -> dict[str, float]:
+    import aiosmtplib
+    from aiosmtpd.smtp import SMTP
+
+    password = (ROOT / "fixtures" / "secrets" / "acme-zip-password").read_bytes().strip()
+    mails = [message(i, password) for i in range(messages)]
+    relay = Relay()
+    relay_port, smtp_port = free_port(), free_port()
+    server = await asyncio.get_running_loop().create_server(lambda: SMTP(relay),
+                                                            "127.0.0.1", relay_port)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        child = await start_serve(write_config(Path(tmp_name), smtp_port, relay_port,
+                                               workers), smtp_port)
+        accepted: dict[str, float] = {}
+        spy = None
+        if profile is not None:
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(child.pid), "--format",
+                                    "raw", "--rate", "100", *PYSPY_MODE, "-o", str(profile)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await asyncio.sleep(1.0)
+        try:
+            start = time.perf_counter()
+
+            async def session(share: list[tuple[str, bytes]]) -> None:
+                client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port,
+                                         start_tls=False, timeout=120)
+                await client.connect()
+                for msgid, raw in share:
+                    await client.sendmail(SENDER, [INBOUND], raw)
+                    accepted[msgid] = time.perf_counter()
+                await client.quit()
+
+            await asyncio.gather(*(session(mails[k::sessions]) for k in range(sessions)))
+            last_accept = time.perf_counter()
+            deadline = time.perf_counter() + 600
+            while len(relay.arrived) < messages and time.perf_counter() < deadline:
+                await asyncio.sleep(0.01)
+            end = max(relay.arrived.values())
+            await asyncio.sleep(1.0)  # anything sent twice would arrive now
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
+            stop_serve(child)
+            server.close()
+    missing = [m for m, _ in mails if m not in relay.arrived]
+    twice = [m for m, n in relay.count.items() if n > 1]
+    assert not missing and not twice, f"{len(missing)} replies missing, {len(twice)} twice"
+    latencies = [relay.arrived[m] - accepted[m] for m, _ in mails]
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"accept": messages / (last_accept - start), "e2e": messages / (end - start),
+            "p50": statistics.median(latencies), "p99": q[98]}
+
+
+async def beside_big(rows: int, small: int, workers: int) -> tuple[list[float], list[float]]:
+    """Latencies of ``small`` twenty-row mails from acme, with and without beta's big
+    file running."""
+    import io
+
+    import aiosmtplib
+    import pyzipper
+    from aiosmtpd.smtp import SMTP
+
+    password = (ROOT / "fixtures" / "secrets" / "acme-zip-password").read_bytes().strip()
+    relay = Relay()
+    relay_port, smtp_port = free_port(), free_port()
+    server = await asyncio.get_running_loop().create_server(lambda: SMTP(relay),
+                                                            "127.0.0.1", relay_port)
+
+    async def one(msgid: str, raw: bytes, sender: str) -> float:
+        start = time.perf_counter()
+        await aiosmtplib.send(raw, sender=sender, recipients=[INBOUND], hostname="127.0.0.1",
+                              port=smtp_port, start_tls=False, timeout=300)
+        while msgid not in relay.arrived:
+            await asyncio.sleep(0.002)
+        return relay.arrived[msgid] - start
+
+    buf = io.BytesIO()
+    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
+                             encryption=pyzipper.WZ_AES) as z:
+        z.setpassword(password)
+        body = "".join(f"Name{i},u{i}@beta.example,{i % 97}\n" for i in range(rows))
+        z.writestr("beta_big_20261127_120000.csv", "first_name,email,score\n" + body)
+    from email.message import EmailMessage
+    from email.policy import SMTP as SMTP_POLICY
+
+    big = EmailMessage()
+    big["From"], big["To"], big["Subject"] = OTHER, INBOUND, "big"
+    big["Message-ID"] = "<big-file@beta.example>"
+    big.set_content("big file")
+    big.add_attachment(buf.getvalue(), maintype="application", subtype="zip",
+                       filename="beta_big_20261127_120000.zip")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        child = await start_serve(write_config(Path(tmp_name), smtp_port, relay_port,
+                                               workers), smtp_port)
+        try:
+            alone = [await one(*message(i, password), SENDER) for i in range(small)]
+            await aiosmtplib.send(big.as_bytes(policy=SMTP_POLICY), sender=OTHER,
+                                  recipients=[INBOUND], hostname="127.0.0.1",
+                                  port=smtp_port, start_tls=False, timeout=300)
+            beside = []
+            for i in range(small, 2 * small):
+                beside.append(await one(*message(i, password), SENDER))
+            big_done = "<big-file@beta.example>" in relay.arrived
+            while "<big-file@beta.example>" not in relay.arrived:
+                await asyncio.sleep(0.05)
+        finally:
+            stop_serve(child)
+            server.close()
+    if big_done:
+        print("  (the big file finished before the last small reply: use more rows)")
+    return alone, beside
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[98]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=500)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--baseline", type=int, default=1, help="workers of the baseline")
+    parser.add_argument("--big-rows", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the second run with py-spy (pip install py-spy)")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cores; purlgate serve in a subprocess, relay sink here")
+    if args.big_rows:
+        alone, beside = asyncio.run(beside_big(args.big_rows, 50, args.workers))
+        print(f"50 twenty-row emails from acme, one after another ({args.workers} workers):")
+        print(f"  alone                     p50 {statistics.median(alone):6.3f} s   "
+              f"p99 {p99(alone):6.3f} s")
+        print(f"  beside a {args.big_rows:,}-row file  p50 {statistics.median(beside):6.3f} s"
+              f"   p99 {p99(beside):6.3f} s   ratio p99 {p99(beside) / p99(alone):5.2f}")
+        return
+    runs = {}
+    raw = Path(tempfile.gettempdir()) / "purlgate-burst-profile.txt"
+    for workers in dict.fromkeys((args.baseline, args.workers)):
+        runs[workers] = asyncio.run(burst(
+            args.messages, args.sessions, workers,
+            raw if args.profile and workers == args.workers else None))
+    base, ours = runs[args.baseline], runs[args.workers]
+    print(f"{args.messages} twenty-row emails over {args.sessions} SMTP sessions, "
+          "each reply checked to arrive exactly once:")
+    print(f"{'':28}{'workers=' + str(args.baseline):>14}{'workers=' + str(args.workers):>14}"
+          f"{'ratio':>8}")
+    for label, key, unit in (("durable accept (msg/s)", "accept", ""),
+                             ("end to end (msg/s)", "e2e", ""),
+                             ("reply latency p50 (s)", "p50", ""),
+                             ("reply latency p99 (s)", "p99", "")):
+        print(f"  {label:<26}{base[key]:>14.2f}{ours[key]:>14.2f}{ours[key] / base[key]:>8.2f}"
+              + unit)
+    if args.profile:
+        profile_summary(raw)
+
+
+if __name__ == "__main__":
+    main()
