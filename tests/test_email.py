@@ -18,6 +18,8 @@ import pytest
 import pytest_asyncio
 
 from purlgate.app import Gateway, build_gateway, serve
+from purlgate.channels.smtp_listener import FLUSH_BYTES, start_smtp
+from purlgate.channels.spool import SpoolWriter
 from purlgate.config import parse_config
 from tests.mail_helpers import (
     INBOUND,
@@ -252,10 +254,10 @@ async def test_low_disk_answers_452(tmp_path: Path, sink: Sink,
 async def test_fault_in_handler_answers_451(running: Running,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A fault while storing answers 451 (never aiosmtpd's 500) and leaves no spool file."""
-    def broken(raw: bytes, meta: dict[str, object]) -> None:
+    def broken() -> None:
         raise RuntimeError("disk controller on fire")
 
-    monkeypatch.setattr(running.gateway.spool, "accept", broken)
+    monkeypatch.setattr(SpoolWriter, "commit", lambda self: broken())
     with pytest.raises(aiosmtplib.SMTPDataError) as err:
         await running.send(good_mail())
     assert err.value.code == 451
@@ -473,3 +475,47 @@ async def test_connection_limits_and_idle_timeout(tmp_path: Path, sink: Sink,
         await second[1].wait_closed()
     finally:
         await r.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_data_streams_to_the_spool_byte_exact(tmp_path: Path, sink: Sink,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message several times the write piece, with dot-stuffed lines, lands in the
+    spool exactly as sent; a session that drops mid-DATA leaves nothing behind."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    config = parse_config(CONFIG.format(relay_port=sink.port, max_bytes=5_000_000,
+                                        min_free=0, tls=""))
+    gateway = build_gateway(config, "usa", data_dir=tmp_path / "state")
+    server = await start_smtp(gateway.handler, config.regions["usa"].smtp)  # no worker
+    port = server.sockets[0].getsockname()[1]
+    try:
+        body = "".join(f".line {i} starts with a dot\r\n..two dots {i}\r\n" for i in range(30_000))
+        raw = (f"From: {SENDER}\r\nTo: {INBOUND}\r\nSubject: big\r\n"
+               "Message-ID: <stream@acme.example>\r\n\r\n" + body).encode()
+        assert len(raw) > 4 * FLUSH_BYTES
+        await aiosmtplib.send(raw, sender=SENDER, recipients=[INBOUND], hostname="127.0.0.1",
+                              port=port, start_tls=False)
+        (entry,) = gateway.spool.pending()
+        assert entry.raw == raw
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for line in (b"EHLO x", f"MAIL FROM:<{SENDER}>".encode(), f"RCPT TO:<{INBOUND}>".encode(),
+                     b"DATA"):
+            await reader.readuntil(b"\r\n")
+            writer.write(line + b"\r\n")
+        while not (await reader.readline()).startswith(b"354"):
+            pass
+        writer.write(raw[: 3 * FLUSH_BYTES])
+        await writer.drain()
+        writer.close()  # gone mid-DATA
+        tmp = tmp_path / "state" / "spool" / "tmp"
+        for _ in range(100):
+            if not any(tmp.iterdir()):
+                break
+            await asyncio.sleep(0.05)
+        assert list(tmp.iterdir()) == []
+        assert len(gateway.spool.pending()) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+        gateway.region.close()

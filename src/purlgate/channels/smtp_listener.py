@@ -3,11 +3,14 @@
 No open relay: RCPT is accepted only for the region's inbound addresses (else
 550 5.7.1). MAIL FROM must be an allowed sender of a client and the From header the
 same address (else 550 5.7.1, during the session: an unknown sender never gets a
-bounce or a reply). SIZE is advertised and enforced by aiosmtpd (552 at MAIL for a
+bounce or a reply). SIZE is advertised and enforced (552 at MAIL for a
 declared size, 552 after DATA for a body over the limit, with the excess discarded).
-250 is said only after the message is fsynced in the spool; a fault answers 451 and
-low disk 452, and neither leaves a spool file. aiosmtpd ends DATA only on a line that
-is exactly ".", so "\\n.\\r\\n" or "\\r.\\r\\n" inside a message cannot smuggle a second one.
+DATA streams to the spool file as it arrives (our ``smtp_DATA``, aiosmtpd's rules kept):
+a session holds a few hundred kB whatever the message size, and the From check reads
+the header block back from disk off the event loop. 250 is said only after the message
+is fsynced in the spool; a fault answers 451 and a full or low disk 452, and neither
+leaves a spool file. DATA ends only on a line that is exactly ".", so "\\n.\\r\\n" or
+"\\r.\\r\\n" inside a message cannot smuggle a second one.
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from purlgate.channels.mail_message import header_addresses
-from purlgate.channels.spool import Spool, SpoolEntry, SpoolFullError
+from purlgate.channels.spool import Spool, SpoolEntry, SpoolFullError, SpoolWriter
 from purlgate.config import ClientConfig, SmtpConfig
+from purlgate.errors import ServerError
 
 log = logging.getLogger("purlgate.smtp")
 SPOOL_THREADS = 32
+FLUSH_BYTES = 256 * 1024  # DATA is written to the spool file in pieces of about this
 
 REFUSED_SENDER = "550 5.7.1 Sender not authorized to submit data files here"
 REFUSED_RCPT = "550 5.7.1 Relaying denied: this server accepts mail for its own addresses only"
@@ -50,7 +55,7 @@ class SmtpHandler:
         self.on_accepted = on_accepted
         # Spooling waits on fsync, not on the CPU: more threads than the default pool's
         # (cores + 4) let concurrent sessions share journal commits.
-        self._io = ThreadPoolExecutor(max_workers=SPOOL_THREADS, thread_name_prefix="spool")
+        self.io = ThreadPoolExecutor(max_workers=SPOOL_THREADS, thread_name_prefix="spool")
         self.outcomes: Counter[str] = Counter()  # messages by outcome, for the metrics
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
@@ -74,24 +79,30 @@ class SmtpHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session,  # noqa: N802
-                          envelope: Envelope) -> str:
+    def begin(self, envelope: Envelope) -> SpoolWriter:
+        """A spool file for the message about to arrive (SpoolFullError when low)."""
+        meta = {"channel": "smtp", "mail_from": (envelope.mail_from or "").lower(),
+                "rcpt_tos": [r.lower() for r in envelope.rcpt_tos]}
+        return self.spool.begin(meta)
+
+    async def finish(self, envelope: Envelope, writer: SpoolWriter) -> str:
+        """The whole message is in ``writer``: check its From header (read back from
+        disk, off the event loop), commit it and answer. Never leaves a partial file."""
+        loop = asyncio.get_running_loop()
+        sender = (envelope.mail_from or "").lower()
         try:
-            raw = envelope.original_content or b""
-            sender = (envelope.mail_from or "").lower()
-            if header_addresses(raw, "From") != [sender]:
+            head = await loop.run_in_executor(self.io, writer.headers)
+            if header_addresses(head, "From") != [sender]:
                 log.info("refused a From header that is not the sender's")
                 self.outcomes["refused-from"] += 1
+                writer.discard()
                 return REFUSED_FROM
-            meta = {"channel": "smtp", "mail_from": sender,
-                    "rcpt_tos": [r.lower() for r in envelope.rcpt_tos]}
-            loop = asyncio.get_running_loop()
-            entry = await loop.run_in_executor(self._io, self.spool.accept, raw, meta)
+            entry = await loop.run_in_executor(self.io, writer.commit)
         except SpoolFullError:
-            log.warning("spool below its free-space floor: answering 452")
-            self.outcomes["no-space"] += 1
-            return NO_SPACE
+            writer.discard()
+            return self.no_space()
         except Exception:
+            writer.discard()
             log.exception("accepting a message failed: answering 451")
             self.outcomes["error"] += 1
             return LOCAL_ERROR
@@ -99,6 +110,11 @@ class SmtpHandler:
         log.info("accepted a message from %s as spool entry %s", sender, entry.id)
         self.on_accepted(entry)
         return f"250 2.0.0 OK queued as {entry.id}"
+
+    def no_space(self) -> str:
+        log.warning("spool full or below its free-space floor: answering 452")
+        self.outcomes["no-space"] += 1
+        return NO_SPACE
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %s", type(error).__name__)
@@ -163,6 +179,98 @@ class LimitedSMTP(SMTP):
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(b"421 4.4.2 Error: timeout exceeded\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802
+        """aiosmtpd's DATA, streaming: each line goes to the spool file as it arrives
+        (in pieces of FLUSH_BYTES, written off the loop), so a session holds about that
+        much whatever the message size. Kept from aiosmtpd: the end is only a line that
+        is exactly ".", dot-unstuffing, 552 past the size limit and 500 for an overlong
+        line, both said after the data is drained, with nothing stored."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        handler: SmtpHandler = self.event_handler
+        try:
+            writer: SpoolWriter | None = handler.begin(self.envelope)
+        except SpoolFullError:
+            await self.push(handler.no_space())
+            return
+        except Exception:
+            log.exception("opening a spool file failed: answering 451")
+            handler.outcomes["error"] += 1
+            await self.push(LOCAL_ERROR)
+            return
+        assert writer is not None
+        state = "ok"  # or "too-long", "too-much", "no-space", "error"
+        pending = bytearray()
+        size = 0
+        fragments: list[bytes] = []
+        limit = self.data_size_limit
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            while self.transport is not None:
+                try:
+                    line = await self._reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    state = "too-long" if state == "ok" else state
+                    line = await self._reader.read(exc.consumed)
+                if not fragments and line == b".\r\n":
+                    break
+                size += len(line)
+                if state == "ok" and limit and size > limit:
+                    state = "too-much"
+                fragments.append(line)
+                if not line.endswith(b"\r\n"):
+                    continue
+                whole = b"".join(fragments)
+                fragments.clear()
+                if state != "ok":
+                    continue
+                if len(whole) > self.line_length_limit:
+                    state = "too-long"
+                    continue
+                pending += whole[1:] if whole.startswith(b".") else whole
+                if len(pending) >= FLUSH_BYTES:
+                    piece, pending = bytes(pending), bytearray()
+                    state = await self._write(writer, piece)  # on failure: drain, then say
+            if state == "ok" and pending:
+                state = await self._write(writer, bytes(pending))
+            pending = bytearray()
+            if state != "ok":
+                writer.discard()
+                writer = None
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                await self.push({"too-long": "500 Line too long (see RFC5321 4.5.3.1.6)",
+                                 "too-much": "552 Error: Too much mail data",
+                                 "no-space": handler.no_space(),
+                                 "error": LOCAL_ERROR}[state])
+                return
+            status = await handler.finish(self.envelope, writer)
+            writer = None  # committed or discarded by finish
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(status)
+        finally:
+            if writer is not None:  # the connection went away mid-DATA
+                writer.discard()
+
+    async def _write(self, writer: SpoolWriter, piece: bytes) -> str:
+        handler: SmtpHandler = self.event_handler
+        try:
+            await asyncio.get_running_loop().run_in_executor(handler.io, writer.write, piece)
+        except SpoolFullError:
+            return "no-space"
+        except ServerError:
+            log.exception("writing a spool file failed: answering 451")
+            handler.outcomes["error"] += 1
+            return "error"
+        return "ok"
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._ip is None:

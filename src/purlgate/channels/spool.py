@@ -93,6 +93,72 @@ class GroupSync:
                 self._completed = max(self._completed, covers)
 
 
+class SpoolWriter:
+    """One message as it arrives: appended to ``tmp/<id>.msg`` (never held whole in
+    memory), then committed (fsync, rename into ``incoming/``, folder sync) or discarded.
+    Every failure leaves nothing behind; a full disk is a SpoolFullError (452)."""
+
+    def __init__(self, spool: Spool, entry_id: str, meta: dict[str, Any]) -> None:
+        self.spool = spool
+        self.id = entry_id
+        self.meta = meta
+        self.tmp = spool.tmp / f"{entry_id}.msg"
+        self.size = 0
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._file = os.fdopen(fd, "wb")
+            self._file.write(MAGIC + json.dumps(meta).encode() + b"\n")
+            self._body_at = self._file.tell()
+        except OSError as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise _storage(exc) from exc
+
+    def write(self, data: bytes | bytearray) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise _storage(exc) from exc
+        self.size += len(data)
+
+    def headers(self, limit: int = 1 << 20) -> bytes:
+        """The message's header block (up to ``limit`` bytes), read back from disk."""
+        try:
+            self._file.flush()
+            with self.tmp.open("rb") as f:
+                f.seek(self._body_at)
+                head = f.read(limit)
+        except OSError as exc:
+            raise _storage(exc) from exc
+        end = head.find(b"\r\n\r\n")
+        return head if end < 0 else head[: end + 4]
+
+    def commit(self) -> SpoolEntry:
+        final = self.spool.incoming / self.tmp.name
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.tmp.rename(final)  # the commit point, made durable by the folder sync
+            self.spool.sync()
+            crash_point("spool-committed")
+        except OSError as exc:
+            self.discard()
+            final.unlink(missing_ok=True)
+            raise _storage(exc) from exc
+        return SpoolEntry(self.id, final, self.meta)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _storage(exc: OSError) -> ServerError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError("insufficient storage, try again later")
+    return ServerError("could not store the message")
+
+
 class Spool:
     def __init__(self, root: Path, *, min_free_bytes: int = 0, owner: bool = True) -> None:
         self.root = root
@@ -107,33 +173,24 @@ class Spool:
         for leftover in self.tmp.iterdir() if owner else ():
             leftover.unlink(missing_ok=True)
         self._sync = GroupSync(self.incoming)
+        self.sync = self._sync.sync
 
-    def accept(self, raw: bytes, meta: dict[str, Any]) -> SpoolEntry:
-        """Durably store one message; raise SpoolFullError or ServerError, never half."""
-        free = shutil.disk_usage(self.root).free
-        if free - len(raw) < self.min_free_bytes:
+    def begin(self, meta: dict[str, Any]) -> SpoolWriter:
+        """Start receiving one message into ``tmp/``; SpoolFullError below the floor."""
+        if shutil.disk_usage(self.root).free < self.min_free_bytes:
             raise SpoolFullError("insufficient storage, try again later")
         entry_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
-        meta = {**meta, "id": entry_id, "size": len(raw)}
-        tmp = self.tmp / f"{entry_id}.msg"
-        final = self.incoming / tmp.name
+        return SpoolWriter(self, entry_id, {**meta, "id": entry_id})
+
+    def accept(self, raw: bytes, meta: dict[str, Any]) -> SpoolEntry:
+        """Durably store one message held in memory (IMAP); see ``SpoolWriter``."""
+        writer = self.begin(meta)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + json.dumps(meta).encode() + b"\n")
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.rename(final)  # the commit point, made durable by the folder sync
-            self._sync.sync()
-            crash_point("spool-committed")
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            final.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError("insufficient storage, try again later") from exc
-            raise ServerError("could not store the message") from exc
-        return SpoolEntry(entry_id, final, meta)
+            writer.write(raw)
+        except BaseException:
+            writer.discard()
+            raise
+        return writer.commit()
 
     def pending(self) -> list[SpoolEntry]:
         entries = []
