@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.smtp import INBOUND, ROOT, SENDER, config_text, email, free_port  # noqa: E402
+from bench.smtp import INBOUND, ROOT, SENDER, config_text, email, free_port
 
 PYSPY_MODE = os.environ.get("PYSPY_MODE", "--gil").split()
 OTHER = "files@beta.example"
@@ -75,8 +75,8 @@ def write_config(tmp: Path, smtp_port: int, relay_port: int, workers: int) -> Pa
     text = text.replace("[regions.usa.limits]", f"[regions.usa.processing]\nworkers = {workers}"
                         "\n\n[regions.usa.limits]")
     # All sessions come from 127.0.0.1 here: lift the per-address cap for the burst.
-    text = text.replace("[regions.usa.smtp]\n", "[regions.usa.smtp]\nmax_connections_per_ip = 100\n",
-                        1)
+    text = text.replace("[regions.usa.smtp]\n",
+                        "[regions.usa.smtp]\nmax_connections_per_ip = 100\n", 1)
     text += BETA.format(root=ROOT)
     path = tmp / "regions.toml"
     path.write_text(text)
@@ -92,9 +92,10 @@ async def start_serve(config: Path, smtp_port: int) -> subprocess.Popen[bytes]:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", smtp_port)
             writer.close()
-            return child
         except OSError:
             await asyncio.sleep(0.05)
+        else:
+            return child
     child.kill()
     raise SystemExit("purlgate serve did not start")
 
@@ -231,9 +232,8 @@ async def beside_big(rows: int, small: int, workers: int) -> tuple[list[float], 
             await aiosmtplib.send(big.as_bytes(policy=SMTP_POLICY), sender=OTHER,
                                   recipients=[INBOUND], hostname="127.0.0.1",
                                   port=smtp_port, start_tls=False, timeout=300)
-            beside = []
-            for i in range(small, 2 * small):
-                beside.append(await one(*message(i, password), SENDER))
+            beside = [await one(*message(i, password), SENDER)
+                      for i in range(small, 2 * small)]
             big_done = "<big-file@beta.example>" in relay.arrived
             while "<big-file@beta.example>" not in relay.arrived:
                 await asyncio.sleep(0.05)

@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from contextlib import closing
 from email import policy
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
+from email.parser import BytesHeaderParser, BytesParser
 from pathlib import Path
 
 from purlgate.channels.alerts import OperatorAlerts
-from purlgate.channels.mail_message import Attachment, message_id, parse, zip_attachment
+from purlgate.channels.mail_message import Attachment, message_id, zip_attachment
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.replies import (
@@ -126,7 +126,7 @@ class MailWorker:
             log.warning("spool entry %s has no known sender; dropped without reply", entry.id)
             self.spool.finish(entry)
             return
-        message = parse(entry.raw)
+        message = parse_file(entry.path)
         ours = self._reply_from(entry)
         key = self.reply_key(entry)
         try:
@@ -207,6 +207,15 @@ class MailWorker:
             "error": type(exc).__name__, "attempts": attempts, "channel": channel,
             "client": client_id, "alerted": alerted, "at": time.time()})
         shutil.rmtree(self.work_root / entry.id, ignore_errors=True)
+
+
+def parse_file(path: Path) -> EmailMessage:
+    """A spooled message, parsed from its file (not from a copy of it in memory)."""
+    with path.open("rb") as f:
+        f.readline()  # the envelope line
+        message = BytesParser(policy=policy.default).parse(f)
+    assert isinstance(message, EmailMessage)
+    return message
 
 
 def headers_of(path: Path) -> EmailMessage | None:

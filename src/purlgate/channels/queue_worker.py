@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -38,6 +39,24 @@ log = logging.getLogger("purlgate.worker")
 RESCAN_SECONDS = 30.0
 STORAGE_PAUSE_FIRST = 1.0
 STORAGE_PAUSE_MAX = 60.0
+
+
+def _libc_trim() -> Callable[[int], object] | None:
+    try:
+        trim: Callable[[int], object] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+_TRIM = _libc_trim()
+
+
+def give_back_memory() -> None:
+    """Hand the heap freed by an entry back to the system: glibc keeps it otherwise,
+    and a burst of big messages would leave the process at its peak for good."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def is_deterministic(exc: BaseException) -> bool:
@@ -181,6 +200,7 @@ class QueueWorker(Generic[T]):
                 self._pause = STORAGE_PAUSE_FIRST
             finally:
                 self.running -= 1
+                await asyncio.to_thread(give_back_memory)
 
     def _done(self, ident: str) -> None:
         self._known.discard(ident)

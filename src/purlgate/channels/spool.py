@@ -145,7 +145,7 @@ class SpoolWriter:
             self.discard()
             final.unlink(missing_ok=True)
             raise _storage(exc) from exc
-        return SpoolEntry(self.id, final, self.meta)
+        return SpoolEntry(self.id, final, {**self.meta, "size": self.size})
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -205,6 +205,9 @@ class Spool:
                 with contextlib.suppress(ValueError):
                     found = json.loads(first[len(MAGIC):])
             meta: dict[str, Any] = found if isinstance(found, dict) else {"damaged": True}
+            if "size" not in meta:  # streamed: the size was not known when the line was
+                with contextlib.suppress(FileNotFoundError):
+                    meta["size"] = path.stat().st_size - len(first)
             meta["requeued"] = self.requeued(path.stem)
             entries.append(SpoolEntry(path.stem, path, meta))
         return entries
