@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from purlgate import __version__
 from purlgate.errors import ConfigError, PurlgateError
+from purlgate.logs import setup_logging
 
 if TYPE_CHECKING:
     from purlgate.app import Gateway
@@ -36,10 +36,6 @@ A batch data-integration gateway: client data files in by email or SFTP, PURL fi
 (their rows plus a thumbnail and a landing-page link per row) back the same way.
 Log options (-v, --log-level, --log-format) may stand anywhere on the line."""
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# Libraries that narrate every command or connection: heard only at DEBUG.
-CHATTY = ("mail.log", "asyncssh", "aiohttp.access", "aiohttp.server", "imap_tools")
-
-
 def _logging_options() -> argparse.ArgumentParser:
     """The log options, accepted before and after the command (SUPPRESS: a later
     parser never overwrites what an earlier one was given)."""
@@ -584,29 +580,6 @@ def _key_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
             return [(True, exc.message)]
         keys.close()
         return keys.key_report
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the exception)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-                 "level": record.levelname.lower(), "logger": record.name,
-                 "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for name in CHATTY:
-        logging.getLogger(name).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
