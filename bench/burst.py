@@ -68,12 +68,13 @@ class Relay:
         return "250 OK"
 
 
-def write_config(tmp: Path, smtp_port: int, relay_port: int, workers: int) -> Path:
+def write_config(tmp: Path, smtp_port: int, relay_port: int, workers: int,
+                 mode: str = "processes") -> Path:
     text = config_text(smtp_port, relay_port)
     text = text.replace('data_dir = "var/usa"', f'data_dir = "{tmp}/state"')
     text = text.replace("port = 8443\n", "port = 0\n").replace("port = 8453\n", "port = 0\n")
     text = text.replace("[regions.usa.limits]", f"[regions.usa.processing]\nworkers = {workers}"
-                        "\n\n[regions.usa.limits]")
+                        f'\nmode = "{mode}"\n\n[regions.usa.limits]')
     # All sessions come from 127.0.0.1 here: lift the per-address cap for the burst.
     text = text.replace("[regions.usa.smtp]\n",
                         "[regions.usa.smtp]\nmax_connections_per_ip = 100\n", 1)
@@ -131,7 +132,7 @@ def profile_summary(raw: Path, top: int = 22) -> None:
         print(f"  {100 * n / total:5.1f}%  {frame}")
 
 
-async def burst(messages: int, sessions: int, workers: int,
+async def burst(messages: int, sessions: int, setup: str,
                 profile: Path | None = None) -> dict[str, float]:
     import aiosmtplib
     from aiosmtpd.smtp import SMTP
@@ -143,8 +144,9 @@ async def burst(messages: int, sessions: int, workers: int,
     server = await asyncio.get_running_loop().create_server(lambda: SMTP(relay),
                                                             "127.0.0.1", relay_port)
     with tempfile.TemporaryDirectory() as tmp_name:
+        mode, _, workers = setup.partition(":")
         child = await start_serve(write_config(Path(tmp_name), smtp_port, relay_port,
-                                               workers), smtp_port)
+                                               int(workers), mode), smtp_port)
         accepted: dict[str, float] = {}
         spy = None
         if profile is not None:
@@ -256,8 +258,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=500)
     parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--baseline", type=int, default=1, help="workers of the baseline")
+    parser.add_argument("--workers", type=int, default=2, help="(with --big-rows)")
+    parser.add_argument("--setup", default="processes:2", help="MODE:WORKERS measured")
+    parser.add_argument("--baseline", default="threads:1", help="MODE:WORKERS beside it")
     parser.add_argument("--big-rows", type=int, default=0)
     parser.add_argument("--profile", action="store_true",
                         help="also profile the second run with py-spy (pip install py-spy)")
@@ -273,15 +276,14 @@ def main() -> None:
         return
     runs = {}
     raw = Path(tempfile.gettempdir()) / "purlgate-burst-profile.txt"
-    for workers in dict.fromkeys((args.baseline, args.workers)):
-        runs[workers] = asyncio.run(burst(
-            args.messages, args.sessions, workers,
-            raw if args.profile and workers == args.workers else None))
-    base, ours = runs[args.baseline], runs[args.workers]
+    for setup in dict.fromkeys((args.baseline, args.setup)):
+        runs[setup] = asyncio.run(burst(
+            args.messages, args.sessions, setup,
+            raw if args.profile and setup == args.setup else None))
+    base, ours = runs[args.baseline], runs[args.setup]
     print(f"{args.messages} twenty-row emails over {args.sessions} SMTP sessions, "
           "each reply checked to arrive exactly once:")
-    print(f"{'':28}{'workers=' + str(args.baseline):>14}{'workers=' + str(args.workers):>14}"
-          f"{'ratio':>8}")
+    print(f"{'':28}{args.baseline:>14}{args.setup:>14}{'ratio':>8}")
     for label, key, unit in (("durable accept (msg/s)", "accept", ""),
                              ("end to end (msg/s)", "e2e", ""),
                              ("reply latency p50 (s)", "p50", ""),

@@ -72,18 +72,18 @@ async def test_one_reply_after_a_kill_at_each_boundary(tmp_path: Path, point: st
         await sink.stop()
     replies = sink.to(SENDER)
     assert len({str(r.message["Message-ID"]) for r in replies}) == 1, "one reply"
-    # Every message the relay took (reply and notifications): once each, except the one
-    # in hand if the relay had said 250 and the kill came before "sent" was recorded
-    # (the outbox runs beside the batch, so any kill may land there): then a second
-    # copy with the same Message-ID, which mail systems drop.
+    # Every message the relay took (reply and notifications): once each, except those
+    # in flight if the relay had said 250 and the kill came before "sent" was recorded
+    # (the outbox runs beside the batch and delivers several at once, so any kill may
+    # land there): then a second copy with the same Message-ID, which mail systems drop.
     copies: dict[str, int] = {}
     for message in sink.messages:
         key = str(message.message["Message-ID"])
         copies[key] = copies.get(key, 0) + 1
     twice = [k for k, n in copies.items() if n == 2]
-    assert max(copies.values()) <= 2 and len(twice) <= 1, copies
+    assert max(copies.values()) <= 2, copies
     if point == "relay-accepted":
-        assert len(twice) == 1, "the kill came between the relay's 250 and the record"
+        assert twice, "the kill came between the relay's 250 and the record"
     notes = {str(m.message["Subject"]).split(":")[0] for m in sink.to("campaigns@acme.example")}
     assert notes == {"[purlgate] batch loaded", "[purlgate] batch done"}, \
         "notifications survive the kill too"

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +21,7 @@ import asyncssh
 from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.defender import Defender
 from purlgate.channels.imap_poller import ImapPoller
+from purlgate.channels.mail_process import MailProcesses
 from purlgate.channels.mail_worker import MailLedger, MailWorker, Notifier
 from purlgate.channels.outbox import Outbox, Sender, relay_sender
 from purlgate.channels.sftp_server import (
@@ -34,6 +35,7 @@ from purlgate.channels.sftp_server import (
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.config import ClientConfig, Config
+from purlgate.core.pipeline import Subscriber
 from purlgate.errors import ConfigError
 from purlgate.operations import build_ops, run_retention
 from purlgate.region import Region, build_region, utc_now
@@ -76,6 +78,29 @@ class Gateway:
         return int(self.smtp.sockets[0].getsockname()[1])
 
 
+async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
+    raise AssertionError("a mail worker process only queues; the gateway delivers")
+
+
+def build_mail_worker(config: Config, region_id: str, data_dir: Path, *,
+                      on_event: Subscriber) -> MailWorker:
+    """The mail worker of a worker process (``channels/mail_process.py``): the same as
+    the gateway's, over the same folders, but it only queues mail, leaves the spool's
+    temporary files to the gateway, and hands each batch event to ``on_event``."""
+    region_cfg = config.regions[region_id]
+    clients = config.clients_of(region_id)
+    outbox = Outbox(data_dir / "outbox", region_cfg.relay, sender=_never_sends)
+    notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox)
+    region = build_region(config, region_id, data_dir=data_dir,
+                          subscribers=[notifier, on_event])
+    return MailWorker(region=region_cfg, clients=clients, processor=region.processor,
+                      spool=Spool(data_dir / "spool", owner=False), outbox=outbox,
+                      ledger=MailLedger(data_dir / "mail.sqlite3"),
+                      work_root=data_dir / "mail-work",
+                      alerts=OperatorAlerts(outbox, sender=region_cfg.inbound_addresses[0],
+                                            operator=region_cfg.relay.operator))
+
+
 def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = None,
                   sender: Sender | None = None) -> Gateway:
     """Everything ``serve`` runs, built but not started (tests start pieces of it)."""
@@ -90,10 +115,12 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
                             operator=region_cfg.relay.operator)
     region = build_region(config, region_id, data_dir=data_dir, subscribers=[notifier])
     spool = Spool(data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes)
+    processes = (MailProcesses(config, region_id, data_dir, region_cfg.processing.workers)
+                 if region_cfg.processing.mode == "processes" else None)
     worker = MailWorker(region=region_cfg, clients=clients, processor=region.processor,
                         spool=spool, outbox=outbox,
                         ledger=MailLedger(data_dir / "mail.sqlite3"),
-                        work_root=data_dir / "mail-work", alerts=alerts)
+                        work_root=data_dir / "mail-work", alerts=alerts, processes=processes)
     handler = SmtpHandler(inbound=set(region_cfg.inbound_addresses), clients=clients,
                           spool=spool, on_accepted=worker.submit)
     imap = None
@@ -116,9 +143,10 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
             sftp_cfg.host_key or data_dir / "ssh_host_ed25519_key")
     if region_cfg.web is not None:
         gateway.links = build_link_server(region, clients)
-        region.processor.subscribers.append(gateway.links.on_batch_event)
         gateway.ops = build_ops(gateway)
-        region.processor.subscribers.append(gateway.ops.batch_metrics)
+        for sink in (gateway.links.on_batch_event, gateway.ops.batch_metrics):
+            region.processor.subscribers.append(sink)  # batches run here (SFTP, threads)
+            worker.event_sinks.append(sink)  # batches run in mail worker processes
     else:
         log.warning("region %s has no [regions.%s.web] section: the links in its PURL "
                     "files will not answer", region_id, region_id)
@@ -235,4 +263,5 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
             await runner.cleanup()
         if gateway.links is not None:
             await gateway.links.close()
+        await asyncio.to_thread(gateway.worker.close)
         gateway.region.close()

@@ -229,9 +229,11 @@ class LimitsConfig(_Model):
 class ProcessingConfig(_Model):
     """How the workers take spooled mail and uploads."""
 
-    # Batches run at once (threads; the core's heavy parts let go of the GIL). Each
-    # client has its own queue and the queues are served in turn.
+    # Entries handled at once. Each client has its own queue and the queues are served
+    # in turn. Mail is handled in worker processes (its Python work holds the GIL);
+    # "threads" keeps it in the gateway's process. SFTP uploads use threads.
     workers: int = Field(default=2, ge=1, le=64)
+    mode: Literal["processes", "threads"] = "processes"
     # An entry that fails (not a storage fault) is tried this many times, with doubling
     # delays from retry_seconds, then moved to the dead-letter folder.
     max_attempts: int = Field(default=3, ge=1, le=20)

@@ -5,7 +5,9 @@ Points: ``spool-committed`` (the message is on disk, 250 not said yet),
 ``batch-running`` (mid-batch, after the first rows), ``purl-published`` (the PURL file is
 out, the reply not queued), ``outbox-body-written`` (between the outbox entry's two
 files), ``relay-accepted`` (the relay said 250, "sent" not recorded). Unset in
-production: one dictionary look-up per point.
+production: one dictionary look-up per point. In a mail worker process the gateway
+(``PURLGATE_MAIN_PID``) is killed first: the crash is of the whole service, as a power
+cut would be.
 """
 
 from __future__ import annotations
@@ -18,4 +20,7 @@ CRASH_AT = os.environ.get("PURLGATE_CRASH_AT")
 
 def crash_point(name: str) -> None:
     if name == CRASH_AT:
+        main = int(os.environ.get("PURLGATE_MAIN_PID", "0"))
+        if main and main != os.getpid():
+            os.kill(main, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

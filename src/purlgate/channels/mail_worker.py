@@ -26,6 +26,7 @@ from pathlib import Path
 
 from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.mail_message import Attachment, message_id, zip_attachment
+from purlgate.channels.mail_process import MailProcesses
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.replies import (
@@ -41,7 +42,7 @@ from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig
 from purlgate.core.files import private_file
 from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
-from purlgate.core.pipeline import BatchProcessor, Submission
+from purlgate.core.pipeline import BatchProcessor, Submission, Subscriber
 from purlgate.errors import ConfigError, DamagedEntryError, MessageError
 from purlgate.faults import crash_point
 
@@ -82,7 +83,8 @@ class MailLedger:
 class MailWorker:
     def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
                  processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: MailLedger,
-                 work_root: Path, alerts: OperatorAlerts | None = None) -> None:
+                 work_root: Path, alerts: OperatorAlerts | None = None,
+                 processes: MailProcesses | None = None) -> None:
         self.region = region
         self.clients = clients
         self.processor = processor
@@ -91,14 +93,38 @@ class MailWorker:
         self.ledger = ledger
         self.work_root = work_root
         self.alerts = alerts
+        self.processes = processes
+        # Where the batch events of entries handled in worker processes go in this one.
+        self.event_sinks: list[Subscriber] = []
         self._worker: QueueWorker[SpoolEntry] = QueueWorker(
             "mail", handle=self.handle, pending=spool.pending, ident=lambda entry: entry.id,
             fair_key=lambda entry: client_of(str(entry.meta.get("mail_from", "")),
                                              self.clients),
-            workers=region.processing.workers, max_attempts=region.processing.max_attempts,
-            retry_seconds=region.processing.retry_seconds, on_dead=self.dead_letter)
+            # With worker processes, one entry more per process waits in the pool's
+            # queue: a process takes its next entry the moment it is done, without a
+            # round trip through this (busy) event loop.
+            workers=region.processing.workers * (2 if processes is not None else 1),
+            max_attempts=region.processing.max_attempts,
+            retry_seconds=region.processing.retry_seconds, on_dead=self.dead_letter,
+            run=self._in_process if processes is not None else None)
         self.submit = self._worker.submit
         self.run = self._worker.run
+
+    async def _in_process(self, entry: SpoolEntry) -> None:
+        assert self.processes is not None
+        try:
+            events, queued = await self.processes.handle(entry)
+        except BaseException:
+            self.outbox.rescan()  # it may have queued something before it failed
+            raise
+        for event in events:
+            for sink in self.event_sinks:
+                sink(event)
+        self.outbox.adopt(queued)  # the worker process queued them in the shared folder
+
+    def close(self) -> None:
+        if self.processes is not None:
+            self.processes.close()
 
     @property
     def queue(self) -> QueueWorker[SpoolEntry]:

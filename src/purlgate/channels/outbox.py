@@ -97,6 +97,12 @@ class Outbox:
         self._lock = threading.Lock()
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Entries queued since the running loop last looked (it reads just these, not
+        # the whole folder, which it scans only every RESCAN_SECONDS).
+        self._fresh: list[str] = []
+        # In a worker process: what it queued, for the gateway's outbox to ``adopt``.
+        self.enqueued: list[str] | None = None
+        self._rescan = False
 
     # -- enqueue (any thread) -------------------------------------------------------
 
@@ -128,10 +134,39 @@ class Outbox:
             with AtomicFile(self.queue / f"{item_id}.json") as out:  # the commit point
                 out.file.write(json.dumps(meta).encode())
                 out.commit()
-        self._poke()
+            if self._loop is not None:  # else the loop's first scan finds it
+                self._fresh.append(item_id)
+            if self.enqueued is not None:
+                self.enqueued.append(item_id)
+        self.wake()
         return True
 
-    def _poke(self) -> None:
+    def adopt(self, item_ids: Sequence[str]) -> None:
+        """Entries another process queued in our folder: delivered without a rescan."""
+        with self._lock:
+            self._fresh.extend(item_ids)
+        self.wake()
+
+    def rescan(self) -> None:
+        """Read the whole queue folder at the next look (something may have been queued
+        by a process that could not say what)."""
+        self._rescan = True
+        self.wake()
+
+    def _load(self, item_ids: Sequence[str]) -> dict[str, Item]:
+        found = {}
+        for item_id in dict.fromkeys(item_ids):
+            meta_path = self.queue / f"{item_id}.json"
+            try:
+                meta = json.loads(meta_path.read_text())
+            except FileNotFoundError:
+                continue  # sent or dropped meanwhile
+            if meta_path.with_suffix(".eml").exists():
+                found[item_id] = Item(item_id, meta_path.with_suffix(".eml"), meta)
+        return found
+
+    def wake(self) -> None:
+        """Look at the queue folder now (another process or thread queued something)."""
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
@@ -187,7 +222,7 @@ class Outbox:
             item = self._find(item_id, self.queue)
             item.meta["next_at"] = self._clock()
             self._save(item, self.queue)
-        self._poke()
+        self.wake()
 
     def drop(self, item_id: str) -> None:
         """Stop trying a queued message: it moves to failed/, marked dropped."""
@@ -208,7 +243,7 @@ class Outbox:
             self._save(item, self.queue)
             item.eml.unlink()
             (self.failed / f"{item_id}.json").unlink(missing_ok=True)
-        self._poke()
+        self.wake()
 
     def _save(self, item: Item, folder: Path) -> None:
         with AtomicFile(folder / f"{item.id}.json", no_clobber=False) as out:
@@ -227,7 +262,8 @@ class Outbox:
         waiting = [item.meta["next_at"] for item in await asyncio.to_thread(self.items)]
         return max(0.0, min(waiting) - self._clock()) if waiting else None
 
-    async def _attempt(self, item: Item) -> None:
+    async def _attempt(self, item: Item) -> str:
+        """One delivery try: "sent", "failed" or "deferred" (recorded on disk)."""
         meta = item.meta
         meta["attempts"] += 1
         data = await asyncio.to_thread(item.eml.read_bytes)
@@ -239,22 +275,24 @@ class Outbox:
                 log.error("outbox %s expired after %d attempts: %s", item.id,  # noqa: TRY400 - expected, no trace
                           meta["attempts"], exc)
                 await asyncio.to_thread(self._fail, item, "expired")
-                return
+                return "failed"
             delay = min(self.relay.retry_first_seconds * 2 ** (meta["attempts"] - 1),
                         self.relay.retry_max_seconds)
             meta["next_at"] = self._clock() + delay
             log.warning("outbox %s deferred (%s); retry in %.0f s", item.id, exc, delay)
             await asyncio.to_thread(self._save, item, self.queue)
-            self._poke()  # a running loop plans its next look with the new deadline
+            self.wake()  # a running loop plans its next look with the new deadline
+            return "deferred"
         except PermanentDeliveryError as exc:
             meta["last_error"] = str(exc)
             log.error("outbox %s failed permanently: %s", item.id, exc)  # noqa: TRY400
             await asyncio.to_thread(self._fail, item, "refused")
-        else:
-            crash_point("relay-accepted")
-            log.info("outbox %s delivered after %d attempt(s)", item.id, meta["attempts"])
-            meta["delivered_at"] = self._clock()
-            await asyncio.to_thread(self._save, item, self.sent)
+            return "failed"
+        crash_point("relay-accepted")
+        log.info("outbox %s delivered after %d attempt(s)", item.id, meta["attempts"])
+        meta["delivered_at"] = self._clock()
+        await asyncio.to_thread(self._save, item, self.sent)
+        return "sent"
 
     def _fail(self, item: Item, why: str) -> None:
         self._save(item, self.failed)
@@ -279,46 +317,61 @@ class Outbox:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop``: up to ``relay.max_connections`` messages at once; wakes
         on new messages, on a deferral and on retry deadlines; at ``stop`` the attempts
-        in flight finish."""
+        in flight finish. The queue is kept in memory: new entries are read as they are
+        queued, the whole folder every RESCAN_SECONDS (what the outbox command changed)."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        wake = self._wake
         slots = asyncio.Semaphore(self.relay.max_connections)
         in_flight: dict[str, asyncio.Task[None]] = {}
-        wake = self._wake
+        index: dict[str, Item] = {}
+        scanned = float("-inf")
 
         async def attempt(item: Item) -> None:
             try:
-                await self._attempt(item)
+                if await self._attempt(item) != "deferred":
+                    index.pop(item.id, None)
             except (OSError, StorageError) as exc:
-                # A full or failing disk: the entry stays as it was, tried again soon;
-                # never let it end the process (the listeners must go on answering).
+                # A full or failing disk: the entry stays as it is on disk (read again),
+                # tried again soon; never let it end the process.
                 log.warning("outbox: storage fault (%s); trying again in %.0f s",
                             getattr(exc, "message", None) or exc, STORAGE_RETRY_SECONDS)
+                index.pop(item.id, None)
+                with self._lock:
+                    self._fresh.append(item.id)
                 asyncio.get_running_loop().call_later(STORAGE_RETRY_SECONDS, wake.set)
             finally:
                 in_flight.pop(item.id, None)
                 slots.release()
 
         while not stop.is_set():
-            self._wake.clear()
+            wake.clear()
             next_due: float | None = None
+            with self._lock:
+                fresh, self._fresh = self._fresh, []
             try:
-                items = await asyncio.to_thread(self.items)
+                if self._rescan or time.monotonic() - scanned >= RESCAN_SECONDS:
+                    self._rescan = False
+                    index = {item.id: item for item in await asyncio.to_thread(self.items)}
+                    scanned = time.monotonic()
+                elif fresh:
+                    index.update(await asyncio.to_thread(self._load, fresh))
             except (OSError, StorageError) as exc:
                 log.warning("outbox: storage fault (%s); trying again in %.0f s",
                             getattr(exc, "message", None) or exc, STORAGE_RETRY_SECONDS)
-                items, next_due = [], STORAGE_RETRY_SECONDS
-            for item in items:
+                with self._lock:
+                    self._fresh.extend(fresh)
+                next_due = STORAGE_RETRY_SECONDS
+            for item in sorted(index.values(), key=lambda i: i.meta["next_at"]):
                 if item.id in in_flight or stop.is_set():
                     continue
                 if item.meta["next_at"] > self._clock():
                     wait = item.meta["next_at"] - self._clock()
                     next_due = wait if next_due is None else min(next_due, wait)
-                    continue
+                    break  # sorted: the rest are later still
                 await slots.acquire()  # a free connection: one in flight ended
                 in_flight[item.id] = asyncio.create_task(attempt(item))
-            waiters = [asyncio.ensure_future(self._wake.wait()),
-                       asyncio.ensure_future(stop.wait())]
+            waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
             # At most 30 s asleep: `purlgate outbox --retry-now` edits files from outside.
             timeout = min(next_due, RESCAN_SECONDS) if next_due is not None else RESCAN_SECONDS
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

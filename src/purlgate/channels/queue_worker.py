@@ -28,7 +28,7 @@ import contextlib
 import ctypes
 import logging
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 from purlgate.errors import ConfigError, DamagedEntryError, is_storage_fault
@@ -69,9 +69,12 @@ class QueueWorker(Generic[T]):
                  pending: Callable[[], Sequence[T]], ident: Callable[[T], str],
                  fair_key: Callable[[T], Hashable] = lambda item: None, workers: int = 1,
                  max_attempts: int = 3, retry_seconds: float = 5.0,
-                 on_dead: Callable[[T, BaseException, int], None] | None = None) -> None:
+                 on_dead: Callable[[T, BaseException, int], None] | None = None,
+                 run: Callable[[T], Awaitable[None]] | None = None) -> None:
         self.name = name
         self._handle = handle
+        # How an entry is handled: ``handle`` in a thread, unless ``run`` says otherwise.
+        self._run = run or (lambda item: asyncio.to_thread(self._handle, item))
         self._pending = pending
         self._ident = ident
         self._fair_key = fair_key
@@ -192,7 +195,7 @@ class QueueWorker(Generic[T]):
             ident = self._ident(item)
             self.running += 1
             try:
-                await asyncio.to_thread(self._handle, item)
+                await self._run(item)
             except Exception as exc:  # noqa: BLE001 - every failure is sorted below
                 await self._failed(item, ident, exc)
             else:
