@@ -4,8 +4,9 @@
 
 A `purlgate serve` subprocess receives S messages of M MB (text, no ZIP: each is
 spooled, then answered by a worker with a failure reply) at once over S SMTP sessions.
-Printed: the process's RSS at idle, its peak (VmHWM) once every 250 was said and once
-every message was answered, and RSS after, as ratios to idle; the time from the final
+Printed: the memory (PSS) of the gateway and its worker processes together (sampled every 50 ms)
+at idle, at its peak until every 250 was said and until every message was answered,
+and after, as ratios to idle; the time from the final
 dot to the 250, p50/p99, beside the same for one message alone (the baseline, same run).
 """
 
@@ -26,13 +27,33 @@ from bench.burst import start_serve, stop_serve, write_config
 from bench.smtp import INBOUND, SENDER, free_port
 
 
-def rss(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) // 1024  # MB
-    return fields
+def rss(pid: int) -> int:
+    """MB of memory of ``pid`` and its worker processes together: the sum of their PSS
+    (shared pages split between the processes that map them, so none counts twice)."""
+    total = 0
+    pids = [pid, *(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    for one in pids:
+        try:
+            rollup = Path(f"/proc/{one}/smaps_rollup").read_text()
+        except FileNotFoundError:
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) // 1024
+    return total
+
+
+class Peak:
+    """The highest ``rss`` seen, sampled every 50 ms while running."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.value = pid, 0
+        self.task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            self.value = max(self.value, await asyncio.to_thread(rss, self.pid))
+            await asyncio.sleep(0.05)
 
 
 def big_message(i: int, megabytes: int) -> bytes:
@@ -79,30 +100,33 @@ async def run(sessions: int, megabytes: int) -> None:
         child = await start_serve(config, smtp_port)
         try:
             await asyncio.sleep(1.0)
-            idle = rss(child.pid)["VmRSS"]
             alone = [await send_timed(smtp_port, big_message(-k, megabytes)) for k in (1, 2)]
-            before = rss(child.pid)["VmRSS"]
+            incoming = Path(tmp_name) / "state" / "spool" / "incoming"
+            while any(incoming.glob("*.msg")):
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2.0)
+            idle = rss(child.pid)  # workers started, one message each handled
             messages = [big_message(i, megabytes) for i in range(sessions)]
+            peak = Peak(child.pid)
             started = time.perf_counter()
             dots = await asyncio.gather(*(send_timed(smtp_port, m) for m in messages))
             seconds = time.perf_counter() - started
-            at_dot = rss(child.pid)["VmHWM"]
-            incoming = Path(tmp_name) / "state" / "spool" / "incoming"
+            at_dot = peak.value
             while any(incoming.glob("*.msg")):  # the workers answer every message
                 await asyncio.sleep(0.2)
             processed = time.perf_counter() - started
-            peak = rss(child.pid)["VmHWM"]
+            peak.task.cancel()
             await asyncio.sleep(2.0)
-            after = rss(child.pid)["VmRSS"]
+            after = rss(child.pid)
         finally:
             stop_serve(child)
     q = statistics.quantiles(dots, n=100, method="inclusive")
     print(f"machine: {os.cpu_count()} cores; {sessions} sessions x {megabytes} MB at once "
           f"({sessions * megabytes} MB in {seconds:.1f} s)")
-    print(f"  RSS idle {idle} MB; before the burst {before} MB; peak while receiving "
+    print(f"  memory (PSS) of serve and its worker processes: idle {idle} MB; peak while receiving "
           f"{at_dot} MB ({at_dot / idle:.2f}x idle)")
-    print(f"  peak until every message was answered ({processed:.1f} s) {peak} MB "
-          f"({peak / idle:.2f}x idle); 2 s later {after} MB ({after / idle:.2f}x idle)")
+    print(f"  peak until every message was answered ({processed:.1f} s) {peak.value} MB "
+          f"({peak.value / idle:.2f}x idle); 2 s later {after} MB ({after / idle:.2f}x idle)")
     print(f"  final dot -> 250: p50 {statistics.median(dots):.3f} s, p99 {q[98]:.3f} s; "
           f"one message alone {min(alone):.3f} s (p99/alone {q[98] / min(alone):.1f}x)")
 

@@ -62,6 +62,9 @@ data_dir = "var/usa"
 public_base_url = "https://purl.test"
 [regions.usa.relay]
 port = {relay}
+operator = "ops@idomoo.example"
+[regions.usa.processing]
+retry_seconds = 0.1
 [regions.usa.sftp]
 port = 0
 login_timeout_seconds = 2

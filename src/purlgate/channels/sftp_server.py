@@ -208,7 +208,8 @@ class SftpService:
         self._in_flight: dict[tuple[str, str, str], str] = {}
         for upload in spool.pending():
             m = upload.meta
-            self._in_flight[(m["client"], m["project"], m["name"])] = "spooled"
+            if not m.get("damaged"):  # a damaged entry holds no name: it is dead-lettered
+                self._in_flight[(m["client"], m["project"], m["name"])] = "spooled"
 
     def home(self, client_id: str) -> Path:
         return self.root / client_id
@@ -709,7 +710,8 @@ class SftpWorker:
             f"`purlgate dead-letters --region {region} --requeue {upload.id}`; "
             "`purlgate dead-letters` lists every dead letter.")
         if isinstance(client, str) and isinstance(project, str) and isinstance(name, str) \
-                and client in self.service.clients:
+                and client in self.service.clients \
+                and project in self.service.clients[client].projects:
             told = ("our operators have been alerted and will process it once the fault is "
                     "fixed; the results will then appear here, so you need not upload it "
                     "again" if alerted else

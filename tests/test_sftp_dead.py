@@ -1,0 +1,62 @@
+"""SFTP uploads that cannot be processed: dead-lettered with an operator alert, the
+client's answer (an error file) in Downloads when we know whose it is, and the queue
+moves on. A real asyncssh server, driven by asyncssh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_sftp import CSV, Keys, T, keys, start  # noqa: F401 - keys: the fixture
+
+OPS = "ops@idomoo.example"
+
+
+def plant(data_dir: Path, entry_id: str, meta: str | None, name: str = "x.csv") -> Path:
+    """A spool entry as a previous run left it (``meta`` None: no readable meta.json)."""
+    folder = data_dir / "sftp-spool" / "incoming" / entry_id
+    folder.mkdir(parents=True)
+    (folder / name).write_bytes(CSV)
+    (folder / "meta.json").write_text(meta if meta is not None else "{not json")
+    return folder
+
+
+@pytest.mark.asyncio
+async def test_uploads_that_cannot_be_processed_are_dead_lettered(tmp_path: Path,
+                                                                 keys: Keys) -> None:  # noqa: F811
+    data_dir = tmp_path / "state"
+    plant(data_dir, "00000000000000000001-damaged00001", None)
+    # Accepted for a project that a later configuration no longer has: no retry mends it.
+    gone = f"gone_{T}.csv"
+    plant(data_dir, "00000000000000000002-goneproject1",
+          json.dumps({"client": "acme", "project": "gone", "name": gone}), gone)
+    r = await start(tmp_path, keys, data_dir=data_dir)
+    try:
+        dead = data_dir / "sftp-spool" / "dead"
+        for _ in range(400):
+            if len(list(dead.iterdir())) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(p.name for p in dead.iterdir()) == [
+            "00000000000000000001-damaged00001", "00000000000000000002-goneproject1"]
+        # The queue moves on: a good upload is processed as usual.
+        async with r.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp, \
+                sftp.open(f"/spring/Uploads/after_{T}.csv", "wb") as f:
+            await f.write(CSV)
+        await r.wait_for(r.downloads() / f"PURL_after_{T}.csv")
+        alerts = await r.sink.wait_to(OPS, 2)
+    finally:
+        await r.shutdown()
+    damaged = json.loads((dead / "00000000000000000001-damaged00001" / "reason.json")
+                         .read_text())
+    assert damaged["error"] == "DamagedEntryError" and damaged["attempts"] == 1
+    lost = json.loads((dead / "00000000000000000002-goneproject1" / "reason.json").read_text())
+    assert lost["error"] == "KeyError" and lost["attempts"] == 3 and lost["alerted"]
+    texts = sorted(a.raw.decode() for a in alerts)
+    assert any("DamagedEntryError" in t for t in texts)
+    assert any("KeyError" in t and "Client: acme" in t and "Channel: sftp" in t for t in texts)
+    assert not any("Zo" in t for t in texts)  # no row data
+    assert not list((data_dir / "sftp-spool" / "incoming").iterdir())
