@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from purlgate.core.lifecycle import (
+    TERMINAL,
     BatchRecord,
     BatchState,
     Counts,
@@ -111,10 +112,17 @@ class SqliteBatchStore:
                              "\nCOMMIT;")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """This thread's connection, kept open: opening one reads the schema, and closing
         the last one checkpoints the WAL, which cost more than the work itself. A
-        transaction an error interrupted is rolled back before the error goes on."""
+        transaction an error interrupted is rolled back before the error goes on.
+
+        ``durable=False``: the commit is not fsynced (WAL, synchronous=NORMAL). It still
+        survives a crash of the process, and the next durable commit makes it survive a
+        power cut too (the WAL is written in order). Used for the steps a power cut may
+        lose because the spool entry is then simply handled again: a batch's creation
+        before its name claim, its intermediate states, its sha256. The claim and the
+        end states are durable."""
         try:
             db: sqlite3.Connection | None = getattr(self._local, "db", None)
             if db is None:
@@ -125,6 +133,8 @@ class SqliteBatchStore:
                 self._local.db = db
         except sqlite3.Error as exc:
             raise StorageError(f"batch store {self.path.name}: {exc}") from exc
+        if not durable:
+            db.execute("PRAGMA synchronous=NORMAL")
         try:
             yield db
         except BaseException as exc:
@@ -134,12 +144,16 @@ class SqliteBatchStore:
             if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
                 raise StorageError(f"batch store {self.path.name}: {exc}") from exc
             raise
+        finally:
+            if not durable:
+                with suppress(sqlite3.Error):
+                    db.execute("PRAGMA synchronous=FULL")
 
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
         received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
     ) -> BatchRecord:
-        with self._connect() as db:
+        with self._connect(durable=False) as db:  # durable with the claim or the end
             db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
                 "INSERT INTO batches (region, client, project, channel, received_name, sha256,"
@@ -173,7 +187,7 @@ class SqliteBatchStore:
             ) from exc
 
     def set_sha256(self, batch_id: int, sha256: str) -> None:
-        with self._connect() as db:
+        with self._connect(durable=False) as db:
             db.execute("UPDATE batches SET sha256 = ? WHERE id = ?", (sha256, batch_id))
 
     def transition(
@@ -181,7 +195,7 @@ class SqliteBatchStore:
         error_code: str | None = None, counts: Counts | None = None,
         outputs: tuple[str, ...] = (),
     ) -> BatchRecord:
-        with self._connect() as db:
+        with self._connect(durable=target in TERMINAL) as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT state FROM batches WHERE id = ?", (batch_id,)).fetchone()
             if row is None:

@@ -116,8 +116,14 @@ class Outbox:
         with self._lock:
             # The .json is the entry's one commit point: with it (queued, sent or failed)
             # the entry exists; without it, a body left by a crash is simply replaced.
-            if any((folder / f"{item_id}.json").exists()
-                   for folder in (self.queue, self.sent, self.failed)):
+            # Both renames are made durable by one folder fsync, after the .json's: a
+            # power cut may leave a queued .json without its body, which counts as not
+            # queued (and is replaced here).
+            if (self.queue / f"{item_id}.json").exists() and (
+                    self.queue / f"{item_id}.eml").exists():
+                return False
+            if any((folder / f"{item_id}.json").exists() for folder in (self.sent,
+                                                                        self.failed)):
                 return False
             if "Message-ID" not in message:
                 message["Message-ID"] = make_msgid(domain=sender.rsplit("@", maxsplit=1)[-1])
@@ -126,12 +132,13 @@ class Outbox:
             now = self._clock()
             meta = {"sender": sender, "recipients": list(recipients), "attempts": 0,
                     "created_at": now, "next_at": now, "last_error": None, "alert": alert}
-            with AtomicFile(self.queue / f"{item_id}.eml", no_clobber=False) as out:
+            with AtomicFile(self.queue / f"{item_id}.eml", no_clobber=False,
+                            sync_dir=False) as out:
                 # CRLF, as on the wire: the stored file is exactly what every try sends.
                 out.file.write(message.as_bytes(policy=policy.SMTP))
                 out.commit()
             crash_point("outbox-body-written")
-            with AtomicFile(self.queue / f"{item_id}.json") as out:  # the commit point
+            with AtomicFile(self.queue / f"{item_id}.json", no_clobber=False) as out:
                 out.file.write(json.dumps(meta).encode())
                 out.commit()
             if self._loop is not None:  # else the loop's first scan finds it

@@ -46,8 +46,12 @@ class AtomicFile:
     removes the temporary file, so nothing partial is left behind.
     """
 
-    def __init__(self, final: Path, *, mode: int = 0o600, no_clobber: bool = True) -> None:
+    def __init__(self, final: Path, *, mode: int = 0o600, no_clobber: bool = True,
+                 sync_dir: bool = True) -> None:
         self.final = final
+        # False: the caller makes the rename durable itself (one folder fsync for several
+        # files of one commit).
+        self._sync_dir = sync_dir
         self._no_clobber = no_clobber
         self.temp = final.with_name(f".{final.name}.part")
         self._mode = mode
@@ -79,7 +83,8 @@ class AtomicFile:
                 self.temp.unlink()
             else:
                 self.temp.replace(self.final)
-            fsync_dir(self.final.parent)
+            if self._sync_dir:
+                fsync_dir(self.final.parent)
         except FileExistsError as exc:
             raise StorageError(f"{self.final.name} already exists; not overwriting it") from exc
         except OSError as exc:
