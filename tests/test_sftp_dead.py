@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 
+import asyncssh
 import pytest
 
+from tests.test_full_disk import fill
 from tests.test_sftp import CSV, Keys, T, keys, start  # noqa: F401 - keys: the fixture
 
 OPS = "ops@idomoo.example"
@@ -60,3 +63,40 @@ async def test_uploads_that_cannot_be_processed_are_dead_lettered(tmp_path: Path
     assert any("KeyError" in t and "Client: acme" in t and "Channel: sftp" in t for t in texts)
     assert not any("Zo" in t for t in texts)  # no row data
     assert not list((data_dir / "sftp-spool" / "incoming").iterdir())
+
+
+@pytest.mark.asyncio
+async def test_a_full_disk_refuses_the_upload_cleanly_and_recovers(
+        tmp_path: Path, keys: Keys) -> None:  # noqa: F811
+    """On a full disk the client's write fails with an SFTP failure that says why;
+    nothing of the upload stays, the name is free, the server goes on, and the same
+    upload succeeds once space is back. A real 4 MiB tmpfs (root only)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        r = await start(tmp_path, keys, data_dir=mount / "state")
+        try:
+            filler = fill(mount)
+            name = f"/spring/Uploads/full_{T}.csv"
+            big = CSV + b"".join(b"Name%d,n%d@acme.example\n" % (i, i) for i in range(40_000))
+            async with r.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
+                with pytest.raises(asyncssh.SFTPError) as refused:
+                    async with sftp.open(name, "wb") as f:
+                        await f.write(big)
+                assert "out of disk space" in str(refused.value.reason)
+                assert "upload the file again later" in str(refused.value.reason)
+            assert list(r.uploads().iterdir()) == []
+            assert not list((mount / "state" / "sftp-spool" / "incoming").iterdir())
+            filler.unlink()
+            async with r.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp, \
+                    sftp.open(name, "wb") as f:
+                await f.write(CSV)
+            await r.wait_for(r.downloads() / f"PURL_full_{T}.csv")
+        finally:
+            await r.shutdown()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)

@@ -55,11 +55,13 @@ from purlgate.core.naming import (
     strip_pgp,
 )
 from purlgate.core.pipeline import BatchProcessor, Submission
-from purlgate.errors import ClientInputError, DamagedEntryError
+from purlgate.errors import STORAGE_ERRNOS, ClientInputError, DamagedEntryError
 from purlgate.passwords import hash_password, verify_password
 from purlgate.store import SqliteBatchStore
 
 log = logging.getLogger("purlgate.sftp")
+STORAGE_REFUSAL = ("the server is out of disk space: nothing of this upload was kept; "
+                   "please upload the file again later under the same name")
 # Temporary names that clients upload to and then rename: WinSCP ".filepart", rclone
 # ".<8 hex>.partial", FileZilla/others ".part" and ".tmp"; lftp's ".in.<name>." and any
 # other hidden name start with a dot.
@@ -126,13 +128,17 @@ class SftpSpool:
         staging = self.tmp / entry_id
         staging.mkdir(mode=0o700)
         target = staging / name
-        source.rename(target)  # same filesystem: the data is not copied
-        with target.open("rb") as f:
-            os.fsync(f.fileno())
         meta = {**meta, "id": entry_id, "name": name}
-        (staging / "meta.json").write_text(json.dumps(meta))
-        fsync_dir(staging)
-        staging.rename(self.incoming / entry_id)
+        try:
+            source.rename(target)  # same filesystem: the data is not copied
+            with target.open("rb") as f:
+                os.fsync(f.fileno())
+            (staging / "meta.json").write_text(json.dumps(meta))
+            fsync_dir(staging)
+            staging.rename(self.incoming / entry_id)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # the caller tells the client
+            raise
         self._sync.sync()
         return Upload(entry_id, self.incoming / entry_id / name, meta)
 
@@ -372,6 +378,7 @@ class _Open:
     project: str | None
     name: str
     upload: bool
+    broken: bool = False  # a write failed (a full disk): the upload cannot complete
 
     # asyncssh's default fstat, fsync and fstatvfs treat the handle as a file.
     def fileno(self) -> int:
@@ -514,14 +521,30 @@ class ClientSftp(asyncssh.SFTPServer):
 
     def write(self, file_obj: object, offset: int, data: bytes) -> int:
         assert isinstance(file_obj, _Open)
-        file_obj.file.seek(offset)
-        return int(file_obj.file.write(data))
+        try:
+            file_obj.file.seek(offset)
+            return int(file_obj.file.write(data))
+        except OSError as exc:
+            file_obj.broken = True
+            log.warning("upload of %s failed: %s", file_obj.name, exc.strerror)
+            raise SFTPError(asyncssh.FX_FAILURE, STORAGE_REFUSAL) from exc
 
     async def close(self, file_obj: object) -> None:
         assert isinstance(file_obj, _Open)
-        file_obj.file.close()
+        try:
+            file_obj.file.close()  # flushes: on a full disk this fails too
+        except OSError as exc:
+            file_obj.broken = True
+            log.warning("upload of %s failed at close: %s", file_obj.name, exc.strerror)
         if not file_obj.upload:
             return
+        if file_obj.broken:
+            # Nothing half-written stays, and the name is free for the upload again.
+            file_obj.real.unlink(missing_ok=True)
+            if file_obj.project is not None:
+                self.service.release(self.account.client_id, file_obj.project, file_obj.name,
+                                     self.session)
+            raise SFTPError(asyncssh.FX_FAILURE, STORAGE_REFUSAL)
         if self.channel.is_closing():
             # The connection dropped with the file open: a cut-off transfer.
             log.info("cut-off upload of %s discarded", file_obj.name)
@@ -540,9 +563,11 @@ class ClientSftp(asyncssh.SFTPServer):
             upload = await asyncio.to_thread(self.service.spool.adopt, real, name, meta)
         except OSError as exc:
             log.exception("could not spool upload %s", name)
+            real.unlink(missing_ok=True)
             self.service.release(self.account.client_id, project, name, self.session)
             raise SFTPError(asyncssh.FX_FAILURE,
-                            "the upload could not be stored; please try again") from exc
+                            STORAGE_REFUSAL if exc.errno in STORAGE_ERRNOS else
+                            "the upload could not be stored; please upload it again") from exc
         self.service.spooled(self.account.client_id, project, name, attrs)
         self.service.on_upload(upload)
 
