@@ -8,6 +8,7 @@ reply carries that message's own PURL file with its 20 rows."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import random
@@ -102,6 +103,7 @@ async def test_every_accepted_message_gets_exactly_one_correct_reply(tmp_path: P
     accepted: set[str] = set()
     resent: list[str] = []
     gateway = serve(cfg, data, smtp, crash_at=None)
+    started = [gateway]  # every process, for the clean-up whatever happens
     kills = 0
 
     async def session(share: list[tuple[str, str, bytes]]) -> None:
@@ -122,7 +124,8 @@ async def test_every_accepted_message_gets_exactly_one_correct_reply(tmp_path: P
                     resent.append(msgid)
                     await asyncio.sleep(0.2)
         if client is not None:
-            await client.quit()
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit()  # the gateway may have been killed meanwhile
 
     async def chaos() -> None:
         nonlocal gateway, kills
@@ -137,6 +140,7 @@ async def test_every_accepted_message_gets_exactly_one_correct_reply(tmp_path: P
             gateway.stdout.close()
             kills += 1
             gateway = await asyncio.to_thread(serve, cfg, data, smtp, None)
+            started.append(gateway)
             if relay.server is not None and not relay.server.is_serving() \
                     and time.monotonic() >= back:
                 await relay.up()
@@ -153,11 +157,14 @@ async def test_every_accepted_message_gets_exactly_one_correct_reply(tmp_path: P
             await asyncio.sleep(0.2)
         await queues_empty(data)
     finally:
-        gateway.terminate()
-        await asyncio.to_thread(gateway.wait, 60)
-        assert gateway.stdout is not None
-        gateway.stdout.close()
-        await relay.down()
+        for process in started:
+            if process.poll() is None:
+                process.terminate()
+                await asyncio.to_thread(process.wait, 60)
+            if process.stdout is not None:
+                process.stdout.close()
+        if relay.server is not None and relay.server.is_serving():
+            await relay.down()
 
     assert kills == KILLS and len(accepted) == MESSAGES
     assert resent, "the kills came while mail was being sent"

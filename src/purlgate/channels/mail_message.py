@@ -9,13 +9,18 @@ Content-Disposition inline or attachment.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
 from email.utils import getaddresses
+from pathlib import Path
+from typing import BinaryIO
 
+from purlgate.core.files import private_file
 from purlgate.errors import MessageError
 
 ZIP_TYPES = {"application/zip", "application/x-zip-compressed", "application/x-zip",
@@ -25,9 +30,19 @@ ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 @dataclass(frozen=True)
 class Attachment:
+    """The one ZIP of a message, decoded to a file of ours (the name is the client's,
+    for replies and the batch record; it never becomes a path)."""
+
     filename: str
-    data: bytes
+    path: Path
     sha256: str
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    headers: EmailMessage  # the part's header block only
+    start: int  # its body, as byte offsets in the file
+    end: int
 
 
 def parse(raw: bytes) -> EmailMessage:
@@ -52,47 +67,156 @@ def message_id(message: EmailMessage) -> str | None:
     return str(value).strip() if value else None
 
 
-def _looks_like_zip(part: EmailMessage, name: str | None) -> bool:
-    ctype = part.get_content_type()
+LINE_PIECE = 64 * 1024  # a body line is read in pieces of at most this much
+
+
+def _headers(f: BinaryIO) -> EmailMessage:
+    """The header block at the file's position (up to its blank line), parsed."""
+    block = bytearray()
+    while line := f.readline(LINE_PIECE):
+        block += line
+        if line in (b"\r\n", b"\n") or len(block) > 1 << 20:
+            break
+    headers = BytesHeaderParser(policy=policy.default).parsebytes(bytes(block))
+    assert isinstance(headers, EmailMessage)
+    return headers
+
+
+def _leaves(f: BinaryIO) -> tuple[EmailMessage, list[_Leaf]]:
+    """The message's headers and its leaf parts, read line by line from the file: only
+    header blocks are held, never a body (RFC 2046 multipart, nested; a boundary line
+    may carry trailing white space; the line break before a boundary belongs to it)."""
+    top = _headers(f)
+    if top.get_content_maintype() != "multipart" or not top.get_boundary():
+        body = f.tell()
+        f.seek(0, 2)
+        return top, [_Leaf(top, body, f.tell())]
+    leaves: list[_Leaf] = []
+    bounds = [("--" + str(top.get_boundary())).encode()]
+    current: tuple[EmailMessage, int] | None = None  # a leaf being read, from here
+    eol = 0  # length of the previous line's line break
+    at_line_start = True
+    while True:
+        where = f.tell()
+        line = f.readline(LINE_PIECE)
+        if not line:
+            break
+        starts = at_line_start
+        at_line_start = line.endswith(b"\n")
+        text = line.rstrip(b"\r\n \t") if starts and at_line_start else b""
+        hit = next((i for i, b in enumerate(bounds) if text in (b, b + b"--")), None)
+        if hit is None:
+            eol = len(line) - len(line.rstrip(b"\r\n")) if at_line_start else 0
+            continue
+        if current is not None:
+            leaves.append(_Leaf(current[0], current[1], max(current[1], where - eol)))
+            current = None
+        del bounds[hit + 1:]  # an outer boundary also ends the parts inside it
+        if text.endswith(b"--") and text != bounds[hit]:
+            continue  # the close of that multipart: its epilogue is ignored
+        part = _headers(f)
+        if part.get_content_maintype() == "multipart" and part.get_boundary():
+            bounds.append(("--" + str(part.get_boundary())).encode())
+        else:
+            current = (part, f.tell())
+        eol = 0
+    if current is not None:  # no closing boundary: the part runs to the end
+        leaves.append(_Leaf(current[0], current[1], f.tell()))
+    return top, leaves
+
+
+def _decode_to(f: BinaryIO, leaf: _Leaf, out: Callable[[bytes], object] | None,
+               limit: int = -1) -> bytes:
+    """Decode a leaf's body (base64, quoted-printable or as it is), handing the pieces to
+    ``out``; without ``out``, return its first ``limit`` decoded bytes."""
+    cte = str(leaf.headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    f.seek(leaf.start)
+    left = leaf.end - leaf.start
+    head = bytearray()
+    pending = b""
+    while left > 0:
+        line = f.readline(min(LINE_PIECE, left))
+        if not line:
+            break
+        left -= len(line)
+        if cte == "base64":
+            chunk = pending + b"".join(line.split())
+            usable = len(chunk) - len(chunk) % 4
+            chunk, pending = chunk[:usable], chunk[usable:]
+            try:
+                data = binascii.a2b_base64(chunk)
+            except binascii.Error:
+                data = b""
+        elif cte == "quoted-printable":
+            data = binascii.a2b_qp(line)
+        else:
+            data = line
+        if out is not None:
+            out(data)
+        else:
+            head += data
+            if len(head) >= limit:
+                return bytes(head[:limit])
+    return bytes(head)
+
+
+def _looks_like_zip(f: BinaryIO, leaf: _Leaf, name: str | None) -> bool:
+    ctype = leaf.headers.get_content_type()
     if ctype in ZIP_TYPES:
         return True
     if name and name.lower().endswith(".zip"):
         return True
     if ctype == "application/octet-stream":
-        payload = part.get_payload(decode=True)
-        return isinstance(payload, bytes) and payload[:4] in ZIP_MAGIC
+        return _decode_to(f, leaf, None, 4) in ZIP_MAGIC
     return False
 
 
-def zip_attachment(message: EmailMessage) -> Attachment:
-    """The message's one ZIP attachment; none or several is the client's error."""
-    found: list[Attachment] = []
-    for part in message.walk():
-        if part.is_multipart():
-            continue
-        assert isinstance(part, EmailMessage)
-        name = part.get_filename()
-        disposition = part.get_content_disposition()
-        if disposition is None and not name and part.get_content_maintype() == "text":
-            continue  # a body, not an attachment
-        if not _looks_like_zip(part, name):
-            continue
-        payload = part.get_payload(decode=True)
-        if not isinstance(payload, bytes) or not payload:
-            continue
-        found.append(Attachment(
-            filename=(name or "attachment.zip").replace("/", "_").replace("\\", "_"),
-            data=payload,
-            sha256=hashlib.sha256(payload).hexdigest(),
-        ))
-    if not found:
-        raise MessageError(
-            "the message has no ZIP attachment; attach the data file zipped with the "
-            "agreed password (AES-256)"
-        )
-    if len(found) > 1:
-        names = ", ".join(a.filename for a in found)
-        raise MessageError(
-            f"the message has {len(found)} ZIP attachments ({names}); send one ZIP per message"
-        )
-    return found[0]
+def read_message(path: Path, offset: int = 0) -> tuple[EmailMessage, list[_Leaf]]:
+    """The header block and leaf parts of the message stored in ``path`` from
+    ``offset`` (a spool file has its envelope line first)."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        top, leaves = _leaves(f)
+    return top, leaves
+
+
+def zip_attachment(path: Path, target: Path, *, offset: int = 0
+                   ) -> tuple[EmailMessage, Attachment]:
+    """The message's headers and its one ZIP attachment, decoded into ``target`` as it
+    is read (a message is never held whole in memory). None or several ZIPs is the
+    client's error (MessageError)."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        top, leaves = _leaves(f)
+        found: list[tuple[_Leaf, str | None]] = []
+        for leaf in leaves:
+            name = leaf.headers.get_filename()
+            disposition = leaf.headers.get_content_disposition()
+            if disposition is None and not name and leaf.headers.get_content_maintype() == \
+                    "text":
+                continue  # a body, not an attachment
+            if leaf.end > leaf.start and _looks_like_zip(f, leaf, name):
+                found.append((leaf, name))
+        if not found:
+            raise MessageError(
+                "the message has no ZIP attachment; attach the data file zipped with the "
+                "agreed password (AES-256)")
+        if len(found) > 1:
+            names = ", ".join(_safe_name(n) for _, n in found)
+            raise MessageError(
+                f"the message has {len(found)} ZIP attachments ({names}); send one ZIP per "
+                "message")
+        leaf, name = found[0]
+        digest = hashlib.sha256()
+        with private_file(target) as out:
+
+            def write(data: bytes) -> None:
+                digest.update(data)
+                out.write(data)
+
+            _decode_to(f, leaf, write)
+        return top, Attachment(_safe_name(name), target, digest.hexdigest())
+
+
+def _safe_name(name: str | None) -> str:
+    return (name or "attachment.zip").replace("/", "_").replace("\\", "_")

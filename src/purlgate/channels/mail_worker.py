@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from contextlib import closing
 from email import policy
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser, BytesParser
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from purlgate.channels.alerts import OperatorAlerts
@@ -40,7 +40,6 @@ from purlgate.channels.replies import (
 from purlgate.channels.smtp_listener import client_of
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig
-from purlgate.core.files import private_file
 from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
 from purlgate.core.pipeline import BatchProcessor, Submission, Subscriber
 from purlgate.errors import ConfigError, DamagedEntryError, MessageError
@@ -152,11 +151,16 @@ class MailWorker:
             log.warning("spool entry %s has no known sender; dropped without reply", entry.id)
             self.spool.finish(entry)
             return
-        message = parse_file(entry.path)
+        message = headers_of(entry.path) or EmailMessage()
         ours = self._reply_from(entry)
         key = self.reply_key(entry)
+        work = self.work_root / entry.id
+        (work / "in").mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            attachment: Attachment | None = zip_attachment(message)
+            # Decoded to our disk as it is read: the message is never held in memory.
+            _, found = zip_attachment(entry.path, work / "in" / "attachment.part",
+                                      offset=entry.body_offset)
+            attachment: Attachment | None = found
             problem = None
         except MessageError as exc:
             attachment, problem = None, exc
@@ -167,23 +171,22 @@ class MailWorker:
         if owner != entry.id:
             log.info("spool entry %s repeats entry %s; processed once", entry.id, owner)
             self.spool.finish(entry)
+            shutil.rmtree(work, ignore_errors=True)
             return
         if attachment is None:
             assert problem is not None
             self.outbox.enqueue(failure_reply(message, problem.message, sender=ours, to=sender),
                                 sender=ours, recipients=[sender], key=key)
             self.spool.finish(entry)
+            shutil.rmtree(work, ignore_errors=True)
             return
         client = self.clients[client_id]
         if client.zip_password is None:
             raise ConfigError(f"client {client_id} mails data files but has no zip_password")
         password = client.zip_password.reveal()
-        work = self.work_root / entry.id
         # The client's file name never becomes a path on our disk (think of "..").
         upload = work / "in" / f"attachment{safe_suffix(attachment.filename)}"
-        upload.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with private_file(upload) as f:
-            f.write(attachment.data)
+        attachment.path.replace(upload)
         out_dir = work / "out"
         out_dir.mkdir(exist_ok=True)
         outcome = self.processor.process(
@@ -233,15 +236,6 @@ class MailWorker:
             "error": type(exc).__name__, "attempts": attempts, "channel": channel,
             "client": client_id, "alerted": alerted, "at": time.time()})
         shutil.rmtree(self.work_root / entry.id, ignore_errors=True)
-
-
-def parse_file(path: Path) -> EmailMessage:
-    """A spooled message, parsed from its file (not from a copy of it in memory)."""
-    with path.open("rb") as f:
-        f.readline()  # the envelope line
-        message = BytesParser(policy=policy.default).parse(f)
-    assert isinstance(message, EmailMessage)
-    return message
 
 
 def headers_of(path: Path) -> EmailMessage | None:

@@ -51,6 +51,13 @@ class SpoolEntry:
     meta: dict[str, Any]  # channel, mail_from, rcpt_tos, size
 
     @property
+    def body_offset(self) -> int:
+        """Where the message starts in the file (after the envelope line)."""
+        with self.path.open("rb") as f:
+            f.readline()
+            return f.tell()
+
+    @property
     def raw(self) -> bytes:
         with self.path.open("rb") as f:
             f.readline()
