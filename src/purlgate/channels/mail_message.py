@@ -1,6 +1,7 @@
 """Email messages as clients send them: who sent it, and its one ZIP attachment.
 
-Pure functions over bytes (no sockets). Real clients' shapes are handled: Outlook's
+No sockets; a stored message is read from its file line by line, only header blocks
+are held, and the ZIP is decoded straight to disk. Real clients' shapes are handled: Outlook's
 ``application/x-zip-compressed``, Gmail's ``application/zip``, scripts'
 ``application/octet-stream``; nested multipart/alternative bodies; RFC 2231 and
 RFC 2047 encoded file names (the stdlib's ``policy.default`` decodes both);
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser, BytesParser
+from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from pathlib import Path
 from typing import BinaryIO
@@ -45,21 +46,11 @@ class _Leaf:
     end: int
 
 
-def parse(raw: bytes) -> EmailMessage:
-    message = BytesParser(policy=policy.default).parsebytes(raw)
-    assert isinstance(message, EmailMessage)
-    return message
-
-
 def header_addresses(raw: bytes, header: str) -> list[str]:
     """Addresses in one header, from the header block only (no body parsing)."""
     headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
     values = [str(v) for v in headers.get_all(header, [])]
     return [addr.lower() for _, addr in getaddresses(values) if "@" in addr]
-
-
-def subject(message: EmailMessage) -> str:
-    return str(message.get("Subject", "")).strip()
 
 
 def message_id(message: EmailMessage) -> str | None:
@@ -171,13 +162,13 @@ def _looks_like_zip(f: BinaryIO, leaf: _Leaf, name: str | None) -> bool:
     return False
 
 
-def read_message(path: Path, offset: int = 0) -> tuple[EmailMessage, list[_Leaf]]:
-    """The header block and leaf parts of the message stored in ``path`` from
-    ``offset`` (a spool file has its envelope line first)."""
+def read_headers(path: Path, offset: int = 0) -> EmailMessage:
+    """The header block of the message stored in ``path`` from ``offset`` (a spool file
+    has its envelope line first); the body is not read (the stdlib's header parser
+    would keep all of it as the payload)."""
     with path.open("rb") as f:
         f.seek(offset)
-        top, leaves = _leaves(f)
-    return top, leaves
+        return _headers(f)
 
 
 def zip_attachment(path: Path, target: Path, *, offset: int = 0

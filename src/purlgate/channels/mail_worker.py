@@ -19,13 +19,16 @@ import threading
 import time
 from collections.abc import Mapping
 from contextlib import closing
-from email import policy
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from pathlib import Path
 
 from purlgate.channels.alerts import OperatorAlerts
-from purlgate.channels.mail_message import Attachment, message_id, zip_attachment
+from purlgate.channels.mail_message import (
+    Attachment,
+    message_id,
+    read_headers,
+    zip_attachment,
+)
 from purlgate.channels.mail_process import MailProcesses
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
@@ -243,10 +246,10 @@ def headers_of(path: Path) -> EmailMessage | None:
     try:
         with path.open("rb") as f:
             f.readline()  # the envelope line
-            headers = BytesHeaderParser(policy=policy.default).parse(f)
+            offset = f.tell()
+        return read_headers(path, offset)
     except Exception:  # noqa: BLE001 - a reply without threading is still a reply
         return None
-    return headers if isinstance(headers, EmailMessage) else None
 
 
 class Notifier:
