@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import ssl
 from collections.abc import Sequence
-from email import policy
+from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from purlgate.channels.outbox import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
     relay_sender,
+    write_message,
 )
+from purlgate.channels.replies import PLACEHOLDER
 from purlgate.config import RelayConfig, SecretRef
 from tests.mail_helpers import Sink
 from tests.tls_helpers import self_signed
@@ -224,3 +228,28 @@ def test_whatever_a_crash_left_enqueue_adopts_and_sent_is_never_sent_again(
     assert [r for _, _, r in script.sent] == [["a@acme.example"]]
     assert not box.enqueue(note("second"), sender="sftp-usa@idomoo.com",
                            recipients=["b@acme.example"], key="r2"), "sent: never again"
+
+
+def test_a_reply_s_zip_is_written_from_disk_in_its_place(tmp_path: Path) -> None:
+    """The outbox streams a reply's ZIP from its file into the stored message: decoded,
+    it is the file byte for byte (a Subject that copies the placeholder changes nothing),
+    and the message parses as one text part and one attachment."""
+    payload = tmp_path / "reply.zip"
+    payload.write_bytes(os.urandom(1_000_003))
+    message = EmailMessage()
+    message["From"], message["To"] = "sftp-usa@idomoo.com", "a@acme.example"
+    message["Subject"] = "Re: " + base64.b64encode(PLACEHOLDER).decode()
+    message.set_content("Your data file was processed.")
+    message.add_attachment(PLACEHOLDER, maintype="application", subtype="zip",
+                           filename="PURL_x.zip")
+    stored = tmp_path / "m.eml"
+    with stored.open("wb") as out:
+        write_message(out, message, payload)
+    raw = stored.read_bytes()
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only, as on the wire
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 78
+    parsed = message_from_bytes(raw, policy=policy.default)
+    (part,) = list(parsed.iter_attachments())  # type: ignore[attr-defined]
+    assert part.get_filename() == "PURL_x.zip"
+    assert part.get_payload(decode=True) == payload.read_bytes()
+    assert str(parsed["Subject"]) == str(message["Subject"])

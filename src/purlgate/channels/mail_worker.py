@@ -178,7 +178,8 @@ class MailWorker:
             return
         if attachment is None:
             assert problem is not None
-            self.outbox.enqueue(failure_reply(message, problem.message, sender=ours, to=sender),
+            self.outbox.enqueue(failure_reply(message, problem.message, sender=ours,
+                                              to=sender).message,
                                 sender=ours, recipients=[sender], key=key)
             self.spool.finish(entry)
             shutil.rmtree(work, ignore_errors=True)
@@ -204,11 +205,13 @@ class MailWorker:
         if batch.state is BatchState.FAILED or outcome.purl is None:
             reply = failure_reply(message, batch.reason or "the file could not be processed",
                                   sender=ours, to=sender, batch=batch, errors=outcome.errors,
-                                  password=password)
+                                  password=password, scratch=work)
         else:
             files = [p for p in (outcome.purl, outcome.errors) if p is not None]
-            reply = success_reply(message, batch, files, password, sender=ours, to=sender)
-        self.outbox.enqueue(reply, sender=ours, recipients=[sender], key=key)
+            reply = success_reply(message, batch, files, password, sender=ours, to=sender,
+                                  scratch=work)
+        self.outbox.enqueue(reply.message, sender=ours, recipients=[sender], key=key,
+                            attachment=reply.attachment)
         self.spool.finish(entry)
         shutil.rmtree(work, ignore_errors=True)
 

@@ -11,6 +11,7 @@ which is what lets a restarted worker re-enqueue safely.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -22,10 +23,11 @@ from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiosmtplib
 
+from purlgate.channels.replies import PLACEHOLDER
 from purlgate.config import RelayConfig
 from purlgate.core.files import AtomicFile
 from purlgate.errors import StorageError
@@ -80,6 +82,22 @@ class Item:
     meta: dict[str, Any]
 
 
+def write_message(out: BinaryIO, message: EmailMessage, attachment: Path | None) -> None:
+    """The message as sent (CRLF), with ``attachment`` streamed in base64 in place of
+    the placeholder part's body (76-character lines, as the email package writes)."""
+    raw = message.as_bytes(policy=policy.SMTP)
+    if attachment is None:
+        out.write(raw)
+        return
+    marker = base64.b64encode(PLACEHOLDER)
+    at = raw.rindex(marker)  # the last part: a copied Subject cannot come after it
+    out.write(raw[:at])
+    with attachment.open("rb") as f:
+        while piece := f.read(57 * 1024):  # 57 bytes make one 76-character line
+            out.write(base64.encodebytes(piece).replace(b"\n", b"\r\n"))
+    out.write(raw[at + len(marker) + 2:])  # past the marker's own CRLF
+
+
 RESCAN_SECONDS = 30.0
 STORAGE_RETRY_SECONDS = 5.0
 
@@ -107,8 +125,11 @@ class Outbox:
     # -- enqueue (any thread) -------------------------------------------------------
 
     def enqueue(self, message: EmailMessage, *, sender: str, recipients: Sequence[str],
-                key: str | None = None, alert: bool = True) -> bool:
-        """Queue durably; False if ``key`` was queued before (then nothing is done)."""
+                key: str | None = None, alert: bool = True,
+                attachment: Path | None = None) -> bool:
+        """Queue durably; False if ``key`` was queued before (then nothing is done).
+        ``attachment``: a file written (base64, piece by piece) where the message has
+        its one ``replies.PLACEHOLDER`` part body."""
         if not recipients:
             return False
         item_id = key or make_msgid().strip("<>").split("@")[0]
@@ -135,7 +156,7 @@ class Outbox:
             with AtomicFile(self.queue / f"{item_id}.eml", no_clobber=False,
                             sync_dir=False) as out:
                 # CRLF, as on the wire: the stored file is exactly what every try sends.
-                out.file.write(message.as_bytes(policy=policy.SMTP))
+                write_message(out.file, message, attachment)
                 out.commit()
             crash_point("outbox-body-written")
             with AtomicFile(self.queue / f"{item_id}.json", no_clobber=False) as out:

@@ -11,24 +11,51 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
+from typing import BinaryIO
 
 import pyzipper
 
 from purlgate.core.lifecycle import BatchEvent, BatchRecord, BatchState, EventKind
 
+# Stands for a reply's ZIP in the message we build; the outbox writes the ZIP (base64,
+# read from disk piece by piece) where its one line is, so no reply is held in memory.
+PLACEHOLDER = b"purlgate: the AES ZIP is written from disk here."
 
-def aes_zip(files: Sequence[Path], password: bytes) -> bytes:
-    buf = io.BytesIO()
+
+def aes_zip(files: Sequence[Path], password: bytes, target: Path | BinaryIO | None = None
+            ) -> bytes:
+    """WinZip AES-256 ZIP of ``files`` (read from disk as it goes), into ``target`` (a
+    file or path; returns b"") or, without it, returned (small files: the e2e check)."""
+    buf = target if target is not None else io.BytesIO()
     with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
                              encryption=pyzipper.WZ_AES) as zf:
         zf.setpassword(password)
         zf.setencryption(pyzipper.WZ_AES, nbits=256)
         for path in files:
             zf.write(path, arcname=path.name)
-    return buf.getvalue()
+    return buf.getvalue() if isinstance(buf, io.BytesIO) else b""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply: the message, and the ZIP on disk that stands where PLACEHOLDER is."""
+
+    message: EmailMessage
+    attachment: Path | None = None
+
+
+def _attach_zip(reply: EmailMessage, files: Sequence[Path], password: bytes,
+                scratch: Path) -> Reply:
+    zip_name = f"{files[0].name.rsplit('.', 1)[0]}.zip"
+    target = scratch / f"reply-{zip_name}"
+    aes_zip(files, password, target)
+    reply.add_attachment(PLACEHOLDER, maintype="application", subtype="zip",
+                         filename=zip_name)
+    return Reply(reply, target)
 
 
 def _threaded(original: EmailMessage | None, *, sender: str, to: str,
@@ -58,7 +85,7 @@ def _summary(batch: BatchRecord) -> str:
 
 
 def success_reply(original: EmailMessage | None, batch: BatchRecord, files: Sequence[Path],
-                  password: bytes, *, sender: str, to: str) -> EmailMessage:
+                  password: bytes, *, sender: str, to: str, scratch: Path) -> Reply:
     reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
     names = ", ".join(p.name for p in files)
     reply.set_content(
@@ -69,10 +96,7 @@ def success_reply(original: EmailMessage | None, batch: BatchRecord, files: Sequ
         "built-in Archive Utility and older versions of Windows Explorer cannot open "
         "AES-encrypted ZIPs.\n"
     )
-    zip_name = f"{files[0].name.rsplit('.', 1)[0]}.zip"
-    reply.add_attachment(aes_zip(files, password), maintype="application",
-                         subtype="zip", filename=zip_name)
-    return reply
+    return _attach_zip(reply, files, password, scratch)
 
 
 def name_sentence(batch: BatchRecord) -> str:
@@ -85,11 +109,11 @@ def name_sentence(batch: BatchRecord) -> str:
 
 def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to: str,
                   batch: BatchRecord | None = None, errors: Path | None = None,
-                  password: bytes | None = None) -> EmailMessage:
+                  password: bytes | None = None, scratch: Path | None = None) -> Reply:
     """The failure and what to fix; the error list attached (AES ZIP) when there is one."""
     reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
     reference = f"\nReference: batch {batch.id}\n" if batch is not None else ""
-    attach = errors is not None and password is not None
+    attach = errors is not None and password is not None and scratch is not None
     listed = (f"\nThe attached ZIP holds {errors.name}, every error of the file (row, "
               "column, reason), with the same password as the file you sent.\n"
               if attach and errors is not None else "")
@@ -99,10 +123,9 @@ def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to
         "\nNothing from this message was processed. Please send a new message with the "
         "corrected file.\n" + (name_sentence(batch) if batch is not None else "")
     )
-    if attach and errors is not None and password is not None:
-        reply.add_attachment(aes_zip([errors], password), maintype="application",
-                             subtype="zip", filename=f"{errors.name.rsplit('.', 1)[0]}.zip")
-    return reply
+    if attach and errors is not None and password is not None and scratch is not None:
+        return _attach_zip(reply, [errors], password, scratch)
+    return Reply(reply)
 
 
 def fault_reply(original: EmailMessage | None, *, sender: str, to: str, reference: str,
