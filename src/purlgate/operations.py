@@ -110,8 +110,9 @@ def _metric_families(gateway: Gateway) -> Iterable[Metric]:
                              "Spooled mail and uploads moved to the dead-letter folder",
                              labels=["channel"])
     dead.add_metric(["mail"], len(gateway.spool.dead_entries()))
-    busy = GaugeMetricFamily("purlgate_batches_running", "Entries being handled now",
-                             labels=["channel"])
+    busy = GaugeMetricFamily("purlgate_batches_running",
+                             "Entries handed to a worker (being handled, or next in line "
+                             "at a worker process)", labels=["channel"])
     busy.add_metric(["mail"], gateway.worker.queue.running)
     if gateway.sftp_service is not None and gateway.sftp_worker is not None:
         dead.add_metric(["sftp"], len(gateway.sftp_service.spool.dead_entries()))

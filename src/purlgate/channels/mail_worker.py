@@ -215,7 +215,6 @@ class MailWorker:
         self.spool.finish(entry)
         shutil.rmtree(work, ignore_errors=True)
 
-
     def dead_letter(self, entry: SpoolEntry, exc: BaseException, attempts: int) -> None:
         """An entry that cannot be handled: the operator is alerted (at most once an hour
         for the same kind), the client is told, the entry waits in ``spool/dead``."""

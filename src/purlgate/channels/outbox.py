@@ -189,6 +189,10 @@ class Outbox:
                 meta = json.loads(meta_path.read_text())
             except FileNotFoundError:
                 continue  # sent or dropped meanwhile
+            except ValueError:
+                log.warning("outbox %s: its .json is unreadable; left for an operator",
+                            item_id)
+                continue
             if meta_path.with_suffix(".eml").exists():
                 found[item_id] = Item(item_id, meta_path.with_suffix(".eml"), meta)
         return found
@@ -216,7 +220,15 @@ class Outbox:
                 meta_path.unlink(missing_ok=True)
                 continue
             if eml.exists():
-                found.append(Item(meta_path.stem, eml, json.loads(meta_path.read_text())))
+                try:
+                    meta = json.loads(meta_path.read_text())
+                except FileNotFoundError:
+                    continue  # delivered meanwhile (an attempt in flight)
+                except ValueError:
+                    log.warning("outbox %s: its .json is unreadable; left for an operator",
+                                meta_path.stem)
+                    continue
+                found.append(Item(meta_path.stem, eml, meta))
         return found
 
     def failed_items(self) -> list[Item]:
@@ -278,7 +290,9 @@ class Outbox:
             out.file.write(json.dumps(item.meta).encode())
             out.commit()
         if folder != self.queue:
-            item.eml.replace(folder / item.eml.name)
+            # A scan may have finished it off already (it saw the record just written).
+            with contextlib.suppress(FileNotFoundError):
+                item.eml.replace(folder / item.eml.name)
             (self.queue / f"{item.id}.json").unlink(missing_ok=True)
 
     async def deliver_due(self) -> float | None:

@@ -3,8 +3,7 @@
 Entries wait in one queue per client, and the queues are served in turn: a burst from
 one client, or one client's million-row file, does not hold up another client's small
 file while a worker is free. Up to ``workers`` entries are handled at once, each in a
-thread (the batch core spends its time in Arrow kernels, fsync and SQLite, which let go
-of the GIL).
+thread, or however ``run`` says (the mail worker hands them to worker processes).
 
 What goes wrong decides what happens next:
 

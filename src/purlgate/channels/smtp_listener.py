@@ -209,6 +209,7 @@ class LimitedSMTP(SMTP):
             return
         assert writer is not None
         state = "ok"  # or "too-long", "too-much", "no-space", "error"
+        ended = False  # the lone dot was seen (else the connection went away)
         pending = bytearray()
         size = 0
         fragments: list[bytes] = []
@@ -222,6 +223,7 @@ class LimitedSMTP(SMTP):
                     state = "too-long" if state == "ok" else state
                     line = await self._reader.read(exc.consumed)
                 if not fragments and line == b".\r\n":
+                    ended = True
                     break
                 size += len(line)
                 if state == "ok" and limit and size > limit:
@@ -240,6 +242,8 @@ class LimitedSMTP(SMTP):
                 if len(pending) >= FLUSH_BYTES:
                     piece, pending = bytes(pending), bytearray()
                     state = await self._write(writer, piece)  # on failure: drain, then say
+            if not ended:
+                return  # never committed: the finally below discards the file
             if state == "ok" and pending:
                 state = await self._write(writer, bytes(pending))
             pending = bytearray()
