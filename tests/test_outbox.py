@@ -228,6 +228,16 @@ def test_whatever_a_crash_left_enqueue_adopts_and_sent_is_never_sent_again(
     assert [r for _, _, r in script.sent] == [["a@acme.example"]]
     assert not box.enqueue(note("second"), sender="sftp-usa@idomoo.com",
                            recipients=["b@acme.example"], key="r2"), "sent: never again"
+    # The record moved to sent/ and the body not yet (a crash between the two moves):
+    # the body follows at the next look, and nothing is sent again.
+    box.enqueue(note("third"), sender="sftp-usa@idomoo.com", recipients=["c@acme.example"],
+                key="r3")
+    (tmp_path / "queue" / "r3.json").replace(tmp_path / "sent" / "r3.json")
+    assert box.items() == []
+    assert (tmp_path / "sent" / "r3.eml").exists()
+    assert not (tmp_path / "queue" / "r3.eml").exists()
+    assert not box.enqueue(note("third"), sender="sftp-usa@idomoo.com",
+                           recipients=["c@acme.example"], key="r3")
 
 
 def test_a_reply_s_zip_is_written_from_disk_in_its_place(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ changes) and a ``.json`` of its envelope and attempts, written fsynced before
 ``enqueue`` returns. A 4xx answer, a timeout or a refused connection is retried with
 doubling delays; a 5xx or the expiry moves it to ``failed/`` and alerts the operator.
 An optional key makes enqueueing idempotent: the same key is queued at most once,
-which is what lets a restarted worker re-enqueue safely.
+which is what lets a restarted worker re-enqueue safely. After the relay's 250 the
+entry's ``.json`` moves to ``sent/`` (the record: never sent again), then its body;
+concurrent deliveries share the folder fsync that makes the moves durable.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, BinaryIO
 import aiosmtplib
 
 from purlgate.channels.replies import PLACEHOLDER
+from purlgate.channels.spool import GroupSync
 from purlgate.config import RelayConfig
 from purlgate.core.files import AtomicFile
 from purlgate.errors import StorageError
@@ -113,6 +116,7 @@ class Outbox:
         for folder in (self.queue, self.sent, self.failed):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
+        self._sent_sync = GroupSync(self.sent)
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Entries queued since the running loop last looked (it reads just these, not
@@ -229,6 +233,14 @@ class Outbox:
                                 meta_path.stem)
                     continue
                 found.append(Item(meta_path.stem, eml, meta))
+        for eml in self.queue.glob("*.eml"):
+            # A body whose record moved on before it (a crash between the two moves);
+            # a body still being queued has no record anywhere and is left alone.
+            done = next((f for f in (self.sent, self.failed)
+                         if (f / f"{eml.stem}.json").exists()), None)
+            if done is not None and not eml.with_suffix(".json").exists():
+                with contextlib.suppress(FileNotFoundError):
+                    eml.replace(done / eml.name)
         return found
 
     def failed_items(self) -> list[Item]:
@@ -250,7 +262,11 @@ class Outbox:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError):
                 continue
-            if meta.get("delivered_at", meta.get("created_at", cutoff)) < cutoff:
+            try:
+                delivered = meta.get("delivered_at") or meta_path.stat().st_ctime
+            except FileNotFoundError:
+                continue
+            if delivered < cutoff:
                 meta_path.with_suffix(".eml").unlink(missing_ok=True)
                 meta_path.unlink(missing_ok=True)
                 removed += 1
@@ -332,9 +348,18 @@ class Outbox:
             return "failed"
         crash_point("relay-accepted")
         log.info("outbox %s delivered after %d attempt(s)", item.id, meta["attempts"])
-        meta["delivered_at"] = self._clock()
-        await asyncio.to_thread(self._save, item, self.sent)
+        await asyncio.to_thread(self._mark_sent, item)
         return "sent"
+
+    def _mark_sent(self, item: Item) -> None:
+        """Record a delivery: the entry's .json moves to sent/ (the record: from then on
+        it is never sent again), then its body; one folder fsync shared with the other
+        deliveries of the moment makes both durable. The record's time is its ctime."""
+        with contextlib.suppress(FileNotFoundError):  # a scan finished it off already
+            (self.queue / f"{item.id}.json").replace(self.sent / f"{item.id}.json")
+        with contextlib.suppress(FileNotFoundError):
+            item.eml.replace(self.sent / item.eml.name)
+        self._sent_sync.sync()
 
     def _fail(self, item: Item, why: str) -> None:
         self._save(item, self.failed)
