@@ -150,18 +150,23 @@ async def test_a_message_no_retry_can_mend_is_dead_lettered_and_answered_once(
 
 
 @pytest.mark.asyncio
-async def test_a_damaged_spool_file_is_dead_lettered_with_an_alert(
+async def test_damaged_spool_files_are_dead_lettered_with_an_alert(
         gateway_env: tuple[Sink, Path, Path]) -> None:
-    """A spool file whose envelope line is gone (a disk fault, a hand edit) is not passed
-    over forever: the operator is alerted, nobody else is mailed, the queue moves on."""
+    """Spool files whose envelope line is damaged (a disk fault, a hand edit) are not
+    passed over forever: each is dead-lettered with an operator alert; one whose message
+    is intact answers its registered sender (read from the From header, which intake
+    checked); garbage answers nobody. The queue moves on."""
     sink, data_dir, config_path = gateway_env
     incoming = data_dir / "spool" / "incoming"
     incoming.mkdir(parents=True)
-    damaged = incoming / "00000000000000000001-damaged00001.msg"
-    damaged.write_bytes(b"\x00\x00garbage without an envelope line")
+    garbage = incoming / "00000000000000000001-damaged00001.msg"
+    garbage.write_bytes(b"\x00\x00garbage without an envelope line")
+    intact = incoming / "00000000000000000002-damaged00002.msg"
+    intact.write_bytes(b"PURLGATE-ENVELOPE {\"chann\n" + mail(NOPW))
     gateway, stop, task = await run_gateway(config_path, data_dir)
     try:
-        await sink.wait_to(OPS)
+        await sink.wait_to(OPS, 2)
+        await sink.wait_to(NOPW)
         await aiosmtplib.send(mail(), sender=SENDER, recipients=[INBOUND],
                               hostname="127.0.0.1", port=gateway.smtp_port)  # type: ignore[attr-defined]
         await sink.wait_to(SENDER)
@@ -169,11 +174,15 @@ async def test_a_damaged_spool_file_is_dead_lettered_with_an_alert(
     finally:
         stop.set()
         await task
-    assert len(sink.to(OPS)) == 1
-    assert "DamagedEntryError" in sink.to(OPS)[0].raw.decode()
-    assert {m.rcpt_tos[0] for m in sink.messages} == {OPS, SENDER}
-    assert (data_dir / "spool" / "dead" / damaged.name).exists()
-    assert not damaged.exists()
+    alerts = [m.raw.decode() for m in sink.to(OPS)]
+    assert len(alerts) == 2 and all("DamagedEntryError" in a for a in alerts)
+    assert any("Client: nopw" in a for a in alerts) and any("Client: -" in a for a in alerts)
+    (answer,) = sink.to(NOPW)
+    body = answer.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "fault on our side" in body and intact.stem in body
+    assert sorted({m.rcpt_tos[0] for m in sink.messages}) == sorted({OPS, NOPW, SENDER})
+    for path in (garbage, intact):
+        assert (data_dir / "spool" / "dead" / path.name).exists() and not path.exists()
 
 
 # -- the scheduler on its own ------------------------------------------------------------

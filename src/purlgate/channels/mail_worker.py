@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 from contextlib import closing
 from email.message import EmailMessage
+from email.utils import getaddresses
 from pathlib import Path
 
 from purlgate.channels.alerts import OperatorAlerts
@@ -220,6 +221,12 @@ class MailWorker:
         for the same kind), the client is told, the entry waits in ``spool/dead``."""
         channel = str(entry.meta.get("channel", "smtp"))
         sender = str(entry.meta.get("mail_from", "")).lower()
+        headers = headers_of(entry.path)
+        if not sender and headers is not None:
+            # A damaged envelope line: the From header was checked against the envelope
+            # sender at intake, so a registered sender there still gets its answer.
+            found = header_addresses_of(headers)
+            sender = found[0] if len(found) == 1 else ""
         client_id = client_of(sender, self.clients) if sender else None
         region = self.processor.region_id
         alerted = self.alerts is not None and self.alerts.send(
@@ -234,13 +241,18 @@ class MailWorker:
         if client_id is not None:
             ours = self._reply_from(entry)
             self.outbox.enqueue(
-                fault_reply(headers_of(entry.path), sender=ours, to=sender,
+                fault_reply(headers, sender=ours, to=sender,
                             reference=entry.id, alerted=alerted),
                 sender=ours, recipients=[sender], key=self.reply_key(entry))
         self.spool.dead_letter(entry, {
             "error": type(exc).__name__, "attempts": attempts, "channel": channel,
             "client": client_id, "alerted": alerted, "at": time.time()})
         shutil.rmtree(self.work_root / entry.id, ignore_errors=True)
+
+
+def header_addresses_of(headers: EmailMessage) -> list[str]:
+    values = [str(v) for v in headers.get_all("From", [])]
+    return [addr.lower() for _, addr in getaddresses(values) if "@" in addr]
 
 
 def headers_of(path: Path) -> EmailMessage | None:
