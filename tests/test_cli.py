@@ -17,6 +17,7 @@ from purlgate.passwords import verify_password
 from tests.conftest import DATA, read_csv
 
 DEMO = "acme_spring_20261127_101500_00.csv"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def purlgate(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -193,8 +194,9 @@ def test_serve_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        # From the repository, where the bundled demo's secrets are.
         result = purlgate("serve", "--region", "usa", "--smtp-port", str(port),
-                          "--data-dir", "d", cwd=tmp_path)
+                          "--data-dir", str(tmp_path / "d"), cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"purlgate: configuration error: cannot listen for mail on 127.0.0.1:{port} "
@@ -203,6 +205,38 @@ def test_serve_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
     bad = purlgate("serve", "--region", "usa", "--smtp-port", "-5", cwd=tmp_path)
     assert bad.returncode == 2
     assert "argument --smtp-port: -5 is not a port number (0 to 65535)" in bad.stderr
+
+
+def test_serve_reads_every_secret_of_its_region_at_start(tmp_path: Path) -> None:
+    """A client's secret that cannot be read stops the start with one line naming the
+    reference and where it is (not, later, a client's message dead-lettered). The
+    bundled demo's secrets resolve against the working directory: elsewhere they are
+    missing."""
+    result = purlgate("serve", "--region", "usa", "--data-dir", "d", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "purlgate: configuration error: secret unreadable: file "
+        f"{tmp_path / 'fixtures' / 'secrets' / 'acme-zip-password'}: No such file or "
+        "directory (client acme, field zip_password); `purlgate check-config` checks them "
+        "all")
+    assert not (tmp_path / "d").exists()
+
+
+def test_replay_takes_a_folder_and_says_what_is_missing(tmp_path: Path) -> None:
+    missing = purlgate("replay", "nowhere", "--smtp", "127.0.0.1:1", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == ("purlgate: configuration error: nowhere: no such "
+                                      "file or folder")
+    (tmp_path / "empty").mkdir()
+    empty = purlgate("replay", "empty", "--smtp", "127.0.0.1:1", cwd=tmp_path)
+    assert empty.stderr.strip() == "purlgate: configuration error: no .eml files in empty"
+    (tmp_path / "mails").mkdir()
+    (tmp_path / "mails" / "a.eml").write_bytes(b"From: a@b\r\n\r\nx\r\n")
+    unlisted = purlgate("replay", "mails", "--smtp", "127.0.0.1:1", cwd=tmp_path)
+    assert unlisted.returncode == 2
+    assert "mails/manifest.toml: no such manifest; give the expected outcomes with " \
+           "--manifest FILE" in unlisted.stderr
+    assert "Traceback" not in unlisted.stderr + empty.stderr + missing.stderr
 
 
 def test_batches_lists_and_filters(tmp_path: Path) -> None:

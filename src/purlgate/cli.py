@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("replay", parents=[common],
                        help="QA: send fixture emails and check the replies")
-    r.add_argument("files", type=Path, nargs="+", help="fixture .eml files")
+    r.add_argument("files", type=Path, nargs="+",
+                   help="fixture .eml files, or a folder of them")
     r.add_argument("--smtp", required=True, type=_host_port, help="the instance, HOST:PORT")
     r.add_argument("--capture", type=_host_port,
                    help="run an SMTP sink here (the instance's relay) and check replies")
@@ -382,9 +383,22 @@ def _replay(args: argparse.Namespace) -> int:
 
     from purlgate.replay import replay, table
 
-    manifest = args.manifest or args.files[0].parent / "manifest.toml"
+    files: list[Path] = []
+    for path in args.files:  # a folder stands for the .eml files in it
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.eml")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{path}: no such file or folder")
+    if not files:
+        raise ConfigError(f"no .eml files in {', '.join(map(str, args.files))}")
+    manifest = args.manifest or files[0].parent / "manifest.toml"
+    if not manifest.is_file():
+        raise ConfigError(f"{manifest}: no such manifest; give the expected outcomes with "
+                          "--manifest FILE (default: manifest.toml beside the files)")
     results = asyncio.run(replay(
-        list(args.files), smtp=args.smtp, capture=args.capture, manifest=manifest,
+        files, smtp=args.smtp, capture=args.capture, manifest=manifest,
         region=args.region, timeout=args.timeout,
     ))
     print(table(results))
@@ -482,11 +496,21 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
 
     from purlgate.app import build_gateway, serve
-    from purlgate.config import load_config
+    from purlgate.config import load_config, secret_refs
 
     config = load_config(args.config)
     if args.region not in config.regions:
         raise ConfigError(f"no region {args.region!r}; configured: {', '.join(config.regions)}")
+    # Every secret this region uses, read now: a missing one is an operator's error to
+    # hear at start, not a client's message to dead-letter later.
+    ours = {f"region {args.region}", *(f"client {c}" for c in config.clients_of(args.region))}
+    for where, ref in secret_refs(config):
+        if where.split(",")[0] in ours:
+            try:
+                ref.reveal()
+            except ConfigError as exc:
+                raise ConfigError(f"{exc.message} ({where}); `purlgate check-config` checks "
+                                  "them all") from exc
     if args.smtp_port is not None:
         region = config.regions[args.region]
         smtp = region.smtp.model_copy(update={"port": args.smtp_port})
