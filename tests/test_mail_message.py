@@ -150,3 +150,24 @@ def test_from_header_addresses() -> None:
     raw["From"] = "Acme Data <Data-Team@Acme.Example>"
     raw.set_content("x")
     assert header_addresses(raw.as_bytes(), "From") == ["data-team@acme.example"]
+
+
+def test_a_part_ends_before_the_line_break_of_its_boundary(
+        find: Callable[[bytes], Found]) -> None:
+    """Unencoded: the part's bytes are exactly what stands between its header block and
+    the line break before the boundary, also when the closing boundary ends the file
+    without a line break of its own."""
+    body = b"PK\x03\x04 raw bytes\r\nsecond line"
+    raw = (b"From: a@acme.example\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+           b"--B\r\nContent-Type: application/zip; name=d.zip\r\n"
+           b"Content-Transfer-Encoding: binary\r\n\r\n" + body + b"\r\n--B--")
+    assert find(raw).data == body
+    assert find(raw + b"\r\n epilogue\r\n--B\r\nnot a part\r\n").data == body
+
+
+def test_a_message_of_too_many_parts_is_refused(find: Callable[[bytes], Found]) -> None:
+    parts = b"".join(b"--B\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(1200))
+    raw = (b"From: a@acme.example\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n"
+           + parts + b"--B--\r\n")
+    with pytest.raises(MessageError, match="more than 1000 parts"):
+        find(raw)

@@ -59,6 +59,8 @@ def message_id(message: EmailMessage) -> str | None:
 
 
 LINE_PIECE = 64 * 1024  # a body line is read in pieces of at most this much
+MAX_DEPTH = 16  # multiparts nested deeper are taken as leaves (no mail client nests so)
+MAX_PARTS = 1000  # more is not a client's data file (and costs a parse each)
 
 
 def _headers(f: BinaryIO) -> EmailMessage:
@@ -94,7 +96,8 @@ def _leaves(f: BinaryIO) -> tuple[EmailMessage, list[_Leaf]]:
             break
         starts = at_line_start
         at_line_start = line.endswith(b"\n")
-        text = line.rstrip(b"\r\n \t") if starts and at_line_start else b""
+        whole = at_line_start or len(line) < LINE_PIECE  # a last line may lack its break
+        text = line.rstrip(b"\r\n \t") if starts and whole else b""
         hit = next((i for i, b in enumerate(bounds) if text in (b, b + b"--")), None)
         if hit is None:
             eol = len(line) - len(line.rstrip(b"\r\n")) if at_line_start else 0
@@ -102,11 +105,16 @@ def _leaves(f: BinaryIO) -> tuple[EmailMessage, list[_Leaf]]:
         if current is not None:
             leaves.append(_Leaf(current[0], current[1], max(current[1], where - eol)))
             current = None
+        if text != bounds[hit]:
+            del bounds[hit:]  # the close of that multipart (and of any inside it)
+            continue  # its epilogue is ignored
         del bounds[hit + 1:]  # an outer boundary also ends the parts inside it
-        if text.endswith(b"--") and text != bounds[hit]:
-            continue  # the close of that multipart: its epilogue is ignored
+        if len(leaves) >= MAX_PARTS:
+            raise MessageError(f"the message has more than {MAX_PARTS} parts; send the ZIP "
+                               "attached to a plain message")
         part = _headers(f)
-        if part.get_content_maintype() == "multipart" and part.get_boundary():
+        if part.get_content_maintype() == "multipart" and part.get_boundary() \
+                and len(bounds) < MAX_DEPTH:
             bounds.append(("--" + str(part.get_boundary())).encode())
         else:
             current = (part, f.tell())
