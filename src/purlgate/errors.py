@@ -155,7 +155,9 @@ def is_storage_fault(exc: BaseException) -> bool:
     """A full or failing disk, however a library reports it (also as a cause): work that
     met one waits for the disk and goes on, it is not failed."""
     seen: BaseException | None = exc
-    while seen is not None:
+    looked: set[int] = set()
+    while seen is not None and id(seen) not in looked:
+        looked.add(id(seen))
         if isinstance(seen, StorageError):
             return True
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
