@@ -254,7 +254,7 @@ class Spool:
     def requeue(self, entry_id: str) -> None:
         """Put a dead letter back in ``incoming/``; KeyError if there is none."""
         source = self.dead / f"{entry_id}.msg"
-        if not source.exists():
+        if "/" in entry_id or entry_id.startswith(".") or not source.exists():
             raise KeyError(entry_id)
         reason = json.loads(source.with_suffix(".json").read_text())
         count = int(reason.get("requeued", 0)) + 1
