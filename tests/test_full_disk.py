@@ -24,11 +24,12 @@ from tests.test_email import start
 from tests.test_outbox import RELAY, Clock, note
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``mount`` (tests run as root; where mounting is
+    refused, the test is skipped and says why)."""
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                           capture_output=True, text=True, check=False)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
@@ -36,6 +37,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "disk", "512k") as mount:
+        yield mount
 
 
 def fill(disk: Path) -> Path:
@@ -114,16 +121,8 @@ def gateway_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     monkeypatch.setattr(outbox_module, "STORAGE_RETRY_SECONDS", 0.1)
     monkeypatch.setattr(queue_module, "STORAGE_PAUSE_FIRST", 0.1)
     monkeypatch.setattr(queue_module, "STORAGE_PAUSE_MAX", 0.2)
-    mount = tmp_path / "gwdisk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "gwdisk", "4m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
 
 
 async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from tests.test_full_disk import fill
+from tests.test_full_disk import fill, tmpfs
 from tests.test_sftp import CSV, Keys, T, keys, start  # noqa: F401 - keys: the fixture
 
 OPS = "ops@idomoo.example"
@@ -71,13 +70,7 @@ async def test_a_full_disk_refuses_the_upload_cleanly_and_recovers(
     """On a full disk the client's write fails with an SFTP failure that says why;
     nothing of the upload stays, the name is free, the server goes on, and the same
     upload succeeds once space is back. A real 4 MiB tmpfs (root only)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "4m") as mount:
         r = await start(tmp_path, keys, data_dir=mount / "state")
         try:
             filler = fill(mount)
@@ -98,5 +91,3 @@ async def test_a_full_disk_refuses_the_upload_cleanly_and_recovers(
             await r.wait_for(r.downloads() / f"PURL_full_{T}.csv")
         finally:
             await r.shutdown()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)

@@ -43,3 +43,17 @@ class OperatorAlerts:
         self.outbox.enqueue(message, sender=self.sender, recipients=[self.operator],
                             key=f"alert-{digest}-{hour}", alert=False)
         return True
+
+    def dead_letter(self, *, region: str, channel: str, client: str | None, error: str,
+                    entry_id: str, attempts: int, what: str) -> bool:
+        """The alert for an entry moved to the dead-letter folder (``what``: "message" or
+        "upload"); one an hour per region, channel, client and error class."""
+        return self.send(
+            f"dead-letter|{region}|{channel}|{client}|{error}",
+            f"{what} dead-lettered in region {region}",
+            f"Region: {region}\nClient: {client or '-'}\nChannel: {channel}\n"
+            f"Error: {error}\nSpool entry: {entry_id}\nAttempts: {attempts}\n\n"
+            f"The {what} could not be processed and was moved to the dead-letter folder. "
+            "Fix the cause (see the log for this spool entry), then run "
+            f"`purlgate dead-letters --region {region} --requeue {entry_id}`; "
+            "`purlgate dead-letters` lists every dead letter.")

@@ -229,15 +229,9 @@ class MailWorker:
             sender = found[0] if len(found) == 1 else ""
         client_id = client_of(sender, self.clients) if sender else None
         region = self.processor.region_id
-        alerted = self.alerts is not None and self.alerts.send(
-            f"dead-letter|{region}|{channel}|{client_id}|{type(exc).__name__}",
-            f"message dead-lettered in region {region}",
-            f"Region: {region}\nClient: {client_id or '-'}\nChannel: {channel}\n"
-            f"Error: {type(exc).__name__}\nSpool entry: {entry.id}\nAttempts: {attempts}\n\n"
-            "The message could not be processed and was moved to the dead-letter folder. "
-            "Fix the cause (see the log for this spool entry), then run "
-            f"`purlgate dead-letters --region {region} --requeue {entry.id}`; "
-            "`purlgate dead-letters` lists every dead letter.")
+        alerted = self.alerts is not None and self.alerts.dead_letter(
+            region=region, channel=channel, client=client_id, error=type(exc).__name__,
+            entry_id=entry.id, attempts=attempts, what="message")
         if client_id is not None:
             ours = self._reply_from(entry)
             self.outbox.enqueue(

@@ -725,15 +725,9 @@ class SftpWorker:
         m = upload.meta
         client, project, name = m.get("client"), m.get("project"), m.get("name")
         region = self.processor.region_id
-        alerted = self.alerts is not None and self.alerts.send(
-            f"dead-letter|{region}|sftp|{client}|{type(exc).__name__}",
-            f"SFTP upload dead-lettered in region {region}",
-            f"Region: {region}\nClient: {client or '-'}\nChannel: sftp\n"
-            f"Error: {type(exc).__name__}\nSpool entry: {upload.id}\nAttempts: {attempts}\n\n"
-            "The upload could not be processed and was moved to the dead-letter folder. "
-            "Fix the cause (see the log for this spool entry), then run "
-            f"`purlgate dead-letters --region {region} --requeue {upload.id}`; "
-            "`purlgate dead-letters` lists every dead letter.")
+        alerted = self.alerts is not None and self.alerts.dead_letter(
+            region=region, channel="sftp", client=client if isinstance(client, str) else None,
+            error=type(exc).__name__, entry_id=upload.id, attempts=attempts, what="upload")
         if isinstance(client, str) and isinstance(project, str) and isinstance(name, str) \
                 and client in self.service.clients \
                 and project in self.service.clients[client].projects:
