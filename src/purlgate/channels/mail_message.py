@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from email import policy
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from pathlib import Path
@@ -48,7 +48,11 @@ class _Leaf:
 
 def header_addresses(raw: bytes, header: str) -> list[str]:
     """Addresses in one header, from the header block only (no body parsing)."""
-    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
+    return addresses(BytesHeaderParser(policy=policy.compat32).parsebytes(raw), header)
+
+
+def addresses(headers: Message, header: str) -> list[str]:
+    """The addresses of one header of parsed headers, lower-cased, display names dropped."""
     values = [str(v) for v in headers.get_all(header, [])]
     return [addr.lower() for _, addr in getaddresses(values) if "@" in addr]
 

@@ -20,12 +20,12 @@ import time
 from collections.abc import Mapping
 from contextlib import closing
 from email.message import EmailMessage
-from email.utils import getaddresses
 from pathlib import Path
 
 from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.mail_message import (
     Attachment,
+    addresses,
     message_id,
     read_headers,
     zip_attachment,
@@ -155,7 +155,8 @@ class MailWorker:
             log.warning("spool entry %s has no known sender; dropped without reply", entry.id)
             self.spool.finish(entry)
             return
-        message = headers_of(entry.path) or EmailMessage()
+        offset = entry.body_offset
+        message = headers_of(entry.path, offset) or EmailMessage()
         ours = self._reply_from(entry)
         key = self.reply_key(entry)
         work = self.work_root / entry.id
@@ -163,7 +164,7 @@ class MailWorker:
         try:
             # Decoded to our disk as it is read: the message is never held in memory.
             _, found = zip_attachment(entry.path, work / "in" / "attachment.part",
-                                      offset=entry.body_offset)
+                                      offset=offset)
             attachment: Attachment | None = found
             problem = None
         except MessageError as exc:
@@ -221,11 +222,11 @@ class MailWorker:
         for the same kind), the client is told, the entry waits in ``spool/dead``."""
         channel = str(entry.meta.get("channel", "smtp"))
         sender = str(entry.meta.get("mail_from", "")).lower()
-        headers = headers_of(entry.path)
+        headers = headers_of(entry.path, entry.body_offset)
         if not sender and headers is not None:
             # A damaged envelope line: the From header was checked against the envelope
             # sender at intake, so a registered sender there still gets its answer.
-            found = header_addresses_of(headers)
+            found = addresses(headers, "From")
             sender = found[0] if len(found) == 1 else ""
         client_id = client_of(sender, self.clients) if sender else None
         region = self.processor.region_id
@@ -244,17 +245,9 @@ class MailWorker:
         shutil.rmtree(self.work_root / entry.id, ignore_errors=True)
 
 
-def header_addresses_of(headers: EmailMessage) -> list[str]:
-    values = [str(v) for v in headers.get_all("From", [])]
-    return [addr.lower() for _, addr in getaddresses(values) if "@" in addr]
-
-
-def headers_of(path: Path) -> EmailMessage | None:
+def headers_of(path: Path, offset: int) -> EmailMessage | None:
     """The header block of a spooled message (to thread a reply), or None."""
     try:
-        with path.open("rb") as f:
-            f.readline()  # the envelope line
-            offset = f.tell()
         return read_headers(path, offset)
     except Exception:  # noqa: BLE001 - a reply without threading is still a reply
         return None
