@@ -72,8 +72,9 @@ class QueueWorker(Generic[T]):
                  run: Callable[[T], Awaitable[None]] | None = None) -> None:
         self.name = name
         self._handle = handle
-        # How an entry is handled: ``handle`` in a thread, unless ``run`` says otherwise.
-        self._run = run or (lambda item: asyncio.to_thread(self._handle, item))
+        # How an entry is handled: ``handle`` in a thread, unless ``run`` says otherwise
+        # (a worker process then hands back its own freed heap).
+        self._run = run or (lambda item: asyncio.to_thread(self._handle_here, item))
         self._pending = pending
         self._ident = ident
         self._fair_key = fair_key
@@ -91,6 +92,12 @@ class QueueWorker(Generic[T]):
         self._pause = STORAGE_PAUSE_FIRST
         self.running = 0
         self.dead_letters = 0  # moved to the dead-letter folder by this process
+
+    def _handle_here(self, item: T) -> None:
+        try:
+            self._handle(item)
+        finally:
+            give_back_memory()
 
     # -- intake (any thread) ------------------------------------------------------------
 
@@ -202,7 +209,6 @@ class QueueWorker(Generic[T]):
                 self._pause = STORAGE_PAUSE_FIRST
             finally:
                 self.running -= 1
-                await asyncio.to_thread(give_back_memory)
 
     def _done(self, ident: str) -> None:
         self._known.discard(ident)
@@ -213,9 +219,7 @@ class QueueWorker(Generic[T]):
         if is_storage_fault(exc):
             log.warning("%s: storage fault (%s); all work paused %.1f s, entry %s kept",
                         self.name, getattr(exc, "message", None) or exc, self._pause, ident)
-            self._paused_until = self._loop.time() + self._pause
-            self._pause = min(self._pause * 2, STORAGE_PAUSE_MAX)
-            self._enqueue(item, front=True)
+            self._storage_pause(item)
             return
         attempts = self._attempts.get(ident, 0) + 1
         self._attempts[ident] = attempts
@@ -228,6 +232,13 @@ class QueueWorker(Generic[T]):
                     exc_info=exc)
         self._loop.call_later(delay, self._enqueue, item)
 
+    def _storage_pause(self, item: T) -> None:
+        """Every worker waits (doubling, up to a minute); the entry goes first again."""
+        assert self._loop is not None
+        self._paused_until = self._loop.time() + self._pause
+        self._pause = min(self._pause * 2, STORAGE_PAUSE_MAX)
+        self._enqueue(item, front=True)
+
     async def _dead(self, item: T, ident: str, exc: Exception, attempts: int) -> None:
         log.error("%s: entry %s failed for good (%s after %d attempt(s)); dead-lettered",
                   self.name, ident, type(exc).__name__, attempts, exc_info=exc)
@@ -238,10 +249,7 @@ class QueueWorker(Generic[T]):
             await asyncio.to_thread(self._on_dead, item, exc, attempts)
         except Exception as again:
             if is_storage_fault(again):
-                assert self._loop is not None
-                self._paused_until = self._loop.time() + self._pause
-                self._pause = min(self._pause * 2, STORAGE_PAUSE_MAX)
-                self._enqueue(item, front=True)
+                self._storage_pause(item)
                 return
             log.exception("%s: entry %s could not be dead-lettered; tried again in %.0f s",
                           self.name, ident, RESCAN_SECONDS)
