@@ -79,15 +79,21 @@ class SmtpHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    def begin(self, envelope: Envelope) -> SpoolWriter:
-        """A spool file for the message about to arrive (SpoolFullError when low)."""
+    async def begin(self, envelope: Envelope) -> SpoolWriter:
+        """A spool file for the message about to arrive, opened off the event loop
+        (SpoolFullError when the disk is below its floor)."""
         meta = {"channel": "smtp", "mail_from": (envelope.mail_from or "").lower(),
                 "rcpt_tos": [r.lower() for r in envelope.rcpt_tos]}
-        return self.spool.begin(meta)
+        return await asyncio.get_running_loop().run_in_executor(self.io, self.spool.begin,
+                                                                meta)
+
+    async def discard(self, writer: SpoolWriter) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.io, writer.discard)
 
     async def finish(self, envelope: Envelope, writer: SpoolWriter) -> str:
         """The whole message is in ``writer``: check its From header (read back from
-        disk, off the event loop), commit it and answer. Never leaves a partial file."""
+        disk), commit it and answer, all off the event loop. Never leaves a partial
+        file."""
         loop = asyncio.get_running_loop()
         sender = (envelope.mail_from or "").lower()
         try:
@@ -95,21 +101,21 @@ class SmtpHandler:
             if header_addresses(head, "From") != [sender]:
                 log.info("refused a From header that is not the sender's")
                 self.outcomes["refused-from"] += 1
-                writer.discard()
-                return REFUSED_FROM
-            entry = await loop.run_in_executor(self.io, writer.commit)
+                refusal = REFUSED_FROM
+            else:
+                entry = await loop.run_in_executor(self.io, writer.commit)
+                self.outcomes["accepted"] += 1
+                log.info("accepted a message from %s as spool entry %s", sender, entry.id)
+                self.on_accepted(entry)
+                return f"250 2.0.0 OK queued as {entry.id}"
         except SpoolFullError:
-            writer.discard()
-            return self.no_space()
+            refusal = self.no_space()
         except Exception:
-            writer.discard()
             log.exception("accepting a message failed: answering 451")
             self.outcomes["error"] += 1
-            return LOCAL_ERROR
-        self.outcomes["accepted"] += 1
-        log.info("accepted a message from %s as spool entry %s", sender, entry.id)
-        self.on_accepted(entry)
-        return f"250 2.0.0 OK queued as {entry.id}"
+            refusal = LOCAL_ERROR
+        await self.discard(writer)
+        return refusal
 
     def no_space(self) -> str:
         log.warning("spool full or below its free-space floor: answering 452")
@@ -198,7 +204,7 @@ class LimitedSMTP(SMTP):
             return
         handler: SmtpHandler = self.event_handler
         try:
-            writer: SpoolWriter | None = handler.begin(self.envelope)
+            writer: SpoolWriter | None = await handler.begin(self.envelope)
         except SpoolFullError:
             await self.push(handler.no_space())
             return
@@ -248,7 +254,7 @@ class LimitedSMTP(SMTP):
                 state = await self._write(writer, bytes(pending))
             pending = bytearray()
             if state != "ok":
-                writer.discard()
+                await handler.discard(writer)
                 writer = None
                 self._set_post_data_state()  # type: ignore[no-untyped-call]
                 await self.push({"too-long": "500 Line too long (see RFC5321 4.5.3.1.6)",
@@ -261,8 +267,8 @@ class LimitedSMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(status)
         finally:
-            if writer is not None:  # the connection went away mid-DATA
-                writer.discard()
+            if writer is not None:  # the connection went away mid-DATA (being cancelled:
+                writer.discard()  # no await here, the file goes now)
 
     async def _write(self, writer: SpoolWriter, piece: bytes) -> str:
         handler: SmtpHandler = self.event_handler
