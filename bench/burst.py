@@ -114,6 +114,30 @@ def message(i: int, password: bytes, sender: str = SENDER) -> tuple[str, bytes]:
     return msgid, raw
 
 
+def tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds (user + system) of a process and each of its descendants, by pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return {pid: times[pid] for pid in tree if pid in times}
+
+
 def profile_summary(raw: Path, top: int = 22) -> None:
     """py-spy's collapsed stacks of the thread holding the GIL (the one resource every
     Python thread shares), as time inside each function (inclusive), in percent."""
@@ -155,6 +179,8 @@ async def burst(messages: int, sessions: int, setup: str,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(1.0)
         try:
+            cpu_before = tree_cpu(child.pid)
+            own_before = time.process_time()
             start = time.perf_counter()
 
             async def session(share: list[tuple[str, bytes]]) -> None:
@@ -172,6 +198,8 @@ async def burst(messages: int, sessions: int, setup: str,
             while len(relay.arrived) < messages and time.perf_counter() < deadline:
                 await asyncio.sleep(0.01)
             end = max(relay.arrived.values())
+            cpu_after = tree_cpu(child.pid)
+            own_cpu = time.process_time() - own_before
             await asyncio.sleep(1.0)  # anything sent twice would arrive now
         finally:
             if spy is not None:
@@ -184,8 +212,13 @@ async def burst(messages: int, sessions: int, setup: str,
     assert not missing and not twice, f"{len(missing)} replies missing, {len(twice)} twice"
     latencies = [relay.arrived[m] - accepted[m] for m, _ in mails]
     q = statistics.quantiles(latencies, n=100, method="inclusive")
+    used = {pid: t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items()}
+    gateway = used.pop(child.pid, 0.0)
     return {"accept": messages / (last_accept - start), "e2e": messages / (end - start),
-            "p50": statistics.median(latencies), "p99": q[98]}
+            "p50": statistics.median(latencies), "p99": q[98],
+            "cpu_gateway": 1000 * gateway / messages,
+            "cpu_workers": 1000 * sum(used.values()) / messages,
+            "cpu_bench": 1000 * own_cpu / messages}
 
 
 async def beside_big(rows: int, small: int, workers: int) -> tuple[list[float], list[float]]:
@@ -287,7 +320,10 @@ def main() -> None:
     for label, key, unit in (("durable accept (msg/s)", "accept", ""),
                              ("end to end (msg/s)", "e2e", ""),
                              ("reply latency p50 (s)", "p50", ""),
-                             ("reply latency p99 (s)", "p99", "")):
+                             ("reply latency p99 (s)", "p99", ""),
+                             ("CPU ms/msg, gateway", "cpu_gateway", ""),
+                             ("CPU ms/msg, workers", "cpu_workers", ""),
+                             ("CPU ms/msg, benchmark", "cpu_bench", "")):
         print(f"  {label:<26}{base[key]:>14.2f}{ours[key]:>14.2f}{ours[key] / base[key]:>8.2f}"
               + unit)
     if args.profile:

@@ -86,6 +86,7 @@ class Sink:
     answer: str = "250 2.0.0 OK"
     server: asyncio.Server | None = None
     tried: int = 0  # every DATA, also those answered with something else than 250
+    sessions: list[SMTP] = field(default_factory=list)  # every connection, in order
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.tried += 1
@@ -99,15 +100,30 @@ class Sink:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def start(self) -> Sink:
+    def session(self, **options: Any) -> SMTP:
+        """aiosmtpd's protocol for one more connection, remembered (``stop`` ends it)."""
+        smtp = SMTP(self, **options)
+        self.sessions.append(smtp)
+        return smtp
+
+    @property
+    def open_sessions(self) -> int:
+        return sum(1 for s in self.sessions
+                   if s.transport is not None and not s.transport.is_closing())
+
+    async def start(self, port: int = 0) -> Sink:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: SMTP(self), "127.0.0.1", 0)
+        self.server = await loop.create_server(self.session, "127.0.0.1", port)
         return self
 
     async def stop(self) -> None:
+        """As a relay that shuts down: no new connections, the open ones cut."""
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        for smtp in self.sessions:
+            if smtp.transport is not None:
+                smtp.transport.close()
 
     async def wait_for(self, count: int, timeout: float = 30.0) -> list[Captured]:
         deadline = asyncio.get_running_loop().time() + timeout

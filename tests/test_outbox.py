@@ -6,13 +6,13 @@ import asyncio
 import base64
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from purlgate.channels.outbox import (
     Outbox,
@@ -144,9 +144,7 @@ async def test_relay_down_then_up(tmp_path: Path) -> None:
     assert (tmp_path / "queue" / "r1.eml").exists()
     meta = box.items()[0].meta
     assert meta["attempts"] >= 1 and "unreachable" in meta["last_error"]
-    loop = asyncio.get_running_loop()
-    up = Sink()
-    up.server = await loop.create_server(lambda: SMTP(up), "127.0.0.1", port)
+    up = await Sink().start(port)
     await up.wait_for(1, timeout=10)
     stop.set()
     await task
@@ -175,8 +173,8 @@ class AuthSink(Sink):
     async def start(self) -> AuthSink:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: SMTP(self, tls_context=self.context, require_starttls=True,
-                         authenticator=self.authenticate, auth_required=True),
+            lambda: self.session(tls_context=self.context, require_starttls=True,
+                                 authenticator=self.authenticate, auth_required=True),
             "127.0.0.1", 0)
         return self
 
@@ -193,18 +191,78 @@ async def test_relay_with_starttls_and_auth(tmp_path: Path,
                         username="purlgate", password=SecretRef(env="PG_TEST_RELAY_PW"),
                         timeout_seconds=10)
     wire = note().as_bytes(policy=policy.SMTP)  # CRLF, as the outbox stores it
+    senders = []
     try:
-        await relay_sender(relay)(wire, "s@idomoo.com", ["a@acme.example"])
-        assert sink.logins == ["purlgate"]
-        assert len(sink.messages) == 1
+        senders.append(relay_sender(relay))
+        await senders[-1](wire, "s@idomoo.com", ["a@acme.example"])
+        await senders[-1](wire, "s@idomoo.com", ["a@acme.example"])
+        assert sink.logins == ["purlgate"]  # the second went over the kept connection
+        assert len(sink.messages) == 2 and len(sink.sessions) == 1
         untrusted = relay.model_copy(update={"ca_file": None})
+        senders.append(relay_sender(untrusted))
         with pytest.raises(TemporaryDeliveryError):
-            await relay_sender(untrusted)(wire, "s@idomoo.com", ["a@acme.example"])
+            await senders[-1](wire, "s@idomoo.com", ["a@acme.example"])
         monkeypatch.setenv("PG_TEST_RELAY_PW", "wrong")
+        senders.append(relay_sender(relay))
         with pytest.raises(PermanentDeliveryError):
-            await relay_sender(relay)(wire, "s@idomoo.com", ["a@acme.example"])
-        assert len(sink.messages) == 1
+            await senders[-1](wire, "s@idomoo.com", ["a@acme.example"])
+        assert len(sink.messages) == 2
     finally:
+        for sender in senders:
+            await sender.close()
+        await sink.stop()
+
+
+class QuitCounting(Sink):
+    quits = 0
+
+    async def handle_QUIT(self, server: object, session: object,
+                          envelope: object) -> str:
+        self.quits += 1
+        return "221 Bye"
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.asyncio
+async def test_relay_connections_are_kept_checked_and_closed() -> None:
+    """As Postfix's connection cache: the next message goes over the kept connection
+    (one per message in flight); a connection the relay cut meanwhile costs a new
+    connection, never the message; unused for ``keep_connections_seconds``, it is
+    closed with QUIT; with 0, each message has its own connection."""
+    sink = await QuitCounting().start()
+    relay = RelayConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5,
+                        keep_connections_seconds=0.5)
+    send = relay_sender(relay)
+    wire = [note(f"n{i}").as_bytes(policy=policy.SMTP) for i in range(8)]
+    try:
+        for raw in wire[:3]:
+            await send(raw, "s@idomoo.com", ["a@acme.example"])
+        assert len(sink.messages) == 3 and len(sink.sessions) == 1
+        await asyncio.gather(*(send(raw, "s@idomoo.com", ["a@acme.example"])
+                               for raw in wire[3:5]))
+        assert len(sink.messages) == 5 and len(sink.sessions) == 2
+        for smtp in sink.sessions:  # the relay ends idle sessions (its own timeout)
+            assert smtp.transport is not None
+            smtp.transport.close()
+        await send(wire[5], "s@idomoo.com", ["a@acme.example"])
+        subjects = [m.message["Subject"] for m in sink.messages]
+        assert subjects == [f"n{i}" for i in range(6)]  # each once, in order
+        assert len(sink.sessions) == 3
+        await until(lambda: sink.open_sessions == 0)  # idle past 0.5 s: QUIT
+        assert sink.quits == 1
+        once = relay_sender(relay.model_copy(update={"keep_connections_seconds": 0}))
+        for raw in wire[6:]:
+            await once(raw, "s@idomoo.com", ["a@acme.example"])
+        await until(lambda: sink.quits == 3)
+        assert len(sink.sessions) == 5 and sink.open_sessions == 0
+    finally:
+        await send.close()
         await sink.stop()
 
 

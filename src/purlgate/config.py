@@ -282,6 +282,10 @@ class RelayConfig(_Model):
     # Messages handed to the relay at once, each on its own connection (Postfix's
     # default_destination_concurrency_limit is 20).
     max_connections: int = Field(default=8, ge=1, le=100)
+    # A connection is kept open this long after a delivery for the next one (checked
+    # with RSET first, as Postfix's connection cache does; its time limit is 2 s), and
+    # is used for at most 300 s in all. 0: one connection per message.
+    keep_connections_seconds: float = Field(default=2.0, ge=0, le=300)
     operator: str | None = None  # alerted when a message cannot be delivered
 
     @field_validator("operator")
