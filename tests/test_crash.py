@@ -88,3 +88,47 @@ async def test_one_reply_after_a_kill_at_each_boundary(tmp_path: Path, point: st
     assert notes == {"[purlgate] batch loaded", "[purlgate] batch done"}, \
         "notifications survive the kill too"
     assert list((data / "outbox" / "queue").iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_worker_processes_ready_at_start_and_an_idle_one_that_dies_costs_no_message(
+        tmp_path: Path) -> None:
+    """`serve` prepares its mail worker processes at start (each logs that it is ready
+    before any mail arrives), so the first message does not wait for them; a worker
+    process killed while idle is replaced when the next message comes, and that message
+    is answered at its first try (never counted as a failed attempt)."""
+    sink = await Sink().start()
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text(CONFIG.format(relay_port=sink.port, max_bytes=5_000_000, min_free=0,
+                                 tls=""))
+    data, smtp = tmp_path / "state", free_port()
+    env = {**os.environ, "PG_TEST_ACME_ZIP": PASSWORD.decode()}
+    env.pop("PURLGATE_CRASH_AT", None)
+    exe = str(Path(sys.executable).with_name("purlgate"))
+    proc = subprocess.Popen([exe, "serve", "--region", "usa", "--config", str(cfg),
+                             "--data-dir", str(data), "--smtp-port", str(smtp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        ready: list[int] = []
+        while len(ready) < 2:  # processing.workers defaults to 2
+            line = await asyncio.to_thread(proc.stderr.readline)
+            assert line, "serve ended: " + "".join(lines)
+            lines.append(line)
+            if "mail worker process" in line and line.rstrip().endswith("ready"):
+                ready.append(int(line.split("mail worker process ")[1].split()[0]))
+        assert not any((data / "spool" / "incoming").glob("*.msg")), "no mail yet"
+        os.kill(ready[0], 9)  # an idle worker process dies (OOM killer, an operator)
+        await aiosmtplib.send(good_mail(), sender=SENDER, recipients=[INBOUND],
+                              hostname="127.0.0.1", port=smtp, timeout=30)
+        reply = (await sink.wait_to(SENDER, timeout=60))[0]
+        await queues_empty(data)
+    finally:
+        proc.terminate()
+        rest = await asyncio.to_thread(proc.communicate, None, 30)
+        await sink.stop()
+    log = "".join(lines) + rest[1]
+    assert "processed" in str(reply.message.get_body(("plain",)).get_content())  # type: ignore[union-attr]
+    assert "died while handling" not in log and " failed (" not in log, log

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,7 +35,6 @@ from purlgate.channels.sftp_server import (
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.config import ClientConfig, Config
-from purlgate.core.pipeline import Subscriber
 from purlgate.errors import ConfigError
 from purlgate.operations import build_ops, run_retention
 from purlgate.region import Region, build_region, utc_now
@@ -76,29 +75,6 @@ class Gateway:
     def smtp_port(self) -> int:
         assert self.smtp is not None
         return int(self.smtp.sockets[0].getsockname()[1])
-
-
-async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
-    raise AssertionError("a mail worker process only queues; the gateway delivers")
-
-
-def build_mail_worker(config: Config, region_id: str, data_dir: Path, *,
-                      on_event: Subscriber) -> MailWorker:
-    """The mail worker of a worker process (``channels/mail_process.py``): the same as
-    the gateway's, over the same folders, but it only queues mail, leaves the spool's
-    temporary files to the gateway, and hands each batch event to ``on_event``."""
-    region_cfg = config.regions[region_id]
-    clients = config.clients_of(region_id)
-    outbox = Outbox(data_dir / "outbox", region_cfg.relay, sender=_never_sends)
-    notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox)
-    region = build_region(config, region_id, data_dir=data_dir,
-                          subscribers=[notifier, on_event])
-    return MailWorker(region=region_cfg, clients=clients, processor=region.processor,
-                      spool=Spool(data_dir / "spool", owner=False), outbox=outbox,
-                      ledger=MailLedger(data_dir / "mail.sqlite3"),
-                      work_root=data_dir / "mail-work",
-                      alerts=OperatorAlerts(outbox, sender=region_cfg.inbound_addresses[0],
-                                            operator=region_cfg.relay.operator))
 
 
 def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = None,
@@ -232,6 +208,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
         if gateway.imap is not None:  # a login or certificate to fix stops the start here
             await asyncio.to_thread(gateway.imap.check_login)
         log.info("region %s: resuming %s", rid, _resumed(gateway))
+        gateway.worker.warm()
         if on_ready is not None:
             on_ready(gateway)
         async with asyncio.TaskGroup() as tasks:

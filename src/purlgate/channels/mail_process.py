@@ -20,19 +20,28 @@ should.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
+import threading
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from purlgate.channels.spool import SpoolEntry
 from purlgate.config import Config
 from purlgate.core.lifecycle import BatchEvent
 from purlgate.errors import ServerError, StorageError, is_storage_fault
+
+if TYPE_CHECKING:
+    from purlgate.channels.mail_worker import MailWorker
+    from purlgate.core.pipeline import Subscriber
 
 PR_SET_PDEATHSIG = 1
 
@@ -59,6 +68,7 @@ class _Setup:
     env: dict[str, str]  # what the parent reads secrets from, as it is now
     logs: tuple[str, str]  # level and format, as serve logs
     parent: int
+    warmed: Any  # a multiprocessing Barrier of all the workers (see ``_warm``)
 
 
 _setup: _Setup | None = None
@@ -76,15 +86,61 @@ def _start(setup: _Setup) -> None:
     _setup = setup
 
 
+async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
+    raise AssertionError("a mail worker process only queues; the gateway delivers")
+
+
+def build_mail_worker(config: Config, region_id: str, data_dir: Path, *,
+                      on_event: Subscriber) -> MailWorker:
+    """The mail worker of a worker process: the same as the gateway's, over the same
+    folders, but it only queues mail, leaves the spool's temporary files to the gateway,
+    and hands each batch event to ``on_event``. Only what handling mail needs is
+    imported here (not the listeners, the SFTP server or the web side)."""
+    # Imported here: mail_worker imports this module.
+    from purlgate.channels.alerts import OperatorAlerts  # noqa: PLC0415
+    from purlgate.channels.mail_worker import MailLedger, MailWorker, Notifier  # noqa: PLC0415
+    from purlgate.channels.outbox import Outbox  # noqa: PLC0415
+    from purlgate.channels.spool import Spool  # noqa: PLC0415
+    from purlgate.region import build_region  # noqa: PLC0415
+
+    region_cfg = config.regions[region_id]
+    clients = config.clients_of(region_id)
+    outbox = Outbox(data_dir / "outbox", region_cfg.relay, sender=_never_sends)
+    notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox)
+    region = build_region(config, region_id, data_dir=data_dir,
+                          subscribers=[notifier, on_event])
+    return MailWorker(region=region_cfg, clients=clients, processor=region.processor,
+                      spool=Spool(data_dir / "spool", owner=False), outbox=outbox,
+                      ledger=MailLedger(data_dir / "mail.sqlite3"),
+                      work_root=data_dir / "mail-work",
+                      alerts=OperatorAlerts(outbox, sender=region_cfg.inbound_addresses[0],
+                                            operator=region_cfg.relay.operator))
+
+
 def _worker() -> object:
     global _handler  # noqa: PLW0603 - one worker per process
     if _handler is None:
-        from purlgate.app import build_mail_worker  # noqa: PLC0415 - app imports us
-
         assert _setup is not None
         _handler = build_mail_worker(_setup.config, _setup.region_id, _setup.data_dir,
                                      on_event=_events.append)
     return _handler
+
+
+def _warm() -> None:
+    """Build this process's mail worker before the first entry arrives. Each process
+    takes exactly one: a warmed one waits at the barrier for the others. A failure is
+    reported by the first entry, which builds the worker again."""
+    log = logging.getLogger("purlgate.mail")
+    try:
+        _worker()
+    except Exception:  # the first entry raises it again, to the parent
+        log.warning("mail worker process %d could not be prepared; the first message "
+                    "will try again", os.getpid(), exc_info=True)
+    else:
+        log.info("mail worker process %d ready", os.getpid())
+    assert _setup is not None
+    with contextlib.suppress(threading.BrokenBarrierError):
+        _setup.warmed.wait(timeout=10)
 
 
 def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
@@ -118,13 +174,21 @@ class MailProcesses:
         if self._pool is None:
             from purlgate import logs  # noqa: PLC0415
 
+            spawn = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start,
+                self.workers, mp_context=spawn, initializer=_start,
                 initargs=(_Setup(self.config, self.region_id, self.data_dir,
                                  {**os.environ, "PURLGATE_MAIN_PID": str(os.getpid())},
-                                 logs.current, os.getpid()),))
+                                 logs.current, os.getpid(), spawn.Barrier(self.workers)),))
         return self._pool
+
+    def warm(self) -> None:
+        """Start the processes and have each build its mail worker now (about half a
+        second of imports and set-up each), so that the first message after a start is
+        not the one that waits for it. Called on the event loop thread, as ``handle``."""
+        pool = self._executor()
+        for _ in range(self.workers):
+            pool.submit(_warm)
 
     async def handle(self, entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
         """Handle ``entry`` in a worker process; its batch events and the outbox entries
@@ -133,14 +197,26 @@ class MailProcesses:
         Called on the event loop thread, which starts the processes (the death signal
         follows the thread that made them, and this one lasts as long as the process).
         """
+        loop = asyncio.get_running_loop()
         pool = self._executor()
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, _handle, entry)
+            running = loop.run_in_executor(pool, _handle, entry)
+        except BrokenProcessPool:
+            # Broken before this entry (a process died while warming or idle): not the
+            # entry's fault, it goes to a new pool.
+            self._discard(pool)
+            pool = self._executor()
+            running = loop.run_in_executor(pool, _handle, entry)
+        try:
+            return await running
         except BrokenProcessPool as exc:
-            if self._pool is pool:
-                self._pool = None
-                pool.shutdown(wait=False, cancel_futures=True)
+            self._discard(pool)
             raise ServerError("a mail worker process died while handling the entry") from exc
+
+    def _discard(self, pool: ProcessPoolExecutor) -> None:
+        if self._pool is pool:
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -125,6 +125,11 @@ class MailWorker:
                 sink(event)
         self.outbox.adopt(queued)  # the worker process queued them in the shared folder
 
+    def warm(self) -> None:
+        """Prepare the worker processes (if any) before the first message."""
+        if self.processes is not None:
+            self.processes.warm()
+
     def close(self) -> None:
         if self.processes is not None:
             self.processes.close()
