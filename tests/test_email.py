@@ -131,6 +131,31 @@ def good_mail(name: str = f"acme_spring_{T}_00", **kw: object) -> bytes:
 
 
 @pytest.mark.asyncio
+async def test_reply_headers_cannot_be_smuggled_and_non_ascii_survives(
+        running: Running) -> None:
+    """A subject whose encoded words hide a line break and a Bcc: line gets its one
+    reply with that text kept on the subject line and no header added; a subject in
+    French comes back intact (RFC 2047)."""
+    evil = good_mail(f"acme_spring_{T}_01", msgid="<evil@acme.example>").replace(
+        b"Subject: Spring batch",
+        b"Subject: =?utf-8?q?Spring=0D=0ABcc:_victim@evil.example?=")
+    await running.send(evil)
+    await running.send(good_mail(f"acme_spring_{T}_02", msgid="<fr@acme.example>",
+                                 subject="Données de printemps"))
+    replies = {str(r.message["In-Reply-To"]): r for r in await running.sink.wait_to(SENDER, 2)}
+    await drained(running.gateway)
+    reply = replies["<evil@acme.example>"]
+    assert reply.rcpt_tos == [SENDER]
+    assert reply.message["Subject"] == "Re: Spring Bcc: victim@evil.example"
+    assert "Bcc" not in reply.message and b"\r\nBcc:" not in reply.raw
+    assert "Your data file was processed" in str(
+        reply.message.get_body(("plain",)).get_content())  # type: ignore[union-attr]
+    assert replies["<fr@acme.example>"].message["Subject"] == "Re: Données de printemps"
+    assert all(m.rcpt_tos != ["victim@evil.example"] for m in running.sink.messages)
+    assert len(running.sink.to(SENDER)) == 2
+
+
+@pytest.mark.asyncio
 async def test_happy_path_reply_and_notifications(running: Running, tmp_path: Path) -> None:
     """A 20-row AES ZIP gets a threaded reply with the PURL file in an AES-256 ZIP that
     pyzipper and 7-Zip open with the same password; notifications go to the project."""

@@ -11,9 +11,9 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from email.message import EmailMessage
 
 from purlgate.channels.outbox import Outbox
+from purlgate.channels.replies import new_message, set_text
 
 log = logging.getLogger("purlgate.alerts")
 
@@ -33,11 +33,11 @@ class OperatorAlerts:
         if self.operator is None:
             log.error("no relay.operator to alert: %s", subject)
             return False
-        message = EmailMessage()
+        message = new_message()
         message["From"] = self.sender
         message["To"] = self.operator
         message["Subject"] = f"[purlgate] operator alert: {subject[:120]}"
-        message.set_content(f"{body}\n\nAlerts of this kind are sent at most once an hour.\n")
+        set_text(message, f"{body}\n\nAlerts of this kind are sent at most once an hour.\n")
         hour = int(self._clock() // 3600)
         digest = hashlib.sha256(kind.encode()).hexdigest()[:12]
         self.outbox.enqueue(message, sender=self.sender, recipients=[self.operator],

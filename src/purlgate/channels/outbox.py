@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, BinaryIO
 
 import aiosmtplib
 
-from purlgate.channels.replies import PLACEHOLDER
+from purlgate.channels.replies import PLACEHOLDER, new_message, set_text
 from purlgate.channels.spool import GroupSync
 from purlgate.config import RelayConfig
 from purlgate.core.files import AtomicFile
@@ -197,7 +196,8 @@ class Item:
 def write_message(out: BinaryIO, message: EmailMessage, attachment: Path | None) -> None:
     """The message as sent (CRLF), with ``attachment`` streamed in base64 in place of
     the placeholder part's body (76-character lines, as the email package writes)."""
-    raw = message.as_bytes(policy=policy.SMTP)
+    # With the message's own policy (ours: see replies.MAIL_POLICY), lines ended by CRLF.
+    raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
     if attachment is None:
         out.write(raw)
         return
@@ -477,11 +477,12 @@ class Outbox:
     def _alert(self, item: Item, why: str) -> None:
         if not item.meta.get("alert") or not self.relay.operator:
             return
-        note = EmailMessage()
+        note = new_message()
         note["From"] = item.meta["sender"]
         note["To"] = self.relay.operator
         note["Subject"] = f"[purlgate] undeliverable message {item.id} ({why})"
-        note.set_content(
+        set_text(
+            note,
             f"purlgate could not deliver outbox message {item.id}.\n"
             f"Recipients: {', '.join(item.meta['recipients'])}\n"
             f"Attempts: {item.meta['attempts']}\nLast error: {item.meta['last_error']}\n"
