@@ -158,12 +158,16 @@ async def test_reply_headers_cannot_be_smuggled_and_non_ascii_survives(
 @pytest.mark.asyncio
 async def test_happy_path_reply_and_notifications(running: Running, tmp_path: Path) -> None:
     """A 20-row AES ZIP gets a threaded reply with the PURL file in an AES-256 ZIP that
-    pyzipper and 7-Zip open with the same password; notifications go to the project."""
+    pyzipper and 7-Zip open with the same password; notifications go to the project.
+    The project has a flag file, but mail delivers none: the batch lists only the PURL
+    file as its output."""
     raw = good_mail(msgid="<m1@acme.example>")
     await running.send(raw)
     replies = await running.sink.wait_to(SENDER)
     await running.sink.wait_to("campaigns@acme.example", 2)
     assert len(replies) == 1
+    [batch] = running.gateway.region.store.recent()
+    assert batch.outputs == (f"PURL_acme_spring_{T}_00.csv",)
     reply = replies[0].message
     assert reply["From"] == INBOUND and reply["To"] == SENDER
     assert reply["Subject"] == "Re: Spring batch"

@@ -204,7 +204,7 @@ class MailWorker:
             Submission(path=upload, received_name=attachment.filename,
                        channel=str(entry.meta.get("channel", "smtp")), client_id=client_id,
                        zip_password=password, require_aes=True, sha256=attachment.sha256,
-                       intake_id=entry.id),
+                       intake_id=entry.id, flag_file=False),
             out_dir,
         )
         batch = outcome.batch

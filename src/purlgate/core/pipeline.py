@@ -93,6 +93,9 @@ class Submission:
     # The channel's durable id of this file (its spool entry). A second call with the
     # same id returns the first outcome, or restarts the batch a crash interrupted.
     intake_id: str | None = None
+    # False: the channel delivers no flag file whatever the project says (email: the
+    # reply itself says the PURL file is complete), so none is written.
+    flag_file: bool = True
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class _Job:
     errors: ErrorLog
     progress: Progress | None
     restarted: bool = False  # a crash interrupted this batch: its own outputs may exist
+    flag_file: bool = True  # the channel delivers one (if the project has one)
 
     @property
     def encrypt(self) -> bool:
@@ -373,7 +377,7 @@ class BatchProcessor:
                     batch_id=record.id, client=client, path=unwrapped.path, data=data,
                     project=project, renderer=self.renderer_for(client_id, project_id),
                     out_dir=out_dir, work=work, errors=errors, progress=progress,
-                    restarted=restarted,
+                    restarted=restarted, flag_file=submission.flag_file,
                 )
                 return self._run(job)
             except ClientInputError as exc:
@@ -495,7 +499,7 @@ class BatchProcessor:
         purl = self._encrypt_to(target, job.purl_path, job) if job.encrypt else target
         outputs = [purl]
         flag = None
-        if project.flag_file:
+        if project.flag_file and job.flag_file:
             flag_path = purl.with_name(flag_name(purl.name))
             with AtomicFile(flag_path, no_clobber=not job.restarted,
                             mode=self.result_mode) as out:
