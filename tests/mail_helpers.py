@@ -180,7 +180,7 @@ async def queues_empty(data_dir: Path, timeout: float = 60.0) -> None:
     quiet = 0
     while quiet < 2:
         busy = any((data_dir / "spool" / "incoming").glob("*.msg")) or any(
-            (data_dir / "outbox" / "queue").glob("*.json"))
+            (data_dir / "outbox" / "queue").glob("*.msg"))
         quiet = 0 if busy else quiet + 1
         assert asyncio.get_running_loop().time() < deadline, "the queues never drained"
         await asyncio.sleep(0.1)

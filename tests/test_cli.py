@@ -276,7 +276,7 @@ def test_outbox_and_dead_letters_commands(tmp_path: Path) -> None:
     assert listed.stdout.splitlines()[-1] == "-- 1 message(s) queued"
     assert purlgate("outbox", "--data-dir", "d", "--retry-now", "reply-one",
                     cwd=tmp_path).returncode == 0
-    assert json.loads((tmp_path / "d/outbox/queue/reply-one.json").read_text())["next_at"] > 1e9
+    assert json.loads((tmp_path / "d/outbox/queue/reply-one.state").read_text())["next_at"] > 1e9
     missing = purlgate("outbox", "--data-dir", "d", "--drop", "nope", cwd=tmp_path)
     assert missing.returncode == 2
     assert "no queued message 'nope'" in missing.stderr
@@ -287,7 +287,7 @@ def test_outbox_and_dead_letters_commands(tmp_path: Path) -> None:
     again = purlgate("dead-letters", "--data-dir", "d", "--requeue", "reply-one", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in (tmp_path / "d/outbox/queue").iterdir()) == [
-        "reply-one.eml", "reply-one.json"]
+        "reply-one.msg", "reply-one.state"]
     assert list((tmp_path / "d/outbox/failed").iterdir()) == []
 
 

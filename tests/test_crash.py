@@ -17,7 +17,7 @@ from tests.dovecot import free_port
 from tests.mail_helpers import INBOUND, PASSWORD, SENDER, Sink, queues_empty
 from tests.test_email import CONFIG, good_mail
 
-POINTS = ["spool-committed", "batch-running", "purl-published", "outbox-body-written",
+POINTS = ["spool-committed", "batch-running", "purl-published", "outbox-queued",
           "relay-accepted"]
 
 

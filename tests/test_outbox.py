@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -74,7 +76,8 @@ def test_retries_with_growing_delays_and_the_same_message_id(tmp_path: Path) -> 
     assert asyncio.run(box.deliver_due()) is None
     assert len(script.sent) == 1
     assert box.items() == []
-    assert (tmp_path / "sent" / "r1.json").exists()
+    assert sorted(p.name for p in (tmp_path / "sent").iterdir()) == ["r1.msg"]
+    assert list((tmp_path / "queue").iterdir()) == [], "its attempts state went with it"
 
 
 def test_queued_mail_survives_a_restart(tmp_path: Path) -> None:
@@ -83,7 +86,8 @@ def test_queued_mail_survives_a_restart(tmp_path: Path) -> None:
     first = Outbox(tmp_path, RELAY, sender=Script(TemporaryDeliveryError("down")), clock=clock)
     first.enqueue(note(), sender="s@idomoo.com", recipients=["a@acme.example"], key="r1")
     asyncio.run(first.deliver_due())
-    queued = (tmp_path / "queue" / "r1.eml").read_bytes()
+    queued = (tmp_path / "queue" / "r1.msg").read_bytes().split(b"\n", 1)[1]
+    assert json.loads((tmp_path / "queue" / "r1.state").read_text())["attempts"] == 1
     script = Script()
     clock.now += 3600 - 1
     asyncio.run(Outbox(tmp_path, RELAY, sender=script, clock=clock).deliver_due())
@@ -109,7 +113,7 @@ def test_permanent_failure_stops_and_alerts_the_operator(tmp_path: Path) -> None
     box.enqueue(note(), sender="s@idomoo.com", recipients=["gone@acme.example"], key="r1")
     asyncio.run(box.deliver_due())
     asyncio.run(box.deliver_due())
-    assert (tmp_path / "failed" / "r1.eml").exists()
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == ["r1.msg", "r1.state"]
     assert [r for _, _, r in script.sent] == [["ops@idomoo.example"]]
     assert b"undeliverable message r1 (refused)" in script.sent[0][0]
 
@@ -123,9 +127,9 @@ def test_expiry_stops_and_alerts(tmp_path: Path) -> None:
     for _ in range(12):
         asyncio.run(box.deliver_due())
         clock.now += 600
-    assert (tmp_path / "failed" / "r1.eml").exists()
-    assert (tmp_path / "queue" / "alert-r1.json").exists() or \
-        (tmp_path / "sent" / "alert-r1.json").exists()
+    assert (tmp_path / "failed" / "r1.msg").exists()
+    assert (tmp_path / "queue" / "alert-r1.msg").exists() or \
+        (tmp_path / "sent" / "alert-r1.msg").exists()
 
 
 @pytest.mark.asyncio
@@ -141,7 +145,7 @@ async def test_relay_down_then_up(tmp_path: Path) -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(box.run(stop))
     await asyncio.sleep(0.5)
-    assert (tmp_path / "queue" / "r1.eml").exists()
+    assert (tmp_path / "queue" / "r1.msg").exists()
     meta = box.items()[0].meta
     assert meta["attempts"] >= 1 and "unreachable" in meta["last_error"]
     up = await Sink().start(port)
@@ -268,34 +272,83 @@ async def test_relay_connections_are_kept_checked_and_closed() -> None:
 
 def test_whatever_a_crash_left_enqueue_adopts_and_sent_is_never_sent_again(
         tmp_path: Path) -> None:
-    """A body left without its .json (a crash between the two) is replaced by the next
-    enqueue of that key, which succeeds; an entry whose "sent" record exists but whose
-    queue files remain (a crash after the record) is finished off, not sent again."""
+    """A half-written entry (its hidden .part, a crash before the rename) is replaced by
+    the next enqueue of that key, which succeeds; an entry recorded sent whose attempts
+    state is still in the queue (a crash between the two) is not sent again, and the
+    state goes once it is old."""
     clock, script = Clock(), Script()
     box = Outbox(tmp_path, RELAY, sender=script, clock=clock)
-    (tmp_path / "queue" / "r1.eml").write_bytes(b"half a message")
+    (tmp_path / "queue" / ".r1.msg.part").write_bytes(b"half a message")
+    assert box.items() == []
     assert box.enqueue(note(), sender="sftp-usa@idomoo.com", recipients=["a@acme.example"],
                        key="r1")
-    assert b"Subject: hello" in (tmp_path / "queue" / "r1.eml").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == ["r1.msg"]
+    assert b"Subject: hello" in (tmp_path / "queue" / "r1.msg").read_bytes()
     box.enqueue(note("second"), sender="sftp-usa@idomoo.com", recipients=["b@acme.example"],
                 key="r2")
-    (tmp_path / "sent" / "r2.json").write_text((tmp_path / "queue" / "r2.json").read_text())
+    (tmp_path / "queue" / "r2.state").write_text('{"attempts": 1}')
+    (tmp_path / "queue" / "r2.msg").replace(tmp_path / "sent" / "r2.msg")
     assert [item.id for item in box.items()] == ["r1"]
-    assert sorted(p.name for p in (tmp_path / "sent").iterdir()) == ["r2.eml", "r2.json"]
+    assert (tmp_path / "queue" / "r2.state").exists(), "young: perhaps a requeue"
+    old = time.time() - 3600
+    os.utime(tmp_path / "queue" / "r2.state", (old, old))
     asyncio.run(box.deliver_due())
     assert [r for _, _, r in script.sent] == [["a@acme.example"]]
+    assert not (tmp_path / "queue" / "r2.state").exists()
     assert not box.enqueue(note("second"), sender="sftp-usa@idomoo.com",
                            recipients=["b@acme.example"], key="r2"), "sent: never again"
-    # The record moved to sent/ and the body not yet (a crash between the two moves):
-    # the body follows at the next look, and nothing is sent again.
-    box.enqueue(note("third"), sender="sftp-usa@idomoo.com", recipients=["c@acme.example"],
-                key="r3")
-    (tmp_path / "queue" / "r3.json").replace(tmp_path / "sent" / "r3.json")
-    assert box.items() == []
-    assert (tmp_path / "sent" / "r3.eml").exists()
-    assert not (tmp_path / "queue" / "r3.eml").exists()
-    assert not box.enqueue(note("third"), sender="sftp-usa@idomoo.com",
-                           recipients=["c@acme.example"], key="r3")
+    assert sorted(p.name for p in (tmp_path / "sent").iterdir()) == ["r1.msg", "r2.msg"]
+
+
+def test_the_previous_release_s_outbox_is_converted_and_kept(tmp_path: Path) -> None:
+    """A data directory of the previous release (``.eml`` + ``.json`` per message, the
+    .json the commit point): a queued entry is sent byte for byte with its attempts
+    kept, a failed one is listed and can be sent again, a sent record still refuses its
+    key, a body without its .json (never committed) goes."""
+    eml = note("old queued").as_bytes(policy=policy.SMTP)
+    queue, sent, failed = (tmp_path / f for f in ("queue", "sent", "failed"))
+    for folder in (queue, sent, failed):
+        folder.mkdir(parents=True)
+    meta = {"sender": "s@idomoo.com", "recipients": ["a@acme.example"], "attempts": 2,
+            "created_at": 1_000_000.0, "next_at": 1_000_000.0, "last_error": "451",
+            "alert": True}
+    (queue / "q1.eml").write_bytes(eml)
+    (queue / "q1.json").write_text(json.dumps(meta))
+    (failed / "f1.eml").write_bytes(note("old failed").as_bytes(policy=policy.SMTP))
+    (failed / "f1.json").write_text(json.dumps({**meta, "last_error": "relay answered 550"}))
+    (sent / "s1.eml").write_bytes(b"x")
+    (sent / "s1.json").write_text(json.dumps({**meta, "delivered_at": 1_000_000.0}))
+    (queue / "u1.eml").write_bytes(b"half")
+    script = Script()
+    box = Outbox(tmp_path, RELAY, sender=script, clock=Clock())
+    [item] = box.items()
+    assert (item.id, item.meta["attempts"], item.meta["last_error"]) == ("q1", 2, "451")
+    assert sorted(p.name for p in queue.iterdir()) == ["q1.msg", "q1.state"]
+    [dead] = box.failed_items()
+    assert (dead.id, dead.meta["last_error"]) == ("f1", "relay answered 550")
+    assert not box.enqueue(note(), sender="s@idomoo.com", recipients=["a@x.example"],
+                           key="s1"), "sent in the old layout: never again"
+    asyncio.run(box.deliver_due())
+    assert script.sent == [(eml, "s@idomoo.com", ["a@acme.example"])]
+    box.requeue("f1")
+    asyncio.run(box.deliver_due())
+    assert [b"old failed" in raw for raw, _, _ in script.sent] == [False, True]
+    assert box.items() == [] and box.failed_items() == []
+
+
+def test_sent_mail_is_swept_by_when_it_was_sent(tmp_path: Path) -> None:
+    """Sent records older than the retention go (their ZIPs hold client data); newer
+    ones stay."""
+    clock = Clock()
+    clock.now = time.time()
+    box = Outbox(tmp_path, RELAY, sender=Script(), clock=clock)
+    box.enqueue(note(), sender="s@idomoo.com", recipients=["a@acme.example"], key="r1")
+    asyncio.run(box.deliver_due())
+    clock.now += 29 * 86400
+    assert box.sweep_sent(30 * 86400) == 0
+    clock.now += 2 * 86400
+    assert box.sweep_sent(30 * 86400) == 1
+    assert list((tmp_path / "sent").iterdir()) == []
 
 
 def test_a_reply_s_zip_is_written_from_disk_in_its_place(tmp_path: Path) -> None:

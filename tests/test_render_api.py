@@ -208,8 +208,8 @@ async def test_refused_credentials_fail_the_batch_and_alert_the_operator(
     assert outcome.batch.reason == (
         "our video rendering service refused our credentials, so no video was made; this "
         "is on our side and our operators have been alerted")
-    queued = sorted((tmp_path / "usa" / "outbox" / "queue").glob("alert-*.eml"))
-    assert [p.name for p in queued] == ["alert-usa-1.eml"]
+    queued = sorted((tmp_path / "usa" / "outbox" / "queue").glob("alert-*.msg"))
+    assert [p.name for p in queued] == ["alert-usa-1.msg"]
     alert = queued[0].read_text()
     assert "To: ops@idomoo.example" in alert
     assert "Region: usa" in alert and "Client: acme" in alert and "Batch: 1" in alert

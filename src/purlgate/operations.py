@@ -103,7 +103,7 @@ def _metric_families(gateway: Gateway) -> Iterable[Metric]:
                             value=time.time() - oldest if oldest is not None else 0)
     yield GaugeMetricFamily("purlgate_outbox_failed",
                             "Mail refused by the relay or expired (outbox/failed)",
-                            value=len(list(gateway.outbox.failed.glob("*.json"))))
+                            value=len(list(gateway.outbox.failed.glob("*.msg"))))
     yield GaugeMetricFamily("purlgate_spool_depth", "Accepted mail not answered yet",
                             value=len(gateway.spool.pending()))
     dead = GaugeMetricFamily("purlgate_dead_letters",

@@ -1,13 +1,16 @@
 """The durable outbox: replies and notifications, retried until delivered or expired.
 
-Each message is a ``.eml`` (sent byte for byte on every try, so the Message-ID never
-changes) and a ``.json`` of its envelope and attempts, written fsynced before
-``enqueue`` returns. A 4xx answer, a timeout or a refused connection is retried with
-doubling delays; a 5xx or the expiry moves it to ``failed/`` and alerts the operator.
-An optional key makes enqueueing idempotent: the same key is queued at most once,
-which is what lets a restarted worker re-enqueue safely. After the relay's 250 the
-entry's ``.json`` moves to ``sent/`` (the record: never sent again), then its body;
-concurrent deliveries share the folder fsync that makes the moves durable.
+Each message is one file, ``queue/<id>.msg``: a line of JSON (its envelope: sender,
+recipients, when it was queued), then the message as sent, byte for byte on every try
+(so the Message-ID never changes). It is written through a hidden ``.part``, fsynced
+and renamed into place before ``enqueue`` returns: the rename is its one commit point.
+A 4xx answer, a timeout or a refused connection is retried with doubling delays (the
+attempts are kept in ``<id>.state`` beside it); a 5xx or the expiry moves it to
+``failed/`` and alerts the operator. An optional key makes enqueueing idempotent: the
+same key is queued at most once, which is what lets a restarted worker re-enqueue
+safely. After the relay's 250 the entry moves to ``sent/`` (the record: never sent
+again); concurrent deliveries share the folder fsync that makes the move durable.
+The previous release's two files per entry (``.eml`` + ``.json``) are converted.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import aiosmtplib
 from purlgate.channels.replies import PLACEHOLDER, new_message, set_text
 from purlgate.channels.spool import GroupSync
 from purlgate.config import RelayConfig
-from purlgate.core.files import AtomicFile
+from purlgate.core.files import AtomicFile, fsync_dir
 from purlgate.errors import StorageError
 from purlgate.faults import crash_point
 
@@ -189,8 +192,8 @@ def relay_sender(relay: RelayConfig) -> RelayConnections:
 @dataclass
 class Item:
     id: str
-    eml: Path
-    meta: dict[str, Any]
+    path: Path  # the .msg: its envelope line, then the message as sent
+    meta: dict[str, Any]  # the envelope, with the attempts state over it
 
 
 def write_message(out: BinaryIO, message: EmailMessage, attachment: Path | None) -> None:
@@ -211,6 +214,16 @@ def write_message(out: BinaryIO, message: EmailMessage, attachment: Path | None)
 
 
 RESCAN_SECONDS = 30.0
+# An entry's attempts state (over its envelope line); it moves with the entry to failed/.
+STATE_KEYS = ("attempts", "next_at", "last_error", "created_at")
+ORPHAN_SECONDS = 600.0  # a state file without its entry older than this is removed
+
+
+def _message_bytes(path: Path) -> bytes:
+    """The message of an entry file, as sent (the file less its envelope line)."""
+    with path.open("rb") as f:
+        f.readline(1 << 16)
+        return f.read()
 STORAGE_RETRY_SECONDS = 5.0
 
 
@@ -234,6 +247,50 @@ class Outbox:
         # In a worker process: what it queued, for the gateway's outbox to ``adopt``.
         self.enqueued: list[str] | None = None
         self._rescan = False
+        self._upgraded = False
+
+    # -- the files -------------------------------------------------------------------
+
+    @staticmethod
+    def _read(path: Path) -> tuple[dict[str, Any], int]:
+        """An entry's envelope (its first line) and where its message starts."""
+        with path.open("rb") as f:
+            line = f.readline(1 << 16)
+        if not line.endswith(b"\n"):
+            raise ValueError("no envelope line")
+        envelope = json.loads(line)
+        if not isinstance(envelope, dict):
+            raise ValueError("the envelope line is not an object")  # noqa: TRY004 - read as unreadable JSON
+        return envelope, len(line)
+
+    def _item(self, item_id: str, folder: Path) -> Item | None:
+        """The entry ``item_id`` in ``folder`` with its state, or None (not there, or
+        unreadable: left for an operator, logged)."""
+        path = folder / f"{item_id}.msg"
+        try:
+            meta, _ = self._read(path)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.warning("outbox %s: its file is unreadable; left for an operator", item_id)
+            return None
+        try:
+            meta.update(json.loads(path.with_suffix(".state").read_text()))
+        except FileNotFoundError:
+            pass  # never tried yet
+        except ValueError:
+            log.warning("outbox %s: its attempts state is unreadable; counted afresh",
+                        item_id)
+        meta.setdefault("attempts", 0)
+        meta.setdefault("next_at", meta["created_at"])
+        meta.setdefault("last_error", None)
+        return Item(item_id, path, meta)
+
+    def _write_state(self, item: Item, folder: Path) -> None:
+        state = {k: item.meta[k] for k in STATE_KEYS if k in item.meta}
+        with AtomicFile(folder / f"{item.id}.state", no_clobber=False) as out:
+            out.file.write(json.dumps(state).encode())
+            out.commit()
 
     # -- enqueue (any thread) -------------------------------------------------------
 
@@ -248,39 +305,34 @@ class Outbox:
         item_id = key or make_msgid().strip("<>").split("@")[0]
         item_id = "".join(c if c in KEY_CHARS else "_" for c in item_id.lower())
         with self._lock:
-            # The .json is the entry's one commit point: with it (queued, sent or failed)
-            # the entry exists; without it, a body left by a crash is simply replaced.
-            # Both renames are made durable by one folder fsync, after the .json's: a
-            # power cut may leave a queued .json without its body, which counts as not
-            # queued (and is replaced here).
-            if (self.queue / f"{item_id}.json").exists() and (
-                    self.queue / f"{item_id}.eml").exists():
-                return False
-            if any((folder / f"{item_id}.json").exists() for folder in (self.sent,
-                                                                        self.failed)):
+            if self._known(item_id):
                 return False
             if "Message-ID" not in message:
                 message["Message-ID"] = make_msgid(domain=sender.rsplit("@", maxsplit=1)[-1])
             if "Date" not in message:
                 message["Date"] = formatdate(localtime=False, usegmt=True)
-            now = self._clock()
-            meta = {"sender": sender, "recipients": list(recipients), "attempts": 0,
-                    "created_at": now, "next_at": now, "last_error": None, "alert": alert}
-            with AtomicFile(self.queue / f"{item_id}.eml", no_clobber=False,
-                            sync_dir=False) as out:
+            envelope = {"sender": sender, "recipients": list(recipients),
+                        "created_at": self._clock(), "alert": alert}
+            # One file, one commit point: its rename into the queue (a crash before it
+            # leaves only the hidden .part, replaced by the next enqueue of this key).
+            with AtomicFile(self.queue / f"{item_id}.msg", no_clobber=False) as out:
+                out.file.write(json.dumps(envelope).encode() + b"\n")
                 # CRLF, as on the wire: the stored file is exactly what every try sends.
                 write_message(out.file, message, attachment)
                 out.commit()
-            crash_point("outbox-body-written")
-            with AtomicFile(self.queue / f"{item_id}.json", no_clobber=False) as out:
-                out.file.write(json.dumps(meta).encode())
-                out.commit()
+            crash_point("outbox-queued")
             if self._loop is not None:  # else the loop's first scan finds it
                 self._fresh.append(item_id)
             if self.enqueued is not None:
                 self.enqueued.append(item_id)
         self.wake()
         return True
+
+    def _known(self, item_id: str) -> bool:
+        """Queued, sent or failed already (also in the previous release's layout)."""
+        return any((folder / f"{item_id}{suffix}").exists()
+                   for folder in (self.queue, self.sent, self.failed)
+                   for suffix in (".msg", ".json"))
 
     def adopt(self, item_ids: Sequence[str]) -> None:
         """Entries another process queued in our folder: delivered without a rescan."""
@@ -297,17 +349,9 @@ class Outbox:
     def _load(self, item_ids: Sequence[str]) -> dict[str, Item]:
         found = {}
         for item_id in dict.fromkeys(item_ids):
-            meta_path = self.queue / f"{item_id}.json"
-            try:
-                meta = json.loads(meta_path.read_text())
-            except FileNotFoundError:
-                continue  # sent or dropped meanwhile
-            except ValueError:
-                log.warning("outbox %s: its .json is unreadable; left for an operator",
-                            item_id)
-                continue
-            if meta_path.with_suffix(".eml").exists():
-                found[item_id] = Item(item_id, meta_path.with_suffix(".eml"), meta)
+            item = self._item(item_id, self.queue)  # None: sent or dropped meanwhile
+            if item is not None:
+                found[item_id] = item
         return found
 
     def wake(self) -> None:
@@ -320,64 +364,101 @@ class Outbox:
     # -- delivery (the event loop) ----------------------------------------------------
 
     def items(self) -> list[Item]:
-        """Entries still to send. One recorded sent (or failed) is finished off, never
-        sent again: a crash after that record left its queue files behind."""
+        """Entries still to send. Also tidies what a crash or the previous release left:
+        an attempts state whose entry is gone, and queue entries in the old two-file
+        layout (converted)."""
+        self._upgrade()
         found = []
-        for meta_path in sorted(self.queue.glob("*.json")):
-            eml = meta_path.with_suffix(".eml")
-            done = next((f for f in (self.sent, self.failed)
-                         if (f / meta_path.name).exists()), None)
-            if done is not None:
+        now = time.time()
+        for path in sorted(self.queue.glob("*")):
+            if path.suffix == ".msg":
+                item = self._item(path.stem, self.queue)
+                if item is not None:
+                    found.append(item)
+            elif path.suffix == ".state" and not path.with_suffix(".msg").exists():
+                # Its entry was delivered or failed before the state went (a crash
+                # between): nothing to keep. A young one may be a requeue in progress.
                 with contextlib.suppress(FileNotFoundError):
-                    eml.replace(done / eml.name)
-                meta_path.unlink(missing_ok=True)
-                continue
-            if eml.exists():
-                try:
-                    meta = json.loads(meta_path.read_text())
-                except FileNotFoundError:
-                    continue  # delivered meanwhile (an attempt in flight)
-                except ValueError:
-                    log.warning("outbox %s: its .json is unreadable; left for an operator",
-                                meta_path.stem)
-                    continue
-                found.append(Item(meta_path.stem, eml, meta))
-        for eml in self.queue.glob("*.eml"):
-            # A body whose record moved on before it (a crash between the two moves);
-            # a body still being queued has no record anywhere and is left alone.
-            done = next((f for f in (self.sent, self.failed)
-                         if (f / f"{eml.stem}.json").exists()), None)
-            if done is not None and not eml.with_suffix(".json").exists():
-                with contextlib.suppress(FileNotFoundError):
-                    eml.replace(done / eml.name)
+                    if now - path.stat().st_mtime > ORPHAN_SECONDS:
+                        path.unlink()
         return found
 
-    def failed_items(self) -> list[Item]:
-        return [Item(p.stem, p.with_suffix(".eml"), json.loads(p.read_text()))
-                for p in sorted(self.failed.glob("*.json")) if p.with_suffix(".eml").exists()]
+    def _upgrade(self) -> None:
+        """Entries of the previous release (``<id>.eml`` + ``<id>.json``, the .json the
+        commit point) become ``<id>.msg`` (+ ``.state``): queued and failed ones, so
+        that one layout is sent and listed; sent records stay as they are (read by
+        ``_known`` and the sweep). Once per Outbox, by the first that lists entries."""
+        with self._lock:
+            if self._upgraded:
+                return
+            self._upgraded = True
+            for folder in (self.queue, self.failed):
+                self._upgrade_folder(folder)
 
-    def _find(self, item_id: str, folder: Path) -> Item:
-        meta_path = folder / f"{item_id}.json"
-        if not meta_path.exists() or not meta_path.with_suffix(".eml").exists():
-            raise KeyError(item_id)
-        return Item(item_id, meta_path.with_suffix(".eml"), json.loads(meta_path.read_text()))
-
-    def sweep_sent(self, max_age_seconds: float) -> int:
-        """Delete sent mail (its ZIPs hold client data) older than ``max_age_seconds``."""
-        cutoff = self._clock() - max_age_seconds
-        removed = 0
-        for meta_path in self.sent.glob("*.json"):
+    def _upgrade_folder(self, folder: Path) -> None:
+        for meta_path in sorted(folder.glob("*.json")):
+            eml = meta_path.with_suffix(".eml")
             try:
                 meta = json.loads(meta_path.read_text())
+                body = eml.read_bytes()
+            except FileNotFoundError:
+                continue  # a body without its record: not queued; removed below
+            except ValueError:
+                log.warning("outbox %s: its .json is unreadable; left for an operator",
+                            meta_path.stem)
+                continue
+            if folder == self.queue and any(
+                    (f / meta_path.name).exists() for f in (self.sent, self.failed)):
+                meta_path.unlink(missing_ok=True)  # finished before the crash
+                eml.unlink(missing_ok=True)
+                continue
+            item = Item(meta_path.stem, folder / f"{meta_path.stem}.msg", meta)
+            if meta.get("attempts") or folder == self.failed:
+                self._write_state(item, folder)
+            envelope = {k: meta[k] for k in ("sender", "recipients", "created_at",
+                                             "alert") if k in meta}
+            with AtomicFile(item.path, no_clobber=False) as out:
+                out.file.write(json.dumps(envelope).encode() + b"\n" + body)
+                out.commit()
+            meta_path.unlink()
+            eml.unlink(missing_ok=True)
+            log.info("outbox %s: converted from the previous release's layout",
+                     item.id)
+        for eml in folder.glob("*.eml"):
+            if not eml.with_suffix(".json").exists() and folder == self.queue:
+                eml.unlink(missing_ok=True)  # never committed (no .json)
+
+    def failed_items(self) -> list[Item]:
+        self._upgrade()
+        return [item for p in sorted(self.failed.glob("*.msg"))
+                if (item := self._item(p.stem, self.failed)) is not None]
+
+    def _find(self, item_id: str, folder: Path) -> Item:
+        item = self._item(item_id, folder)
+        if item is None:
+            raise KeyError(item_id)
+        return item
+
+    def sweep_sent(self, max_age_seconds: float) -> int:
+        """Delete sent mail (its ZIPs hold client data) older than ``max_age_seconds``:
+        a record's time is when it moved to sent/ (its ctime), or for a record of the
+        previous release, the delivery time it holds."""
+        cutoff = self._clock() - max_age_seconds
+        removed = 0
+        for path in self.sent.iterdir():
+            try:
+                if path.suffix == ".msg":
+                    delivered = path.stat().st_ctime
+                elif path.suffix == ".json":
+                    meta = json.loads(path.read_text())
+                    delivered = meta.get("delivered_at") or path.stat().st_ctime
+                else:
+                    continue
             except (OSError, ValueError):
                 continue
-            try:
-                delivered = meta.get("delivered_at") or meta_path.stat().st_ctime
-            except FileNotFoundError:
-                continue
             if delivered < cutoff:
-                meta_path.with_suffix(".eml").unlink(missing_ok=True)
-                meta_path.unlink(missing_ok=True)
+                path.with_suffix(".eml").unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
                 removed += 1
         return removed
 
@@ -386,7 +467,7 @@ class Outbox:
         with self._lock:
             item = self._find(item_id, self.queue)
             item.meta["next_at"] = self._clock()
-            self._save(item, self.queue)
+            self._write_state(item, self.queue)
         self.wake()
 
     def drop(self, item_id: str) -> None:
@@ -394,7 +475,7 @@ class Outbox:
         with self._lock:
             item = self._find(item_id, self.queue)
             item.meta["last_error"] = "dropped by an operator"
-            self._save(item, self.failed)
+            self._move(item, self.failed)
 
     def requeue(self, item_id: str) -> None:
         """Send a failed message again, from scratch (attempts and expiry reset)."""
@@ -402,23 +483,20 @@ class Outbox:
             item = self._find(item_id, self.failed)
             now = self._clock()
             item.meta.update(attempts=0, next_at=now, created_at=now, last_error=None)
-            with AtomicFile(self.queue / item.eml.name) as out:
-                out.file.write(item.eml.read_bytes())
-                out.commit()
-            self._save(item, self.queue)
-            item.eml.unlink()
-            (self.failed / f"{item_id}.json").unlink(missing_ok=True)
+            self._write_state(item, self.queue)
+            item.path.replace(self.queue / item.path.name)  # the commit point
+            fsync_dir(self.queue)
+            (self.failed / f"{item_id}.state").unlink(missing_ok=True)
         self.wake()
 
-    def _save(self, item: Item, folder: Path) -> None:
-        with AtomicFile(folder / f"{item.id}.json", no_clobber=False) as out:
-            out.file.write(json.dumps(item.meta).encode())
-            out.commit()
-        if folder != self.queue:
-            # A scan may have finished it off already (it saw the record just written).
-            with contextlib.suppress(FileNotFoundError):
-                item.eml.replace(folder / item.eml.name)
-            (self.queue / f"{item.id}.json").unlink(missing_ok=True)
+    def _move(self, item: Item, folder: Path) -> None:
+        """A queued entry to ``folder`` (failed/) with its state: the state first, then
+        the entry (the record), then the queue's state goes."""
+        self._write_state(item, folder)
+        with contextlib.suppress(FileNotFoundError):  # a scan finished it off already
+            item.path.replace(folder / item.path.name)
+        fsync_dir(folder)
+        (self.queue / f"{item.id}.state").unlink(missing_ok=True)
 
     async def deliver_due(self) -> float | None:
         """Try every message that is due, one after another; return seconds until the
@@ -433,7 +511,7 @@ class Outbox:
         """One delivery try: "sent", "failed" or "deferred" (recorded on disk)."""
         meta = item.meta
         meta["attempts"] += 1
-        data = await asyncio.to_thread(item.eml.read_bytes)
+        data = await asyncio.to_thread(_message_bytes, item.path)
         try:
             await self._send(data, meta["sender"], meta["recipients"])
         except TemporaryDeliveryError as exc:
@@ -447,7 +525,7 @@ class Outbox:
                         self.relay.retry_max_seconds)
             meta["next_at"] = self._clock() + delay
             log.warning("outbox %s deferred (%s); retry in %.0f s", item.id, exc, delay)
-            await asyncio.to_thread(self._save, item, self.queue)
+            await asyncio.to_thread(self._write_state, item, self.queue)
             self.wake()  # a running loop plans its next look with the new deadline
             return "deferred"
         except PermanentDeliveryError as exc:
@@ -461,17 +539,18 @@ class Outbox:
         return "sent"
 
     def _mark_sent(self, item: Item) -> None:
-        """Record a delivery: the entry's .json moves to sent/ (the record: from then on
-        it is never sent again), then its body; one folder fsync shared with the other
-        deliveries of the moment makes both durable. The record's time is its ctime."""
-        with contextlib.suppress(FileNotFoundError):  # a scan finished it off already
-            (self.queue / f"{item.id}.json").replace(self.sent / f"{item.id}.json")
+        """Record a delivery: the entry moves to sent/ (the record: from then on it is
+        never sent again), made durable by one folder fsync shared with the other
+        deliveries of the moment; its attempts state, if any, goes. The record's time is
+        its ctime."""
         with contextlib.suppress(FileNotFoundError):
-            item.eml.replace(self.sent / item.eml.name)
+            item.path.replace(self.sent / item.path.name)
         self._sent_sync.sync()
+        (self.queue / f"{item.id}.state").unlink(missing_ok=True)
 
     def _fail(self, item: Item, why: str) -> None:
-        self._save(item, self.failed)
+        with self._lock:
+            self._move(item, self.failed)
         self._alert(item, why)
 
     def _alert(self, item: Item, why: str) -> None:
