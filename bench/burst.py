@@ -149,9 +149,9 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def profile_summary(raw: Path, top: int = 22) -> None:
+def profile_summary(raw: Path, what: str, top: int = 22) -> None:
     """py-spy's collapsed stacks of the thread holding the GIL (the one resource every
-    Python thread shares), as time inside each function (inclusive), in percent."""
+    Python thread of a process shares), as time inside each function (inclusive)."""
     inclusive: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
@@ -162,7 +162,7 @@ def profile_summary(raw: Path, top: int = 22) -> None:
         total += n
         for frame in set(frames):
             inclusive[frame] += n
-    print(f"profile (py-spy --gil, {total} samples), share of GIL time inside:")
+    print(f"profile of {what} (py-spy --gil, {total} samples), share of GIL time inside:")
     for frame, n in inclusive.most_common(top):
         print(f"  {100 * n / total:5.1f}%  {frame}")
 
@@ -190,11 +190,16 @@ async def burst(messages: int, sessions: int, setup: str,
         while any(msgid not in relay.arrived for msgid, _ in warmup):
             await asyncio.sleep(0.01)
         accepted: dict[str, float] = {}
-        spy = None
+        spies = []
         if profile is not None:
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(child.pid), "--format",
-                                    "raw", "--rate", "100", *PYSPY_MODE, "-o", str(profile)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # The gateway, and one of its mail worker processes.
+            workers = [pid for pid in tree_cpu(child.pid) if b"spawn_main" in
+                       Path(f"/proc/{pid}/cmdline").read_bytes()]
+            for pid, out in ((child.pid, profile), (workers[0], profile.with_suffix(".w"))):
+                spies.append(subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate",
+                     "100", *PYSPY_MODE, "-o", str(out)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             await asyncio.sleep(1.0)
         try:
             cpu_before = tree_cpu(child.pid)
@@ -222,7 +227,7 @@ async def burst(messages: int, sessions: int, setup: str,
             own_cpu = time.process_time() - own_before
             await asyncio.sleep(1.0)  # anything sent twice would arrive now
         finally:
-            if spy is not None:
+            for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
             stop_serve(child)
@@ -317,7 +322,8 @@ def main() -> None:
     parser.add_argument("--baseline", default="threads:1", help="MODE:WORKERS beside it")
     parser.add_argument("--big-rows", type=int, default=0)
     parser.add_argument("--profile", action="store_true",
-                        help="also profile the second run with py-spy (pip install py-spy)")
+                        help="also profile the gateway and a worker process in the second "
+                             "run with py-spy (pip install py-spy)")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; purlgate serve in a subprocess, relay sink here")
     if args.big_rows:
@@ -349,7 +355,8 @@ def main() -> None:
         print(f"  {label:<26}{base[key]:>14.2f}{ours[key]:>14.2f}{ours[key] / base[key]:>8.2f}"
               + unit)
     if args.profile:
-        profile_summary(raw)
+        profile_summary(raw, "the gateway")
+        profile_summary(raw.with_suffix(".w"), "a mail worker process")
 
 
 if __name__ == "__main__":

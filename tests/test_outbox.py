@@ -273,16 +273,18 @@ async def test_relay_connections_are_kept_checked_and_closed() -> None:
 def test_whatever_a_crash_left_enqueue_adopts_and_sent_is_never_sent_again(
         tmp_path: Path) -> None:
     """A half-written entry (its hidden .part, a crash before the rename) is replaced by
-    the next enqueue of that key, which succeeds; an entry recorded sent whose attempts
-    state is still in the queue (a crash between the two) is not sent again, and the
-    state goes once it is old."""
+    the next enqueue of that key, which succeeds (one of a key never queued again goes
+    once it is old); an entry recorded sent whose attempts state is still in the queue
+    (a crash between the two) is not sent again, and the state goes once it is old."""
     clock, script = Clock(), Script()
     box = Outbox(tmp_path, RELAY, sender=script, clock=clock)
     (tmp_path / "queue" / ".r1.msg.part").write_bytes(b"half a message")
+    (tmp_path / "queue" / ".alert-x.msg.part").write_bytes(b"half an alert")
     assert box.items() == []
     assert box.enqueue(note(), sender="sftp-usa@idomoo.com", recipients=["a@acme.example"],
                        key="r1")
-    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == ["r1.msg"]
+    assert sorted(p.name for p in (tmp_path / "queue").iterdir()) == [
+        ".alert-x.msg.part", "r1.msg"]
     assert b"Subject: hello" in (tmp_path / "queue" / "r1.msg").read_bytes()
     box.enqueue(note("second"), sender="sftp-usa@idomoo.com", recipients=["b@acme.example"],
                 key="r2")
@@ -291,10 +293,11 @@ def test_whatever_a_crash_left_enqueue_adopts_and_sent_is_never_sent_again(
     assert [item.id for item in box.items()] == ["r1"]
     assert (tmp_path / "queue" / "r2.state").exists(), "young: perhaps a requeue"
     old = time.time() - 3600
-    os.utime(tmp_path / "queue" / "r2.state", (old, old))
+    for left in ("r2.state", ".alert-x.msg.part"):
+        os.utime(tmp_path / "queue" / left, (old, old))
     asyncio.run(box.deliver_due())
     assert [r for _, _, r in script.sent] == [["a@acme.example"]]
-    assert not (tmp_path / "queue" / "r2.state").exists()
+    assert list((tmp_path / "queue").iterdir()) == [], "what the crashes left is gone"
     assert not box.enqueue(note("second"), sender="sftp-usa@idomoo.com",
                            recipients=["b@acme.example"], key="r2"), "sent: never again"
     assert sorted(p.name for p in (tmp_path / "sent").iterdir()) == ["r1.msg", "r2.msg"]

@@ -381,6 +381,11 @@ class Outbox:
                 with contextlib.suppress(FileNotFoundError):
                     if now - path.stat().st_mtime > ORPHAN_SECONDS:
                         path.unlink()
+        for part in self.queue.glob(".*.part"):
+            # Left by a crash while writing (one still being written is young).
+            with contextlib.suppress(FileNotFoundError):
+                if now - part.stat().st_mtime > ORPHAN_SECONDS:
+                    part.unlink()
         return found
 
     def _upgrade(self) -> None:
@@ -398,19 +403,19 @@ class Outbox:
     def _upgrade_folder(self, folder: Path) -> None:
         for meta_path in sorted(folder.glob("*.json")):
             eml = meta_path.with_suffix(".eml")
+            if folder == self.queue and any(
+                    (f / meta_path.name).exists() for f in (self.sent, self.failed)):
+                meta_path.unlink(missing_ok=True)  # finished before a crash
+                eml.unlink(missing_ok=True)
+                continue
             try:
                 meta = json.loads(meta_path.read_text())
                 body = eml.read_bytes()
             except FileNotFoundError:
-                continue  # a body without its record: not queued; removed below
+                continue  # gone meanwhile, or a record without its body: left as it is
             except ValueError:
                 log.warning("outbox %s: its .json is unreadable; left for an operator",
                             meta_path.stem)
-                continue
-            if folder == self.queue and any(
-                    (f / meta_path.name).exists() for f in (self.sent, self.failed)):
-                meta_path.unlink(missing_ok=True)  # finished before the crash
-                eml.unlink(missing_ok=True)
                 continue
             item = Item(meta_path.stem, folder / f"{meta_path.stem}.msg", meta)
             if meta.get("attempts") or folder == self.failed:
