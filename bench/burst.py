@@ -352,8 +352,8 @@ def main() -> None:
                              ("CPU ms/msg, workers", "cpu_workers", ""),
                              ("CPU ms/msg, benchmark", "cpu_bench", ""),
                              ("CPU ms/msg, rest of machine", "cpu_other", "")):
-        print(f"  {label:<26}{base[key]:>14.2f}{ours[key]:>14.2f}{ours[key] / base[key]:>8.2f}"
-              + unit)
+        ratio = f"{ours[key] / base[key]:>8.2f}" if base[key] else f"{'-':>8}"
+        print(f"  {label:<26}{base[key]:>14.2f}{ours[key]:>14.2f}{ratio}{unit}")
     if args.profile:
         profile_summary(raw, "the gateway")
         profile_summary(raw.with_suffix(".w"), "a mail worker process")
