@@ -18,6 +18,7 @@ from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,9 +40,41 @@ class Attachment:
     sha256: str
 
 
+class _Part:
+    """A part's header block (``policy.default``), each value worked out once: every
+    look-up of the email package parses its header again, and the walk asks often."""
+
+    def __init__(self, headers: EmailMessage) -> None:
+        self.headers = headers
+
+    @cached_property
+    def content_type(self) -> str:
+        return self.headers.get_content_type()
+
+    @property
+    def maintype(self) -> str:
+        return self.content_type.split("/")[0]
+
+    @cached_property
+    def boundary(self) -> str | None:
+        return self.headers.get_boundary()
+
+    @cached_property
+    def filename(self) -> str | None:
+        return self.headers.get_filename()
+
+    @cached_property
+    def disposition(self) -> str | None:
+        return self.headers.get_content_disposition()
+
+    @cached_property
+    def transfer_encoding(self) -> str:
+        return str(self.headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+
+
 @dataclass(frozen=True)
 class _Leaf:
-    headers: EmailMessage  # the part's header block only
+    part: _Part  # the part's header block only
     start: int  # its body, as byte offsets in the file
     end: int
 
@@ -83,14 +116,15 @@ def _leaves(f: BinaryIO) -> tuple[EmailMessage, list[_Leaf]]:
     """The message's headers and its leaf parts, read line by line from the file: only
     header blocks are held, never a body (RFC 2046 multipart, nested; a boundary line
     may carry trailing white space; the line break before a boundary belongs to it)."""
-    top = _headers(f)
-    if top.get_content_maintype() != "multipart" or not top.get_boundary():
+    headers = _headers(f)
+    top = _Part(headers)
+    if top.maintype != "multipart" or not top.boundary:
         body = f.tell()
         f.seek(0, 2)
-        return top, [_Leaf(top, body, f.tell())]
+        return headers, [_Leaf(top, body, f.tell())]
     leaves: list[_Leaf] = []
-    bounds = [("--" + str(top.get_boundary())).encode()]
-    current: tuple[EmailMessage, int] | None = None  # a leaf being read, from here
+    bounds = [("--" + top.boundary).encode()]
+    current: tuple[_Part, int] | None = None  # a leaf being read, from here
     eol = 0  # length of the previous line's line break
     at_line_start = True
     while True:
@@ -116,23 +150,22 @@ def _leaves(f: BinaryIO) -> tuple[EmailMessage, list[_Leaf]]:
         if len(leaves) >= MAX_PARTS:
             raise MessageError(f"the message has more than {MAX_PARTS} parts; send the ZIP "
                                "attached to a plain message")
-        part = _headers(f)
-        if part.get_content_maintype() == "multipart" and part.get_boundary() \
-                and len(bounds) < MAX_DEPTH:
-            bounds.append(("--" + str(part.get_boundary())).encode())
+        part = _Part(_headers(f))
+        if part.maintype == "multipart" and part.boundary and len(bounds) < MAX_DEPTH:
+            bounds.append(("--" + part.boundary).encode())
         else:
             current = (part, f.tell())
         eol = 0
     if current is not None:  # no closing boundary: the part runs to the end
         leaves.append(_Leaf(current[0], current[1], f.tell()))
-    return top, leaves
+    return headers, leaves
 
 
 def _decode_to(f: BinaryIO, leaf: _Leaf, out: Callable[[bytes], object] | None,
                limit: int = -1) -> bytes:
     """Decode a leaf's body (base64, quoted-printable or as it is), handing the pieces to
     ``out``; without ``out``, return its first ``limit`` decoded bytes."""
-    cte = str(leaf.headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    cte = leaf.part.transfer_encoding
     f.seek(leaf.start)
     left = leaf.end - leaf.start
     head = bytearray()
@@ -164,7 +197,7 @@ def _decode_to(f: BinaryIO, leaf: _Leaf, out: Callable[[bytes], object] | None,
 
 
 def _looks_like_zip(f: BinaryIO, leaf: _Leaf, name: str | None) -> bool:
-    ctype = leaf.headers.get_content_type()
+    ctype = leaf.part.content_type
     if ctype in ZIP_TYPES:
         return True
     if name and name.lower().endswith(".zip"):
@@ -193,10 +226,8 @@ def zip_attachment(path: Path, target: Path, *, offset: int = 0
         top, leaves = _leaves(f)
         found: list[tuple[_Leaf, str | None]] = []
         for leaf in leaves:
-            name = leaf.headers.get_filename()
-            disposition = leaf.headers.get_content_disposition()
-            if disposition is None and not name and leaf.headers.get_content_maintype() == \
-                    "text":
+            name = leaf.part.filename
+            if leaf.part.disposition is None and not name and leaf.part.maintype == "text":
                 continue  # a body, not an attachment
             if leaf.end > leaf.start and _looks_like_zip(f, leaf, name):
                 found.append((leaf, name))
