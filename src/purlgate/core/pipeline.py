@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -178,20 +179,26 @@ class ErrorLog:
 
     def __init__(self, scratch: Path) -> None:
         self._path = scratch
-        self._file = io.TextIOWrapper(private_file(scratch), encoding="utf-8", newline="")
-        self._writer = csv.writer(self._file, lineterminator="\n")
+        # Made at the first row error: most files have none.
+        self._file: io.TextIOWrapper | None = None
+        self._writer: Any = None
         self.rows_with_errors = 0
         self.batch_errors: list[str] = []
 
     def reset(self) -> None:
         """Forget row errors (the file is being read again from the start)."""
-        self._file.seek(0)
-        self._file.truncate()
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
         self.rows_with_errors = 0
 
     def add_rows(self, errors: Iterable[RowError]) -> None:
         last = None
         for e in sorted(errors, key=lambda e: e.row):
+            if self._file is None:
+                self._file = io.TextIOWrapper(private_file(self._path), encoding="utf-8",
+                                              newline="")
+                self._writer = csv.writer(self._file, lineterminator="\n")
             self._writer.writerow((e.row, e.column, e.reason))
             if e.row != last:
                 self.rows_with_errors += 1 + e.swallowed
@@ -202,21 +209,23 @@ class ErrorLog:
         return not self.rows_with_errors and not self.batch_errors
 
     def publish(self, final: Path, *, replace: bool = False, mode: int = RESULT_MODE) -> Path:
-        self._file.close()
+        self.close()
         with AtomicFile(final, no_clobber=not replace, mode=mode) as out:
             text = io.TextIOWrapper(out.file, encoding="utf-8", newline="", write_through=True)
             writer = csv.writer(text, lineterminator="\n")
             writer.writerow(self.HEADER)
             for reason in self.batch_errors:
                 writer.writerow(("", "", reason))
-            with self._path.open("r", encoding="utf-8", newline="") as rows:
-                shutil.copyfileobj(rows, text)
+            if self._file is not None:
+                with self._path.open("r", encoding="utf-8", newline="") as rows:
+                    shutil.copyfileobj(rows, text)
             text.flush()
             text.detach()
             return out.commit()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _hash_file(path: Path, into: dict[str, str]) -> None:
