@@ -43,9 +43,11 @@ _NAME = re.compile(r"^batch-(\d+)\.arrow$")
 class RowWriter:
     """Streams one batch's rows into ``.batch-<id>.arrow.part``; ``commit`` publishes.
 
-    The encoding and writing run on a thread of their own (Arrow releases the GIL), so
-    they overlap the core's next block instead of adding to it; ``finish`` starts the
-    final flush and fsync early, so that it overlaps the PURL file's own.
+    Once a batch has a chunk's worth of rows, the encoding and writing run on a thread
+    of their own (Arrow releases the GIL), so they overlap the core's next block instead
+    of adding to it, and ``finish`` starts the final flush and fsync early, so that it
+    overlaps the PURL file's own. A smaller batch (the usual twenty rows) is written at
+    ``commit`` where it is: a thread would cost it more than it saves.
     """
 
     def __init__(self, final: Path, columns: Sequence[str], depth: int = 2) -> None:
@@ -64,8 +66,7 @@ class RowWriter:
         self._writer = pa.ipc.new_file(self._sink, self._schema, options=WRITE_OPTIONS)
         self._queue: queue.Queue[pa.RecordBatch | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="row-writer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None  # started at a chunk's worth of rows
         self._finished = False
         self.committed = False
 
@@ -75,7 +76,16 @@ class RowWriter:
             raise ValueError(f"rows out of order: {first_index}, expected {self._next_index}")
         self._raise()
         arrays = [columns[f.name] for f in self._schema]
-        self._queue.put(pa.RecordBatch.from_arrays(arrays, schema=self._schema))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._schema)
+        if self._thread is None and self._pending_rows + batch.num_rows < ROWS_PER_CHUNK:
+            self._pending.append(batch)  # kept here; the thread takes them over if it starts
+            self._pending_rows += batch.num_rows
+        else:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="row-writer",
+                                                daemon=True)
+                self._thread.start()
+            self._queue.put(batch)
         self._next_index += num_rows
 
     def _run(self) -> None:
@@ -85,19 +95,22 @@ class RowWriter:
                 self._pending_rows += batch.num_rows
                 if self._pending_rows >= ROWS_PER_CHUNK:
                     self._flush(final=False)
-            if self._pending_rows:
-                self._flush(final=True)
-            self._writer.close()
-            self._sink.close()
-            fd = os.open(self.temp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._close_and_sync()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             self._error = exc
             while self._queue.get() is not None:  # unblock a producer, then stop
                 pass
+
+    def _close_and_sync(self) -> None:
+        if self._pending_rows:
+            self._flush(final=True)
+        self._writer.close()
+        self._sink.close()
+        fd = os.open(self.temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _flush(self, *, final: bool) -> None:
         table = pa.Table.from_batches(self._pending, schema=self._schema)
@@ -122,11 +135,18 @@ class RowWriter:
         """No more rows: flush and fsync in the background (``commit`` waits for it)."""
         if not self._finished:
             self._finished = True
-            self._queue.put(None)
+            if self._thread is not None:
+                self._queue.put(None)
 
     def commit(self) -> None:
         self.finish()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        elif self._error is None:
+            try:
+                self._close_and_sync()
+            except OSError as exc:  # raised below as the storage fault it is
+                self._error = exc
         self._raise()
         try:
             self.temp.replace(self.final)
@@ -139,7 +159,8 @@ class RowWriter:
         if self.committed:
             return
         self.finish()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         with contextlib.suppress(Exception):  # already closed by the thread
             self._writer.close()
         with contextlib.suppress(Exception):

@@ -95,6 +95,7 @@ class MailWorker:
         self.outbox = outbox
         self.ledger = ledger
         self.work_root = work_root
+        work_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.alerts = alerts
         self.processes = processes
         # Where the batch events of entries handled in worker processes go in this one.
@@ -164,11 +165,11 @@ class MailWorker:
         message = headers_of(entry.path, offset) or EmailMessage()
         ours = self._reply_from(entry)
         key = self.reply_key(entry)
-        work = self.work_root / entry.id
-        (work / "in").mkdir(parents=True, exist_ok=True, mode=0o700)
+        work = self.work_root / entry.id  # the attachment, the reply's ZIP, and out/
+        work.mkdir(exist_ok=True, mode=0o700)
         try:
             # Decoded to our disk as it is read: the message is never held in memory.
-            _, found = zip_attachment(entry.path, work / "in" / "attachment.part",
+            _, found = zip_attachment(entry.path, work / "attachment.part",
                                       offset=offset)
             attachment: Attachment | None = found
             problem = None
@@ -196,7 +197,7 @@ class MailWorker:
             raise ConfigError(f"client {client_id} mails data files but has no zip_password")
         password = client.zip_password.reveal()
         # The client's file name never becomes a path on our disk (think of "..").
-        upload = work / "in" / f"attachment{safe_suffix(attachment.filename)}"
+        upload = work / f"attachment{safe_suffix(attachment.filename)}"
         attachment.path.replace(upload)
         out_dir = work / "out"
         out_dir.mkdir(exist_ok=True)

@@ -114,15 +114,16 @@ class BackgroundWriter:
     Writing a fresh file costs the kernel real time (block allocation); ``write``
     releases the GIL, so on a second core it runs beside Arrow's kernels. At most
     ``depth`` blocks wait in the queue: memory stays flat. The first error is raised
-    from ``write`` or ``close``.
+    from ``write`` or ``close``. The first ``inline_bytes`` are written where they come
+    from: a small file (most are) is done before a thread would have started.
     """
 
-    def __init__(self, out: BinaryIO, depth: int = 4) -> None:
+    def __init__(self, out: BinaryIO, depth: int = 4, inline_bytes: int = 1 << 20) -> None:
         self._out = out
         self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="purl-writer", daemon=True)
-        self._thread.start()
+        self._inline_left = inline_bytes
+        self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -138,11 +139,19 @@ class BackgroundWriter:
 
     def write(self, data: memoryview | bytes) -> None:
         self._raise()
+        if self._thread is None:
+            if len(data) <= self._inline_left:
+                self._inline_left -= len(data)
+                self._out.write(data)
+                return
+            self._thread = threading.Thread(target=self._run, name="purl-writer",
+                                            daemon=True)
+            self._thread.start()
         self._queue.put(memoryview(data))
 
     def close(self) -> None:
         """Wait for every queued write; raise the first error, if any."""
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
         self._raise()
