@@ -155,3 +155,16 @@ def read_csv(path: Path, encoding: str = "utf-8", delimiter: str = ",") -> list[
 
 def parse_csv(text: str, delimiter: str = ",") -> list[list[str]]:
     return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+
+
+def scratch_data_left(work: Path) -> list[str]:
+    """What batches left under a scratch root that holds data: a file with content, or
+    anything beside the threads' own scratch folders (whose files stay, emptied, for
+    the next batch: see core.files.clear_scratch)."""
+    if not work.exists():
+        return []
+    stray = [p.name for p in work.iterdir()
+             if not (p.is_dir() and p.name.startswith("t") and "-" in p.name)]
+    full = [str(p.relative_to(work)) for p in work.rglob("*")
+            if p.is_file() and p.stat().st_size]
+    return stray + full

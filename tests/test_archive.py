@@ -16,7 +16,7 @@ import pyzipper
 from purlgate.core.archive import UnwrapLimits, unwrap
 from purlgate.core.lifecycle import BatchState
 from purlgate.errors import ArchiveError, ArchivePasswordError
-from tests.conftest import Harness
+from tests.conftest import Harness, scratch_data_left
 
 T = "20261127_101500"
 CSV = b"first_name,email\nAda,ada@x.example\n"
@@ -243,5 +243,5 @@ def test_bomb_through_the_pipeline_leaves_nothing(harness_factory) -> None:  # t
     assert outcome.state is BatchState.FAILED
     assert outcome.batch.error_code == "bad-zip"
     assert h.outputs() == []
-    assert list((h.tmp / "work").iterdir()) == []
+    assert scratch_data_left(h.tmp / "work") == []
     assert outcome.batch.data_name is None

@@ -189,8 +189,11 @@ async def test_an_attachment_named_dotdot_is_answered(
                                          "application/zip")]))
         second = (await sink.wait_to(SENDER, 2))[1].message
         assert "Status: Done" in second.get_body(("plain",)).get_content()  # type: ignore[union-attr]
-        assert not (running.data_dir / "mail-work").exists() or not any(
-            (running.data_dir / "mail-work").iterdir())
+        # No folder per message is left, and no client data: the worker's own scratch
+        # files stay for the next message, emptied.
+        work = running.data_dir / "mail-work"
+        assert [p.name for p in work.iterdir() if not p.name.startswith("t")] == []
+        assert {p.stat().st_size for p in work.rglob("*") if p.is_file()} <= {0}
         assert running.spooled() == []
     finally:
         await running.shutdown()

@@ -29,7 +29,7 @@ from purlgate.core.pipeline import BatchOutcome, Submission
 from purlgate.errors import ConfigError
 from purlgate.pgp import GpgKeyStore
 from purlgate.region import build_region
-from tests.conftest import parse_csv
+from tests.conftest import parse_csv, scratch_data_left
 
 T = "20261127_101500"
 CSV = "first_name,email,city\nJosé,jose@x.example,\"Paris, FR\"\nZoë,zoe@x.example,Oslo\n"
@@ -283,7 +283,7 @@ def assert_refused(g: Gateway, outcome: BatchOutcome, reason: str) -> None:
     assert outcome.batch.reason == reason
     assert outcome.batch.data_name is None, "a refused file must not claim the name"
     assert outputs(g) == []
-    assert list((g.tmp / "state" / "work").iterdir()) == [], "decrypted data left behind"
+    assert scratch_data_left(g.tmp / "state" / "work") == [], "decrypted data left behind"
 
 
 def test_wrong_recipient(keys: Keys, gateway: Gateway) -> None:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from purlgate.core.lifecycle import BatchState, EventKind
-from tests.conftest import DATA, Harness, read_csv
+from tests.conftest import DATA, Harness, read_csv, scratch_data_left
 
 T = "20261127_101500"
 LINK = re.compile(r"^https://purl\.test/t/[0-9a-f]{32}\.jpg$")
@@ -28,7 +28,7 @@ def assert_links(rows: list[list[str]]) -> None:
 def assert_no_partial(h: Harness) -> None:
     hidden = [p.name for p in h.out.iterdir() if p.name.startswith(".")]
     assert hidden == [], f"temporary files left behind: {hidden}"
-    assert not any((h.tmp / "work").iterdir()), "scratch files left behind"
+    assert scratch_data_left(h.tmp / "work") == [], "scratch data left behind"
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ spool entry owns it.
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import sqlite3
 import threading
@@ -44,6 +43,7 @@ from purlgate.channels.replies import (
 from purlgate.channels.smtp_listener import client_of
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig
+from purlgate.core.files import clear_scratch, sweep_scratch, thread_scratch
 from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
 from purlgate.core.pipeline import BatchProcessor, Submission, Subscriber
 from purlgate.errors import ConfigError, DamagedEntryError, MessageError
@@ -52,10 +52,7 @@ from purlgate.faults import crash_point
 log = logging.getLogger("purlgate.mail")
 
 
-def safe_suffix(filename: str) -> str:
-    """The file name's extension when it is a plain one (``.zip``), else nothing."""
-    suffix = Path(filename).suffix
-    return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,8}", suffix) else ""
+SCRATCH_FILES = ("attachment", "reply.zip")  # kept between messages, emptied
 
 
 class MailLedger:
@@ -96,6 +93,7 @@ class MailWorker:
         self.ledger = ledger
         self.work_root = work_root
         work_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sweep_scratch(work_root)  # of worker processes that are gone
         self.alerts = alerts
         self.processes = processes
         # Where the batch events of entries handled in worker processes go in this one.
@@ -162,15 +160,25 @@ class MailWorker:
             self.spool.finish(entry)
             return
         offset = entry.body_offset
+        # The attachment and the reply's ZIP: this thread's scratch, emptied after each
+        # message. The client's file name never becomes a path on our disk.
+        scratch = thread_scratch(self.work_root)
+        try:
+            self._handle(entry, sender, client_id, offset, scratch)
+        finally:
+            clear_scratch(scratch, lambda name: name in SCRATCH_FILES)
+
+    def _handle(self, entry: SpoolEntry, sender: str, client_id: str, offset: int,
+                scratch: Path) -> None:
         message = headers_of(entry.path, offset) or EmailMessage()
         ours = self._reply_from(entry)
         key = self.reply_key(entry)
-        work = self.work_root / entry.id  # the attachment, the reply's ZIP, and out/
-        work.mkdir(exist_ok=True, mode=0o700)
+        # The batch's outputs, kept until the reply is queued: after a crash the batch's
+        # recorded outcome is answered from them.
+        work = self.work_root / entry.id
         try:
             # Decoded to our disk as it is read: the message is never held in memory.
-            _, found = zip_attachment(entry.path, work / "attachment.part",
-                                      offset=offset)
+            _, found = zip_attachment(entry.path, scratch / "attachment", offset=offset)
             attachment: Attachment | None = found
             problem = None
         except MessageError as exc:
@@ -196,28 +204,24 @@ class MailWorker:
         if client.zip_password is None:
             raise ConfigError(f"client {client_id} mails data files but has no zip_password")
         password = client.zip_password.reveal()
-        # The client's file name never becomes a path on our disk (think of "..").
-        upload = work / f"attachment{safe_suffix(attachment.filename)}"
-        attachment.path.replace(upload)
-        out_dir = work / "out"
-        out_dir.mkdir(exist_ok=True)
+        work.mkdir(exist_ok=True, mode=0o700)
         outcome = self.processor.process(
-            Submission(path=upload, received_name=attachment.filename,
+            Submission(path=attachment.path, received_name=attachment.filename,
                        channel=str(entry.meta.get("channel", "smtp")), client_id=client_id,
                        zip_password=password, require_aes=True, sha256=attachment.sha256,
                        intake_id=entry.id, flag_file=False),
-            out_dir,
+            work,
         )
         batch = outcome.batch
         crash_point("purl-published")
         if batch.state is BatchState.FAILED or outcome.purl is None:
             reply = failure_reply(message, batch.reason or "the file could not be processed",
                                   sender=ours, to=sender, batch=batch, errors=outcome.errors,
-                                  password=password, scratch=work)
+                                  password=password, scratch=scratch)
         else:
             files = [p for p in (outcome.purl, outcome.errors) if p is not None]
             reply = success_reply(message, batch, files, password, sender=ours, to=sender,
-                                  scratch=work)
+                                  scratch=scratch)
         self.outbox.enqueue(reply.message, sender=ours, recipients=[sender], key=key,
                             attachment=reply.attachment)
         self.spool.finish(entry)

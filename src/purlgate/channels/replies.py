@@ -106,7 +106,7 @@ class Reply:
 def _attach_zip(reply: EmailMessage, files: Sequence[Path], password: bytes,
                 scratch: Path) -> Reply:
     zip_name = f"{files[0].name.rsplit('.', 1)[0]}.zip"
-    target = scratch / f"reply-{zip_name}"
+    target = scratch / "reply.zip"  # its name in the mail is zip_name
     aes_zip(files, password, target)
     attach(reply, PLACEHOLDER, maintype="application", subtype="zip", filename=zip_name)
     return Reply(reply, target)

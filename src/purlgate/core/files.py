@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
@@ -26,6 +28,57 @@ def fsync_dir(path: Path) -> None:
 
 
 RESULT_MODE = 0o640  # PURL, flag and error files: the owner writes, its group may read
+
+
+def thread_scratch(root: Path) -> Path:
+    """This thread's scratch folder under ``root`` (0700), used batch after batch: each
+    thread works on one batch at a time, and ``clear_scratch`` empties it between."""
+    folder = root / f"t{os.getpid()}-{threading.get_ident()}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+def clear_scratch(folder: Path, keep: Callable[[str], bool]) -> None:
+    """Empty a scratch folder for its next use. The files ``keep`` names (the ones every
+    batch makes again) are truncated to nothing rather than removed; anything else goes.
+
+    Why not remove them all: on ext4 without a journal (as some VMs have it) each new
+    file scans past every file deleted in the last seconds, so a busy gateway that makes
+    and deletes a dozen scratch files per message pays more for each as it gets busier.
+    Truncated, no client data is left, and the next batch's file takes the same inode.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif keep(entry.name):
+                if entry.stat(follow_symlinks=False).st_size:
+                    os.truncate(entry.path, 0)
+            else:
+                Path(entry.path).unlink()
+
+
+def sweep_scratch(root: Path) -> None:
+    """Remove the scratch folders of processes that no longer run (a crash, a restart)."""
+    for folder in root.glob("t*-*"):
+        pid = folder.name[1:].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    return True
 
 
 def private_file(path: Path) -> BinaryIO:

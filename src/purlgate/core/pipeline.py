@@ -32,7 +32,14 @@ from purlgate.config import ClientConfig, ProjectConfig
 from purlgate.core import dialect as dia
 from purlgate.core.archive import UnwrapLimits, unwrap
 from purlgate.core.crypto import Crypto, Decrypted, check_signature, looks_like_pgp
-from purlgate.core.files import RESULT_MODE, AtomicFile, private_file
+from purlgate.core.files import (
+    RESULT_MODE,
+    AtomicFile,
+    clear_scratch,
+    private_file,
+    sweep_scratch,
+    thread_scratch,
+)
 from purlgate.core.lifecycle import (
     EVENT_OF_STATE,
     TERMINAL,
@@ -228,6 +235,11 @@ class ErrorLog:
             self._file.close()
 
 
+def _kept_scratch(name: str) -> bool:
+    """The scratch files every batch makes (see ``clear_scratch``)."""
+    return name.startswith("unwrapped.") or name == "row-errors.csv"
+
+
 def _hash_file(path: Path, into: dict[str, str]) -> None:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -265,6 +277,12 @@ class BatchProcessor:
         self.clock = clock
         self.work_root = work_root
         self.subscribers = list(subscribers)
+        if work_root.is_dir():
+            # Scratch of processes that are gone, and the per-batch folders of the
+            # previous release: a batch cut off there starts again from scratch anyway.
+            sweep_scratch(work_root)
+            for legacy in work_root.glob("batch-*"):
+                shutil.rmtree(legacy, ignore_errors=True)
 
     # -- intake -------------------------------------------------------------------
 
@@ -354,9 +372,8 @@ class BatchProcessor:
                 target=_hash_file, args=(submission.path, digest), daemon=True
             )
             hasher.start()
-        work = self.work_root / f"batch-{record.id}"
-        shutil.rmtree(work, ignore_errors=True)  # a restarted batch starts from scratch
-        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        work = thread_scratch(self.work_root)
+        clear_scratch(work, _kept_scratch)  # what a batch cut off on this thread left
         errors = ErrorLog(work / "row-errors.csv")
         job: _Job | None = None
         try:
@@ -420,7 +437,7 @@ class BatchProcessor:
                 return BatchOutcome(failed, error=error)
         finally:
             errors.close()
-            shutil.rmtree(work, ignore_errors=True)
+            clear_scratch(work, _kept_scratch)
             if hasher is not None:
                 hasher.join()
                 if "sha256" in digest:
