@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from email import message_from_bytes, policy
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+import purlgate.channels.outbox as outbox_module
+import purlgate.core.files as files_module
 from purlgate.channels.outbox import (
     Outbox,
     PermanentDeliveryError,
@@ -377,3 +380,40 @@ def test_a_reply_s_zip_is_written_from_disk_in_its_place(tmp_path: Path) -> None
     assert part.get_filename() == "PURL_x.zip"
     assert part.get_payload(decode=True) == payload.read_bytes()
     assert str(parsed["Subject"]) == str(message["Subject"])
+
+
+def test_one_commit_makes_a_message_s_answers_durable_with_one_folder_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside ``one_commit`` each entry's file is fsynced as it is queued and the queue
+    folder once at the end (also when the block fails); outside, every enqueue fsyncs
+    the folder itself. Other threads are not affected."""
+    synced: list[str] = []
+    real = files_module.fsync_dir
+
+    def counting(path: Path) -> None:
+        synced.append(f"{threading.current_thread().name}:{path.name}")
+        real(path)
+
+    monkeypatch.setattr(files_module, "fsync_dir", counting)
+    monkeypatch.setattr(outbox_module, "fsync_dir", counting)
+    box = Outbox(tmp_path, RELAY, sender=Script(), clock=Clock())
+    me = threading.current_thread().name
+    with box.one_commit():
+        for key in ("notify-1", "notify-2", "reply-1"):
+            box.enqueue(note(key), sender="s@idomoo.com", recipients=["a@x.example"], key=key)
+        other = threading.Thread(target=box.enqueue, args=(note("elsewhere"),),
+                                 kwargs={"sender": "s@idomoo.com",
+                                         "recipients": ["a@x.example"], "key": "other"},
+                                 name="other")
+        other.start()
+        other.join()
+        assert synced == ["other:queue"], "the other thread commits its own"
+    assert synced == ["other:queue", f"{me}:queue"]
+    with pytest.raises(RuntimeError), box.one_commit():
+        box.enqueue(note("x"), sender="s@idomoo.com", recipients=["a@x.example"], key="x")
+        raise RuntimeError("the batch failed after queueing")
+    assert synced[-1] == f"{me}:queue"
+    box.enqueue(note("y"), sender="s@idomoo.com", recipients=["a@x.example"], key="y")
+    assert len(synced) == 4
+    assert sorted(i.id for i in box.items()) == ["notify-1", "notify-2", "other", "reply-1",
+                                                "x", "y"]

@@ -163,19 +163,25 @@ class MailWorker:
         # The attachment and the reply's ZIP: this thread's scratch, emptied after each
         # message. The client's file name never becomes a path on our disk.
         scratch = thread_scratch(self.work_root)
+        work = self.work_root / entry.id
         try:
-            self._handle(entry, sender, client_id, offset, scratch)
+            # What this message's batch and answer queue (notifications, the reply) is
+            # made durable by one folder fsync, before the spool entry goes.
+            with self.outbox.one_commit():
+                self._answer(entry, sender, client_id, offset, scratch=scratch, work=work)
+            self.spool.finish(entry)
+            shutil.rmtree(work, ignore_errors=True)
         finally:
             clear_scratch(scratch, lambda name: name in SCRATCH_FILES)
 
-    def _handle(self, entry: SpoolEntry, sender: str, client_id: str, offset: int,
-                scratch: Path) -> None:
+    def _answer(self, entry: SpoolEntry, sender: str, client_id: str, offset: int, *,
+                scratch: Path, work: Path) -> None:
+        """Queue the one answer to ``entry`` (none for a message already answered).
+        ``work`` keeps the batch's outputs until the reply is queued: after a crash the
+        batch's recorded outcome is answered from them."""
         message = headers_of(entry.path, offset) or EmailMessage()
         ours = self._reply_from(entry)
         key = self.reply_key(entry)
-        # The batch's outputs, kept until the reply is queued: after a crash the batch's
-        # recorded outcome is answered from them.
-        work = self.work_root / entry.id
         try:
             # Decoded to our disk as it is read: the message is never held in memory.
             _, found = zip_attachment(entry.path, scratch / "attachment", offset=offset)
@@ -189,16 +195,12 @@ class MailWorker:
         owner = self.ledger.claim(f"{message_id(message) or entry.id}|{digest}", entry.id)
         if owner != entry.id:
             log.info("spool entry %s repeats entry %s; processed once", entry.id, owner)
-            self.spool.finish(entry)
-            shutil.rmtree(work, ignore_errors=True)
             return
         if attachment is None:
             assert problem is not None
             self.outbox.enqueue(failure_reply(message, problem.message, sender=ours,
                                               to=sender).message,
                                 sender=ours, recipients=[sender], key=key)
-            self.spool.finish(entry)
-            shutil.rmtree(work, ignore_errors=True)
             return
         client = self.clients[client_id]
         if client.zip_password is None:
@@ -224,8 +226,6 @@ class MailWorker:
                                   scratch=scratch)
         self.outbox.enqueue(reply.message, sender=ours, recipients=[sender], key=key,
                             attachment=reply.attachment)
-        self.spool.finish(entry)
-        shutil.rmtree(work, ignore_errors=True)
 
     def dead_letter(self, entry: SpoolEntry, exc: BaseException, attempts: int) -> None:
         """An entry that cannot be handled: the operator is alerted (at most once an hour

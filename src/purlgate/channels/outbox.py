@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -238,6 +238,7 @@ class Outbox:
         for folder in (self.queue, self.sent, self.failed):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
+        self._commit = threading.local()  # see one_commit
         self._sent_sync = GroupSync(self.sent)
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -315,11 +316,15 @@ class Outbox:
                         "created_at": self._clock(), "alert": alert}
             # One file, one commit point: its rename into the queue (a crash before it
             # leaves only the hidden .part, replaced by the next enqueue of this key).
-            with AtomicFile(self.queue / f"{item_id}.msg", no_clobber=False) as out:
+            deferred = getattr(self._commit, "depth", 0) > 0
+            with AtomicFile(self.queue / f"{item_id}.msg", no_clobber=False,
+                            sync_dir=not deferred) as out:
                 out.file.write(json.dumps(envelope).encode() + b"\n")
                 # CRLF, as on the wire: the stored file is exactly what every try sends.
                 write_message(out.file, message, attachment)
                 out.commit()
+            if deferred:
+                self._commit.pending = True
             crash_point("outbox-queued")
             if self._loop is not None:  # else the loop's first scan finds it
                 self._fresh.append(item_id)
@@ -327,6 +332,23 @@ class Outbox:
                 self.enqueued.append(item_id)
         self.wake()
         return True
+
+    @contextlib.contextmanager
+    def one_commit(self) -> Iterator[None]:
+        """Entries this thread queues inside are made durable together when it ends:
+        each ``enqueue`` fsyncs its file, and the queue folder (which makes the renames
+        durable) is fsynced once at the end. For a worker that queues a message's
+        notifications and reply, then lets the message go. One sent before the end (a
+        gateway with worker threads sees it at once) and lost to a power cut is simply
+        not sent again."""
+        self._commit.depth = getattr(self._commit, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._commit.depth -= 1
+            if self._commit.depth == 0 and getattr(self._commit, "pending", False):
+                self._commit.pending = False
+                fsync_dir(self.queue)
 
     def _known(self, item_id: str) -> bool:
         """Queued, sent or failed already (also in the previous release's layout)."""
