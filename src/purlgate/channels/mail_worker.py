@@ -43,7 +43,7 @@ from purlgate.channels.replies import (
 from purlgate.channels.smtp_listener import client_of
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig
-from purlgate.core.files import clear_scratch, sweep_scratch, thread_scratch
+from purlgate.core.files import clear_scratch, retire, sweep_scratch, thread_scratch
 from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
 from purlgate.core.pipeline import BatchProcessor, Submission, Subscriber
 from purlgate.errors import ConfigError, DamagedEntryError, MessageError
@@ -170,9 +170,10 @@ class MailWorker:
             with self.outbox.one_commit():
                 self._answer(entry, sender, client_id, offset, scratch=scratch, work=work)
             self.spool.finish(entry)
-            shutil.rmtree(work, ignore_errors=True)
+            _let_go(work, scratch)
         finally:
-            clear_scratch(scratch, lambda name: name in SCRATCH_FILES)
+            clear_scratch(scratch, lambda name: name in SCRATCH_FILES
+                          or name.startswith("spare-") or name == "out")
 
     def _answer(self, entry: SpoolEntry, sender: str, client_id: str, offset: int, *,
                 scratch: Path, work: Path) -> None:
@@ -206,7 +207,12 @@ class MailWorker:
         if client.zip_password is None:
             raise ConfigError(f"client {client_id} mails data files but has no zip_password")
         password = client.zip_password.reveal()
-        work.mkdir(exist_ok=True, mode=0o700)
+        if not work.is_dir():
+            # The folder the last message let go of, else a new one.
+            try:
+                (scratch / "out").replace(work)
+            except FileNotFoundError:
+                work.mkdir(mode=0o700)
         outcome = self.processor.process(
             Submission(path=attachment.path, received_name=attachment.filename,
                        channel=str(entry.meta.get("channel", "smtp")), client_id=client_id,
@@ -253,6 +259,25 @@ class MailWorker:
             "error": type(exc).__name__, "attempts": attempts, "channel": channel,
             "client": client_id, "alerted": alerted, "at": time.time()})
         shutil.rmtree(self.work_root / entry.id, ignore_errors=True)
+
+
+def _let_go(work: Path, scratch: Path) -> None:
+    """A message's outputs folder, once its reply is queued: the files (emptied) and the
+    folder go to this thread's scratch for the next message to take over, rather than
+    being deleted and made again (see core.files.clear_scratch for why)."""
+    try:
+        entries = list(work.iterdir())
+    except FileNotFoundError:
+        return
+    for path in entries:
+        if path.is_file() and not path.is_symlink():
+            retire(path, scratch)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+        work.replace(scratch / "out")
+    except OSError:
+        shutil.rmtree(work, ignore_errors=True)  # this thread keeps one already
 
 
 def headers_of(path: Path, offset: int) -> EmailMessage | None:

@@ -41,7 +41,8 @@ def thread_scratch(root: Path) -> Path:
 
 def clear_scratch(folder: Path, keep: Callable[[str], bool]) -> None:
     """Empty a scratch folder for its next use. The files ``keep`` names (the ones every
-    batch makes again) are truncated to nothing rather than removed; anything else goes.
+    batch makes again) are truncated to nothing rather than removed, the folders it
+    names are left as they are (their owner empties them); anything else goes.
 
     Why not remove them all: on ext4 without a journal (as some VMs have it) each new
     file scans past every file deleted in the last seconds, so a busy gateway that makes
@@ -54,13 +55,46 @@ def clear_scratch(folder: Path, keep: Callable[[str], bool]) -> None:
         return
     for entry in entries:
         with contextlib.suppress(FileNotFoundError):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            elif keep(entry.name):
-                if entry.stat(follow_symlinks=False).st_size:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if keep(entry.name):
+                if not is_dir and entry.stat(follow_symlinks=False).st_size:
                     os.truncate(entry.path, 0)
+            elif is_dir:
+                shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 Path(entry.path).unlink()
+
+
+_spares = threading.local()  # per thread: empty files whose inodes the next files take
+MAX_SPARES = 8
+
+
+def retire(path: Path, scratch: Path) -> None:
+    """Done with ``path`` (a file of ours): emptied and kept in this thread's
+    ``scratch`` folder, so that this thread's next ``AtomicFile`` takes its inode
+    instead of allocating one (see ``clear_scratch`` for why that matters here)."""
+    spares: list[Path] = _spares.__dict__.setdefault("files", [])
+    if len(spares) >= MAX_SPARES:
+        path.unlink(missing_ok=True)
+        return
+    spare = scratch / f"spare-{len(spares)}"
+    while spare in spares or spare.exists():
+        spare = spare.with_name(f"spare-{int(spare.name[6:]) + 1}")
+    path.replace(spare)
+    os.truncate(spare, 0)
+    spares.append(spare)
+
+
+def _take_spare(target: Path) -> bool:
+    """Move one of this thread's spare files to ``target``; False if there is none."""
+    spares: list[Path] = _spares.__dict__.get("files", [])
+    while spares:
+        try:
+            spares.pop().replace(target)
+        except OSError:
+            continue  # gone (a sweep) or on another file system: try the next
+        return True
+    return False
 
 
 def sweep_scratch(root: Path) -> None:
@@ -113,6 +147,7 @@ class AtomicFile:
 
     def __enter__(self) -> Self:
         try:
+            _take_spare(self.temp)  # an inode this thread let go of, if it has one
             fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self._mode)
             os.fchmod(fd, self._mode)
         except OSError as exc:
