@@ -21,6 +21,21 @@ def test_accept_then_pending_round_trips_bytes(tmp_path: Path) -> None:
     assert again[0].meta["mail_from"] == "a@x" and again[0].meta["size"] == len(raw)
 
 
+def test_a_big_message_written_in_pieces_commits_byte_for_byte(tmp_path: Path) -> None:
+    """Past WRITEBACK_BYTES the pieces start going to disk as they arrive; the committed
+    entry is still the message exactly, with its size."""
+    pieces = [bytes([i]) * (256 * 1024 + i) for i in range(40)]  # about 10 MB
+    spool = Spool(tmp_path)
+    writer = spool.begin({"channel": "smtp", "mail_from": "a@x"})
+    for piece in pieces:
+        writer.write(piece)
+    entry = writer.commit()
+    assert sum(map(len, pieces)) > 2 * spool_module.WRITEBACK_BYTES
+    [again] = Spool(tmp_path).pending()
+    assert again.id == entry.id and again.raw == b"".join(pieces)
+    assert entry.meta["size"] == sum(map(len, pieces))
+
+
 def test_unacknowledged_leftovers_are_dropped(tmp_path: Path) -> None:
     """A file still in tmp/ at start was never acknowledged: removed, not processed."""
     Spool(tmp_path)

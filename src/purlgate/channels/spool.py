@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from purlgate.core.files import AtomicFile, fsync_dir
+from purlgate.core.files import AtomicFile, fsync_dir, start_writeback
 from purlgate.errors import ServerError
 from purlgate.faults import crash_point
+
+WRITEBACK_BYTES = 4 << 20  # a message this big starts going to disk while it arrives
 
 MAGIC = b"PURLGATE-ENVELOPE "
 
@@ -111,6 +113,7 @@ class SpoolWriter:
         self.meta = meta
         self.tmp = spool.tmp / f"{entry_id}.msg"
         self.size = 0
+        self._written_back = 0  # body bytes handed to the kernel's writeback so far
         try:
             fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self._file = os.fdopen(fd, "wb")
@@ -123,6 +126,12 @@ class SpoolWriter:
     def write(self, data: bytes | bytearray) -> None:
         try:
             self._file.write(data)
+            if self.size + len(data) - self._written_back >= WRITEBACK_BYTES:
+                # A big message goes to disk as it arrives: the commit's fsync then has
+                # only the tail left, and the final dot's answer does not wait for it.
+                self._file.flush()
+                start_writeback(self._file.fileno(), 0, 0)  # 0: to the end of the file
+                self._written_back = self.size + len(data)
         except OSError as exc:
             raise _storage(exc) from exc
         self.size += len(data)
