@@ -21,16 +21,32 @@ POINTS = ["spool-committed", "batch-running", "purl-published", "outbox-queued",
           "relay-accepted"]
 
 
-def serve(cfg: Path, data: Path, smtp: int, crash_at: str | None) -> subprocess.Popen[str]:
+def setup(tmp_path: Path, sink: Sink) -> tuple[Path, Path, int]:
+    """A config relaying to ``sink``, a data folder and a free SMTP port."""
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text(CONFIG.format(relay_port=sink.port, max_bytes=5_000_000, min_free=0,
+                                 tls=""))
+    return cfg, tmp_path / "state", free_port()
+
+
+def start(cfg: Path, data: Path, smtp: int, crash_at: str | None = None, *,
+          logs: bool = False) -> subprocess.Popen[str]:
+    """A `purlgate serve` subprocess; its stdout piped, or with ``logs`` its log."""
     env = {**os.environ, "PG_TEST_ACME_ZIP": PASSWORD.decode()}
     env.pop("PURLGATE_CRASH_AT", None)
     if crash_at is not None:
         env["PURLGATE_CRASH_AT"] = crash_at
     exe = str(Path(sys.executable).with_name("purlgate"))
-    proc = subprocess.Popen([exe, "serve", "--region", "usa", "--config", str(cfg),
+    return subprocess.Popen([exe, "serve", "--region", "usa", "--config", str(cfg),
                              "--data-dir", str(data), "--smtp-port", str(smtp)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
+                            stdout=subprocess.DEVNULL if logs else subprocess.PIPE,
+                            stderr=subprocess.PIPE if logs else subprocess.DEVNULL,
+                            text=True, env=env)
+
+
+def serve(cfg: Path, data: Path, smtp: int, crash_at: str | None) -> subprocess.Popen[str]:
+    """As ``start``, once it accepts mail."""
+    proc = start(cfg, data, smtp, crash_at)
     assert proc.stdout is not None
     assert "accepting mail" in proc.stdout.readline()
     return proc
@@ -43,10 +59,7 @@ async def test_one_reply_after_a_kill_at_each_boundary(tmp_path: Path, point: st
     once (the same Message-ID if the relay had already taken it), and no spool or
     outbox entry is left."""
     sink = await Sink().start()
-    cfg = tmp_path / "regions.toml"
-    cfg.write_text(CONFIG.format(relay_port=sink.port, max_bytes=5_000_000, min_free=0,
-                                 tls=""))
-    data, smtp = tmp_path / "state", free_port()
+    cfg, data, smtp = setup(tmp_path, sink)
     first = serve(cfg, data, smtp, crash_at=point)
     try:
         try:
@@ -99,17 +112,8 @@ async def test_worker_processes_ready_at_start_and_an_idle_one_that_dies_costs_n
     comes, and that message is answered at its first try (never counted as a failed
     attempt)."""
     sink = await Sink().start()
-    cfg = tmp_path / "regions.toml"
-    cfg.write_text(CONFIG.format(relay_port=sink.port, max_bytes=5_000_000, min_free=0,
-                                 tls=""))
-    data, smtp = tmp_path / "state", free_port()
-    env = {**os.environ, "PG_TEST_ACME_ZIP": PASSWORD.decode()}
-    env.pop("PURLGATE_CRASH_AT", None)
-    exe = str(Path(sys.executable).with_name("purlgate"))
-    proc = subprocess.Popen([exe, "serve", "--region", "usa", "--config", str(cfg),
-                             "--data-dir", str(data), "--smtp-port", str(smtp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    cfg, data, smtp = setup(tmp_path, sink)
+    proc = start(cfg, data, smtp, logs=True)
     assert proc.stderr is not None
     lines: list[str] = []
     try:

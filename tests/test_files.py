@@ -73,3 +73,41 @@ def test_scratch_of_a_process_that_is_gone_is_swept(tmp_path: Path) -> None:
     other.mkdir()
     sweep_scratch(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])
+
+
+def test_a_part_left_as_a_second_name_of_the_published_file_is_never_written_through(
+        tmp_path: Path) -> None:
+    """A crash between a commit's link() and its unlink() leaves ``.<name>.part`` as a
+    second name of the published file. Writing the file again (a restarted batch) must
+    not truncate what is published until the new one replaces it, and must not leave
+    the .part behind (rename() of two names of one file does nothing)."""
+    final = tmp_path / "PURL_a.csv"
+    final.write_bytes(b"published\n")
+    os.link(final, tmp_path / ".PURL_a.csv.part")
+    with AtomicFile(final, no_clobber=False) as f:
+        assert final.read_bytes() == b"published\n", "what is published stays as it is"
+        f.file.write(b"again\n")
+        f.commit()
+    assert final.read_bytes() == b"again\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PURL_a.csv"]
+
+
+def test_a_file_with_two_names_becomes_one_spare_at_most(tmp_path: Path) -> None:
+    """Retiring both names of one file keeps one spare: two later files never share an
+    inode (one would empty the other)."""
+    scratch = thread_scratch(tmp_path / "work")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "PURL_a.csv").write_bytes(b"rows")
+    os.link(out / "PURL_a.csv", out / ".PURL_a.csv.part")
+    for name in (".PURL_a.csv.part", "PURL_a.csv"):
+        retire(out / name, scratch)
+    assert list(out.iterdir()) == []
+    written = []
+    for i in range(3):
+        with AtomicFile(out / f"f{i}", mode=0o600) as f:
+            f.file.write(f"file {i}".encode())
+            written.append(f.commit())
+    assert [p.read_bytes() for p in written] == [b"file 0", b"file 1", b"file 2"]
+    assert len({p.stat().st_ino for p in written}) == 3
+    clear_scratch(scratch, lambda name: False)

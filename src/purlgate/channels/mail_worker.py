@@ -266,16 +266,14 @@ def _let_go(work: Path, scratch: Path) -> None:
     folder go to this thread's scratch for the next message to take over, rather than
     being deleted and made again (see core.files.clear_scratch for why)."""
     try:
-        entries = list(work.iterdir())
-    except FileNotFoundError:
-        return
-    for path in entries:
-        if path.is_file() and not path.is_symlink():
-            retire(path, scratch)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-    try:
+        for path in list(work.iterdir()):
+            if path.is_file() and not path.is_symlink():
+                retire(path, scratch)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
         work.replace(scratch / "out")
+    except FileNotFoundError:
+        pass  # nothing was made (a repeat, a message without a ZIP)
     except OSError:
         shutil.rmtree(work, ignore_errors=True)  # this thread keeps one already
 

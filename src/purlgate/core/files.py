@@ -93,7 +93,9 @@ def retire(path: Path, scratch: Path) -> None:
     ``scratch`` folder, so that this thread's next ``AtomicFile`` takes its inode
     instead of allocating one (see ``clear_scratch`` for why that matters here)."""
     spares: list[Path] = _spares.__dict__.setdefault("files", [])
-    if len(spares) >= MAX_SPARES:
+    if len(spares) >= MAX_SPARES or path.stat().st_nlink != 1:
+        # A second name of the same file (a crash between a commit's link and unlink
+        # leaves one): only this name goes; an inode is never a spare twice.
         path.unlink(missing_ok=True)
         return
     spare = scratch / f"spare-{len(spares)}"
@@ -167,7 +169,14 @@ class AtomicFile:
     def __enter__(self) -> Self:
         try:
             _take_spare(self.temp)  # an inode this thread let go of, if it has one
-            fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self._mode)
+            fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT, self._mode)
+            if os.fstat(fd).st_nlink != 1:
+                # A .part left by a crash between a commit's link and unlink is a second
+                # name of the published file: never write through it, start a new one.
+                os.close(fd)
+                self.temp.unlink()
+                fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._mode)
+            os.ftruncate(fd, 0)
             os.fchmod(fd, self._mode)
         except OSError as exc:
             raise StorageError(f"cannot create {self.temp.name}: {exc.strerror}") from exc
