@@ -17,7 +17,6 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from aiosmtpd.smtp import SMTP
 
 from tests.dovecot import free_port
 from tests.mail_helpers import (
@@ -71,33 +70,14 @@ def mail(i: int) -> tuple[str, str, bytes]:
     return msgid, name, raw
 
 
-class Relay:
-    """The sink on a fixed port, which can go away and come back."""
-
-    def __init__(self, sink: Sink, port: int) -> None:
-        self.sink, self.port = sink, port
-        self.server: asyncio.Server | None = None
-
-    async def up(self) -> None:
-        self.server = await asyncio.get_running_loop().create_server(
-            lambda: SMTP(self.sink), "127.0.0.1", self.port)
-        self.sink.server = self.server  # aiosmtpd reads the handler's members (port)
-
-    async def down(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-
 @pytest.mark.asyncio
 async def test_every_accepted_message_gets_exactly_one_correct_reply(tmp_path: Path) -> None:
     seed = random.randrange(1 << 30)
     chance = random.Random(seed)
-    sink = Sink()
-    relay = Relay(sink, free_port())
-    await relay.up()
+    relay_port = free_port()
+    sink = await Sink().start(relay_port)  # goes away (its sessions cut) and comes back
     cfg = tmp_path / "regions.toml"
-    cfg.write_text(CONFIG.format(relay_port=relay.port))
+    cfg.write_text(CONFIG.format(relay_port=relay_port))
     data, smtp = tmp_path / "state", free_port()
     mails = [mail(i) for i in range(MESSAGES)]
     accepted: set[str] = set()
@@ -127,10 +107,13 @@ async def test_every_accepted_message_gets_exactly_one_correct_reply(tmp_path: P
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await client.quit()  # the gateway may have been killed meanwhile
 
+    def serving() -> bool:
+        return sink.server is not None and sink.server.is_serving()
+
     async def chaos() -> None:
         nonlocal gateway, kills
         await asyncio.sleep(2.0)
-        await relay.down()  # the relay is away for OUTAGE seconds, kills or not
+        await sink.stop()  # the relay is away for OUTAGE seconds, kills or not
         back = time.monotonic() + OUTAGE
         for _ in range(KILLS):
             await asyncio.sleep(chance.uniform(0.5, 3.0))
@@ -141,12 +124,11 @@ async def test_every_accepted_message_gets_exactly_one_correct_reply(tmp_path: P
             kills += 1
             gateway = await asyncio.to_thread(serve, cfg, data, smtp, None)
             started.append(gateway)
-            if relay.server is not None and not relay.server.is_serving() \
-                    and time.monotonic() >= back:
-                await relay.up()
+            if not serving() and time.monotonic() >= back:
+                await sink.start(relay_port)
         await asyncio.sleep(max(0.0, back - time.monotonic()))
-        if not relay.server or not relay.server.is_serving():
-            await relay.up()
+        if not serving():
+            await sink.start(relay_port)
 
     try:
         await asyncio.gather(chaos(), *(session(mails[k::SESSIONS]) for k in range(SESSIONS)))
@@ -163,8 +145,8 @@ async def test_every_accepted_message_gets_exactly_one_correct_reply(tmp_path: P
                 await asyncio.to_thread(process.wait, 60)
             if process.stdout is not None:
                 process.stdout.close()
-        if relay.server is not None and relay.server.is_serving():
-            await relay.down()
+        if serving():
+            await sink.stop()
 
     assert kills == KILLS and len(accepted) == MESSAGES
     assert resent, "the kills came while mail was being sent"
