@@ -52,7 +52,9 @@ from purlgate.faults import crash_point
 log = logging.getLogger("purlgate.mail")
 
 
-SCRATCH_FILES = ("attachment", "reply.zip")  # kept between messages, emptied
+# Kept between messages: the attachment and reply ZIP (emptied), the outputs folder
+# a message lets go of (see _let_go).
+SCRATCH_FILES = ("attachment", "reply.zip", "out")
 
 
 class MailLedger:
@@ -172,8 +174,7 @@ class MailWorker:
             self.spool.finish(entry)
             _let_go(work, scratch)
         finally:
-            clear_scratch(scratch, lambda name: name in SCRATCH_FILES
-                          or name.startswith("spare-") or name == "out")
+            clear_scratch(scratch, lambda name: name in SCRATCH_FILES)
 
     def _answer(self, entry: SpoolEntry, sender: str, client_id: str, offset: int, *,
                 scratch: Path, work: Path) -> None:

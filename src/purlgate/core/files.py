@@ -61,7 +61,8 @@ def thread_scratch(root: Path) -> Path:
 def clear_scratch(folder: Path, keep: Callable[[str], bool]) -> None:
     """Empty a scratch folder for its next use. The files ``keep`` names (the ones every
     batch makes again) are truncated to nothing rather than removed, the folders it
-    names are left as they are (their owner empties them); anything else goes.
+    names are left as they are (their owner empties them), and ``retire``'s spares
+    stay; anything else goes.
 
     Why not remove them all: on ext4 without a journal (as some VMs have it) each new
     file scans past every file deleted in the last seconds, so a busy gateway that makes
@@ -75,6 +76,8 @@ def clear_scratch(folder: Path, keep: Callable[[str], bool]) -> None:
     for entry in entries:
         with contextlib.suppress(FileNotFoundError):
             is_dir = entry.is_dir(follow_symlinks=False)
+            if entry.name.startswith(SPARE_PREFIX):
+                continue  # empty already, and ``retire``'s list still names it
             if keep(entry.name):
                 if not is_dir and entry.stat(follow_symlinks=False).st_size:
                     os.truncate(entry.path, 0)
@@ -86,6 +89,7 @@ def clear_scratch(folder: Path, keep: Callable[[str], bool]) -> None:
 
 _spares = threading.local()  # per thread: empty files whose inodes the next files take
 MAX_SPARES = 8
+SPARE_PREFIX = "spare-"
 
 
 def retire(path: Path, scratch: Path) -> None:
@@ -98,9 +102,9 @@ def retire(path: Path, scratch: Path) -> None:
         # leaves one): only this name goes; an inode is never a spare twice.
         path.unlink(missing_ok=True)
         return
-    spare = scratch / f"spare-{len(spares)}"
-    while spare in spares or spare.exists():
-        spare = spare.with_name(f"spare-{int(spare.name[6:]) + 1}")
+    n = len(spares)
+    while (spare := scratch / f"{SPARE_PREFIX}{n}") in spares or spare.exists():
+        n += 1
     path.replace(spare)
     os.truncate(spare, 0)
     spares.append(spare)
