@@ -118,11 +118,9 @@ def message(i: int, password: bytes, sender: str = SENDER) -> tuple[str, bytes]:
     return msgid, raw
 
 
-SYSTEM: dict[int, float] = {}  # the system (kernel) part of tree_cpu's last figures
-
-
-def tree_cpu(root: int) -> dict[int, float]:
-    """CPU seconds (user + system) of a process and each of its descendants, by pid."""
+def tree_cpu(root: int) -> dict[int, tuple[float, float]]:
+    """CPU seconds of a process and each of its descendants, by pid: (user + system,
+    system alone)."""
     tick = os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
@@ -144,8 +142,7 @@ def tree_cpu(root: int) -> dict[int, float]:
             if ppid == parent and pid not in tree:
                 tree.add(pid)
                 frontier.append(pid)
-    SYSTEM.update({pid: system[pid] for pid in tree if pid in system})
-    return {pid: times[pid] for pid in tree if pid in times}
+    return {pid: (times[pid], system[pid]) for pid in tree if pid in times}
 
 
 def calibrate() -> float:
@@ -220,7 +217,6 @@ async def burst(messages: int, sessions: int, setup: str,
             await asyncio.sleep(1.0)
         try:
             cpu_before = tree_cpu(child.pid)
-            system_before = dict(SYSTEM)
             busy_before = machine_busy()
             own_before = time.process_time()
             start = time.perf_counter()
@@ -255,8 +251,8 @@ async def burst(messages: int, sessions: int, setup: str,
     assert not missing and not twice, f"{len(missing)} replies missing, {len(twice)} twice"
     latencies = [relay.arrived[m] - accepted[m] for m, _ in mails]
     q = statistics.quantiles(latencies, n=100, method="inclusive")
-    used = {pid: t - cpu_before.get(pid, 0.0) for pid, t in cpu_after.items()}
-    kernel = sum(t - system_before.get(pid, 0.0) for pid, t in SYSTEM.items())
+    used = {pid: t - cpu_before.get(pid, (0.0, 0.0))[0] for pid, (t, _) in cpu_after.items()}
+    kernel = sum(k - cpu_before.get(pid, (0.0, 0.0))[1] for pid, (_, k) in cpu_after.items())
     gateway = used.pop(child.pid, 0.0)
     return {"accept": messages / (last_accept - start), "e2e": messages / (end - start),
             "p50": statistics.median(latencies), "p99": q[98],
