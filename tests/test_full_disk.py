@@ -16,9 +16,9 @@ import pytest
 
 import purlgate.channels.outbox as outbox_module
 import purlgate.channels.queue_worker as queue_module
-from purlgate.channels.outbox import Outbox, TemporaryDeliveryError
+from purlgate.channels.outbox import Outbox
 from purlgate.core.files import AtomicFile
-from purlgate.errors import StorageError
+from purlgate.errors import StorageError, TemporaryDeliveryError
 from tests.mail_helpers import PASSWORD, SENDER, Sink, aes_zip, client_mail, drained, rows
 from tests.test_email import start
 from tests.test_outbox import RELAY, Clock, note

@@ -19,15 +19,10 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 import purlgate.channels.outbox as outbox_module
 import purlgate.core.files as files_module
-from purlgate.channels.outbox import (
-    Outbox,
-    PermanentDeliveryError,
-    TemporaryDeliveryError,
-    relay_sender,
-    write_message,
-)
+from purlgate.channels.outbox import Outbox, relay_sender, write_message
 from purlgate.channels.replies import PLACEHOLDER
 from purlgate.config import RelayConfig, SecretRef
+from purlgate.errors import PermanentDeliveryError, TemporaryDeliveryError
 from tests.mail_helpers import Sink
 from tests.tls_helpers import self_signed
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from purlgate.channels import spool as spool_module
-from purlgate.channels.spool import GroupSync, Spool, SpoolFullError
+from purlgate.channels.spool import GroupSync, Spool
+from purlgate.errors import SpoolFullError
 
 
 def test_accept_then_pending_round_trips_bytes(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from purlgate.core.lifecycle import TRANSITIONS, BatchState, Counts, TransitionError
-from purlgate.errors import DuplicateFileError
+from purlgate.core.lifecycle import TRANSITIONS, BatchState, Counts
+from purlgate.errors import DuplicateFileError, TransitionError
 from purlgate.store import SqliteBatchStore
 
 AT = datetime(2026, 11, 27, 10, 15, tzinfo=UTC)

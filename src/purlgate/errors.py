@@ -17,11 +17,22 @@
     │   └── CutOffError             the file ends mid-row: a transfer stopped early
     ├── ConfigError                 regions.toml is wrong; nothing starts
     └── ServerError                 our side or a backend failed; retry, alert ops
+        ├── SpoolFullError          the spool's disk is full or below its floor (SMTP 452)
         ├── StorageError            disk full, fsync/rename failed, state store broken
         ├── DamagedEntryError       a spool entry's own files are unreadable (no retry)
         ├── PgpEncryptError         the client's key cannot be encrypted to (alert ops)
         └── RenderError             the render backend failed for the whole batch
             └── RenderAuthError     the render API refused our credentials (alert ops)
+
+Signals between our own parts, never shown to a client as they are:
+
+    DeliveryError                   the relay did not take a message (outbox)
+    ├── TemporaryDeliveryError      4xx, timeout, refused connection: retried
+    └── PermanentDeliveryError      5xx: moved to outbox/failed, operator alerted
+    RenderBusyError                 more first views wait than the render queue holds (503)
+    InvalidUtf8Error                a file whose head was UTF-8 is not, further on: read
+                                    it again as Windows-1252
+    TransitionError                 a programming error: a move the lifecycle table forbids
 
 Each ClientInputError carries ``code`` (a stable slug for logs, tests and channel
 mappings), ``message`` (plain words the client can act on; never row data, never
@@ -122,6 +133,12 @@ class ServerError(PurlgateError):
     client_reason: str | None = None
 
 
+class SpoolFullError(ServerError):
+    code = "spool-full"
+    smtp_code = 452
+    smtp_status = "4.3.1"
+
+
 class StorageError(ServerError):
     code = "storage"
 
@@ -149,6 +166,30 @@ class RenderAuthError(RenderError):
         "our video rendering service refused our credentials, so no video was made; "
         "this is on our side and our operators have been alerted"
     )
+
+
+class DeliveryError(Exception):
+    """The relay did not take a message."""
+
+
+class TemporaryDeliveryError(DeliveryError):
+    pass
+
+
+class PermanentDeliveryError(DeliveryError):
+    pass
+
+
+class RenderBusyError(Exception):
+    """More first views are waiting than the configured queue allows."""
+
+
+class InvalidUtf8Error(Exception):
+    """The head looked like UTF-8 but a later block is not; read again as Windows-1252."""
+
+
+class TransitionError(Exception):
+    """A programming error: the pipeline asked for a move the table does not allow."""
 
 
 def is_storage_fault(exc: BaseException) -> bool:

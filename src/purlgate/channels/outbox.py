@@ -35,19 +35,11 @@ from purlgate.channels.replies import PLACEHOLDER, new_message, set_text
 from purlgate.channels.spool import GroupSync
 from purlgate.config import RelayConfig
 from purlgate.core.files import AtomicFile, fsync_dir
-from purlgate.errors import StorageError
+from purlgate.errors import PermanentDeliveryError, StorageError, TemporaryDeliveryError
 from purlgate.faults import crash_point
 
 log = logging.getLogger("purlgate.outbox")
 KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
-
-
-class TemporaryDeliveryError(Exception):
-    pass
-
-
-class PermanentDeliveryError(Exception):
-    pass
 
 
 Sender = Callable[[bytes, str, Sequence[str]], Awaitable[None]]

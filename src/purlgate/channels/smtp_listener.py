@@ -26,9 +26,9 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from purlgate.channels.mail_message import header_addresses
-from purlgate.channels.spool import Spool, SpoolEntry, SpoolFullError, SpoolWriter
+from purlgate.channels.spool import Spool, SpoolEntry, SpoolWriter
 from purlgate.config import ClientConfig, SmtpConfig
-from purlgate.errors import ServerError
+from purlgate.errors import ServerError, SpoolFullError
 
 log = logging.getLogger("purlgate.smtp")
 SPOOL_THREADS = 32

@@ -32,18 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from purlgate.core.files import AtomicFile, fsync_dir, start_writeback
-from purlgate.errors import ServerError
+from purlgate.errors import ServerError, SpoolFullError
 from purlgate.faults import crash_point
 
 WRITEBACK_BYTES = 4 << 20  # a message this big starts going to disk while it arrives
 
 MAGIC = b"PURLGATE-ENVELOPE "
-
-
-class SpoolFullError(ServerError):
-    code = "spool-full"
-    smtp_code = 452
-    smtp_status = "4.3.1"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
+from purlgate.errors import TransitionError
+
 
 class BatchState(StrEnum):
     INITIALIZING = "Initializing"
@@ -52,10 +54,6 @@ EVENT_OF_STATE: Mapping[BatchState, EventKind] = {
     BatchState.DONE_WITH_ERRORS: EventKind.SUMMARY,
     BatchState.FAILED: EventKind.FAILED,
 }
-
-
-class TransitionError(Exception):
-    """A programming error: the pipeline asked for a move the table does not allow."""
 
 
 def check_transition(current: BatchState, target: BatchState) -> None:

@@ -60,12 +60,13 @@ from purlgate.core.naming import (
     strip_pgp,
 )
 from purlgate.core.render import Renderer, RenderRequest, RowSink, RowStore
-from purlgate.core.table import BadRow, InvalidUtf8Error, LineWriter, RowReader
+from purlgate.core.table import BadRow, LineWriter, RowReader
 from purlgate.errors import (
     ClientInputError,
     CutOffError,
     EncodingError,
     FileNameError,
+    InvalidUtf8Error,
     NoDataError,
     PgpError,
     PurlgateError,

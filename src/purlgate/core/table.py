@@ -26,13 +26,9 @@ import pyarrow.csv as pacsv
 
 from purlgate.core.dialect import Dialect
 from purlgate.core.files import BackgroundWriter
-from purlgate.errors import EncodingError
+from purlgate.errors import EncodingError, InvalidUtf8Error
 
 BLOCK_SIZE = 1 << 20
-
-
-class InvalidUtf8Error(Exception):
-    """The head looked like UTF-8 but a later block is not; read again as Windows-1252."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from jinja2 import TemplateError
 
 from purlgate.config import WebConfig
 from purlgate.core.lifecycle import BatchEvent, BatchState
-from purlgate.errors import ConfigError
+from purlgate.errors import ConfigError, RenderBusyError
 from purlgate.rowstore import ArrowRowStore
 from purlgate.store import BatchSummary
 from purlgate.web.links import BatchIndex, Link
@@ -110,10 +110,6 @@ class HotCache:
     def clear(self) -> None:
         self._items.clear()
         self._size = 0
-
-
-class RenderBusyError(Exception):
-    """More first views are waiting than the configured queue allows."""
 
 
 class RenderPool:
