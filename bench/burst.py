@@ -266,11 +266,10 @@ async def burst(messages: int, sessions: int, setup: str,
 async def beside_big(rows: int, small: int, workers: int) -> tuple[list[float], list[float]]:
     """Latencies of ``small`` twenty-row mails from acme, with and without beta's big
     file running."""
-    import io
-
     import aiosmtplib
-    import pyzipper
     from aiosmtpd.smtp import SMTP
+
+    from purlgate.core.archive import aes_zip
 
     password = (ROOT / "fixtures" / "secrets" / "acme-zip-password").read_bytes().strip()
     relay = Relay()
@@ -287,12 +286,9 @@ async def beside_big(rows: int, small: int, workers: int) -> tuple[list[float], 
             await asyncio.sleep(0.002)
         return relay.arrived[msgid] - start
 
-    buf = io.BytesIO()
-    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
-                             encryption=pyzipper.WZ_AES) as z:
-        z.setpassword(password)
-        body = "".join(f"Name{i},u{i}@beta.example,{i % 97}\n" for i in range(rows))
-        z.writestr("beta_big_20261127_120000.csv", "first_name,email,score\n" + body)
+    body = "".join(f"Name{i},u{i}@beta.example,{i % 97}\n" for i in range(rows))
+    zipped = aes_zip({"beta_big_20261127_120000.csv":
+                      ("first_name,email,score\n" + body).encode()}, password)
     from email.message import EmailMessage
     from email.policy import SMTP as SMTP_POLICY
 
@@ -300,7 +296,7 @@ async def beside_big(rows: int, small: int, workers: int) -> tuple[list[float], 
     big["From"], big["To"], big["Subject"] = OTHER, INBOUND, "big"
     big["Message-ID"] = "<big-file@beta.example>"
     big.set_content("big file")
-    big.add_attachment(buf.getvalue(), maintype="application", subtype="zip",
+    big.add_attachment(zipped, maintype="application", subtype="zip",
                        filename="beta_big_20261127_120000.zip")
     with tempfile.TemporaryDirectory() as tmp_name:
         child = await start_serve(write_config(Path(tmp_name), smtp_port, relay_port,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import statistics
 import subprocess
@@ -122,21 +121,17 @@ def measure_acceptance(kind: str, messages: int, sessions: int, tmp: Path) -> fl
 
 
 def email(i: int, password: bytes) -> bytes:
-    import pyzipper
+    from purlgate.core.archive import aes_zip
 
     stamp = f"20261127_{10 + i // 3600:02d}{(i // 60) % 60:02d}{i % 60:02d}"
     name = f"acme_spring_{stamp}_00"
     rows = "first_name,email\n" + "".join(f"Zoë{j},u{j}@acme.example\n" for j in range(20))
-    buf = io.BytesIO()
-    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
-                             encryption=pyzipper.WZ_AES) as z:
-        z.setpassword(password)
-        z.writestr(f"{name}.csv", rows)
+    zipped = aes_zip({f"{name}.csv": rows.encode()}, password)
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = SENDER, INBOUND, f"bench {i}"
     msg["Message-ID"] = f"<bench-{i}-{uuid.uuid4().hex}@acme.example>"
     msg.set_content("file attached")
-    msg.add_attachment(buf.getvalue(), maintype="application", subtype="zip",
+    msg.add_attachment(zipped, maintype="application", subtype="zip",
                        filename=f"{name}.zip")
     return msg.as_bytes(policy=policy.SMTP)
 

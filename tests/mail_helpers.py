@@ -13,8 +13,9 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
-import pyzipper
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from purlgate.core import archive
 
 PASSWORD = b"Acme-Zip-2026!"
 SENDER = "data-team@acme.example"
@@ -28,13 +29,8 @@ def rows(n: int = 20) -> bytes:
 
 
 def aes_zip(files: dict[str, bytes], password: bytes = PASSWORD) -> bytes:
-    buf = io.BytesIO()
-    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
-                             encryption=pyzipper.WZ_AES) as z:
-        z.setpassword(password)
-        for name, data in files.items():
-            z.writestr(name, data)
-    return buf.getvalue()
+    """The demo client's AES ZIP (core.archive's writer, with its password)."""
+    return archive.aes_zip(files, password)
 
 
 def plain_zip(files: dict[str, bytes]) -> bytes:
@@ -154,10 +150,7 @@ def reply_zip(captured: Captured, password: bytes = PASSWORD) -> dict[str, bytes
     """The files of a reply's one AES ZIP attachment."""
     parts = list(captured.message.iter_attachments())
     assert len(parts) == 1
-    data = parts[0].get_payload(decode=True)
-    with pyzipper.AESZipFile(io.BytesIO(data)) as z:
-        z.setpassword(password)
-        return {n: z.read(n) for n in z.namelist()}
+    return archive.read_zip(parts[0].get_payload(decode=True), password).members
 
 
 async def drained(gateway: Any, timeout: float = 30.0) -> None:

@@ -11,9 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import pyzipper
 
-from purlgate.core.archive import UnwrapLimits, unwrap
+from purlgate.core.archive import UnwrapLimits, aes_zip, unwrap
 from purlgate.core.lifecycle import BatchState
 from purlgate.errors import ArchiveError, ArchivePasswordError
 from tests.conftest import Harness, scratch_data_left
@@ -27,16 +26,6 @@ LIMITS = UnwrapLimits(max_uncompressed_bytes=4 * 1024 * 1024, max_compression_ra
 def make_zip(entries: dict[str, bytes], *, method: int = zipfile.ZIP_DEFLATED) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", method) as z:
-        for name, data in entries.items():
-            z.writestr(name, data)
-    return buf.getvalue()
-
-
-def make_aes_zip(entries: dict[str, bytes], password: bytes) -> bytes:
-    buf = io.BytesIO()
-    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
-                             encryption=pyzipper.WZ_AES) as z:
-        z.setpassword(password)
         for name, data in entries.items():
             z.writestr(name, data)
     return buf.getvalue()
@@ -182,7 +171,7 @@ def test_not_a_zip(tmp_path: Path) -> None:
 def test_encrypted_without_a_known_password(tmp_path: Path) -> None:
     """An AES ZIP on a channel with no agreed password is refused with what to do."""
     with pytest.raises(ArchivePasswordError) as err:
-        run_unwrap(tmp_path, make_aes_zip({f"a_{T}.csv": CSV}, b"s3cret"))
+        run_unwrap(tmp_path, aes_zip({f"a_{T}.csv": CSV}, b"s3cret"))
     assert err.value.message == (
         "the ZIP is password-protected but no password is agreed for this channel; "
         "send the data file without a password here, or use the email channel"
@@ -191,7 +180,7 @@ def test_encrypted_without_a_known_password(tmp_path: Path) -> None:
 
 def test_aes_with_the_right_password(tmp_path: Path) -> None:
     """AES-256 with the agreed password opens."""
-    out = run_unwrap(tmp_path, make_aes_zip({f"a_{T}.csv": CSV}, b"s3cret"),
+    out = run_unwrap(tmp_path, aes_zip({f"a_{T}.csv": CSV}, b"s3cret"),
                      password=b"s3cret", require_aes=True)
     assert out.read_bytes() == CSV
 
@@ -199,7 +188,7 @@ def test_aes_with_the_right_password(tmp_path: Path) -> None:
 def test_wrong_password_echoes_nothing(tmp_path: Path) -> None:
     """A wrong password is refused; the message contains neither password."""
     with pytest.raises(ArchivePasswordError) as err:
-        run_unwrap(tmp_path, make_aes_zip({f"a_{T}.csv": CSV}, b"right-one"),
+        run_unwrap(tmp_path, aes_zip({f"a_{T}.csv": CSV}, b"right-one"),
                    password=b"wrong-one", require_aes=True)
     assert err.value.message == "the password does not open the ZIP; use the agreed password"
     assert "right-one" not in str(err.value) and "wrong-one" not in str(err.value)

@@ -3,7 +3,6 @@ whether the same name may be sent again; the store upgrades an older data direct
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import sqlite3
@@ -14,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pyzipper
 
 from purlgate.config import parse_config
-from purlgate.core.archive import UnwrapLimits, unwrap
+from purlgate.core.archive import UnwrapLimits, read_zip, unwrap
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import Submission
 from purlgate.region import build_region
@@ -122,9 +120,8 @@ async def _fail_then_fix(send: Any, sink: Sink) -> None:
            "name." in body
     parts = list(reply.iter_attachments())
     assert [p.get_filename() for p in parts] == [f"PURL_acme_spring_{T}_00_errors.zip"]
-    with pyzipper.AESZipFile(io.BytesIO(parts[0].get_payload(decode=True))) as z:
-        z.setpassword(PASSWORD)
-        errors = z.read(f"PURL_acme_spring_{T}_00_errors.csv").decode().splitlines()
+    errors = read_zip(parts[0].get_payload(decode=True), PASSWORD).members[
+        f"PURL_acme_spring_{T}_00_errors.csv"].decode().splitlines()
     assert errors == ["row,column,reason",
                       ',,"cannot tell the delimiter: no one of , ; | or tab gives the same '
                       'number of columns in the header and the first rows"']

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import pyzipper
 
 from purlgate.config import parse_config
+from purlgate.core.archive import aes_zip
 from purlgate.core.crypto import looks_like_pgp, spaced_fingerprint
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import BatchOutcome, Submission
@@ -558,13 +558,9 @@ def test_check_config_opens_every_key_and_dates_it(keys: Keys, tmp_path: Path) -
 def test_pgp_around_a_password_zip_with_purlgate_process(keys: Keys, tmp_path: Path) -> None:
     """`purlgate process` of a PGP file holding an AES ZIP opens the ZIP with the
     client's agreed password (it used to be refused for want of it)."""
-    zipped = io.BytesIO()
-    with pyzipper.AESZipFile(zipped, "w", compression=pyzipper.ZIP_DEFLATED,
-                             encryption=pyzipper.WZ_AES) as z:
-        z.setpassword(b"zip-pass-1")
-        z.writestr(f"acme_secure_{T}_07.csv", CSV)
+    zipped = aes_zip({f"acme_secure_{T}_07.csv": CSV}, b"zip-pass-1")
     name = f"acme_secure_{T}_07.zip.pgp"
-    (tmp_path / name).write_bytes(encrypt(keys, keys.acme, zipped.getvalue(), sign=keys.acme))
+    (tmp_path / name).write_bytes(encrypt(keys, keys.acme, zipped, sign=keys.acme))
     (tmp_path / "zip-password").write_text("zip-pass-1\n")
     text = config_text(keys).replace(
         '[clients.acme]\nname = "Acme"',

@@ -171,8 +171,7 @@ def _e2e(args: argparse.Namespace) -> int:
     from purlgate.e2e import default_target, report, run_e2e
 
     config = load_config(args.config)
-    if args.region not in config.regions:
-        raise ConfigError(f"no region {args.region!r}; configured: {', '.join(config.regions)}")
+    region = config.region(args.region)
     password = None
     if args.sftp_password_file is not None:
         try:
@@ -181,7 +180,7 @@ def _e2e(args: argparse.Namespace) -> int:
             raise ConfigError(f"--sftp-password-file {args.sftp_password_file}: "
                               f"{exc.strerror}") from exc
     target = default_target(
-        config.regions[args.region], smtp=args.smtp, capture=args.capture, sftp=args.sftp,
+        region, smtp=args.smtp, capture=args.capture, sftp=args.sftp,
         sftp_password=password, sftp_key=args.sftp_key, links_base=args.links_base,
         insecure=args.insecure or None, timeout=args.timeout)
     checks = asyncio.run(run_e2e(config, args.region, args.client, args.project,
@@ -203,9 +202,7 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     region_id = args.region or next(iter(config.regions))
-    if region_id not in config.regions:
-        raise ConfigError(f"no region {region_id!r}; configured: {', '.join(config.regions)}")
-    web = config.regions[region_id].web
+    web = config.region(region_id).web
     if web is None:
         raise ConfigError(f"region {region_id} has no [regions.{region_id}.web] section")
     tls = web.tls_cert is not None or web.self_signed
@@ -233,9 +230,7 @@ def _region_dir(args: argparse.Namespace) -> tuple[str, Path, Config]:
 
     config = load_config(args.config)
     region_id = args.region or next(iter(config.regions))
-    if region_id not in config.regions:
-        raise ConfigError(f"no region {region_id!r}; configured: {', '.join(config.regions)}")
-    return region_id, args.data_dir or config.regions[region_id].data_dir, config
+    return region_id, args.data_dir or config.region(region_id).data_dir, config
 
 
 def _batches(args: argparse.Namespace) -> int:
@@ -411,8 +406,9 @@ def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
             raise ConfigError(f"unknown client {args.client!r}; known: "
                               + ", ".join(config.clients))
         return str(args.client)
-    head = args.file.name.split("_", 1)[0].casefold()
-    return next((cid for cid in config.clients if cid.casefold() == head), None)
+    from purlgate.core.naming import client_from_name
+
+    return client_from_name(args.file.name, config.clients)
 
 
 def _process(args: argparse.Namespace) -> int:
@@ -499,8 +495,7 @@ def _serve(args: argparse.Namespace) -> int:
     from purlgate.config import load_config, secret_refs
 
     config = load_config(args.config)
-    if args.region not in config.regions:
-        raise ConfigError(f"no region {args.region!r}; configured: {', '.join(config.regions)}")
+    config.region(args.region)
     # Every secret this region uses, read now: a missing one is an operator's error to
     # hear at start, not a client's message to dead-letter later.
     ours = {f"region {args.region}", *(f"client {c}" for c in config.clients_of(args.region))}
@@ -591,9 +586,7 @@ def _key_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
     region = config.regions[region_id]
     if region.pgp is None:
         return []
-    client_keys = {cid: (c.pgp_public_key, c.pgp_fingerprint)
-                   for cid, c in config.clients_of(region_id).items()
-                   if c.pgp_public_key is not None and c.pgp_fingerprint is not None}
+    client_keys = config.client_keys(region_id)
     with tempfile.TemporaryDirectory() as scratch:
         pgp = region.pgp
         if pgp.private_key is not None:  # nothing of the real keyring is touched

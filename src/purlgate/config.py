@@ -16,6 +16,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -505,8 +506,27 @@ class Config(_Model):
                                  f"{client.sftp.username}")
         return self
 
+    def region(self, region_id: str) -> RegionConfig:
+        """The region ``region_id``; a ConfigError naming the configured ones if none."""
+        if region_id not in self.regions:
+            raise ConfigError(f"no region {region_id!r}; configured: {', '.join(self.regions)}")
+        return self.regions[region_id]
+
     def clients_of(self, region_id: str) -> dict[str, ClientConfig]:
         return {cid: c for cid, c in self.clients.items() if region_id in c.regions}
+
+    def client_keys(self, region_id: str) -> dict[str, tuple[Path, str]]:
+        """The pinned PGP public key (file, fingerprint) of each client of the region
+        that has one."""
+        return {cid: (c.pgp_public_key, c.pgp_fingerprint)
+                for cid, c in self.clients_of(region_id).items()
+                if c.pgp_public_key is not None and c.pgp_fingerprint is not None}
+
+
+def client_of_sender(sender: str, clients: Mapping[str, ClientConfig]) -> str | None:
+    """The client whose registered senders include ``sender`` (case-insensitive)."""
+    sender = sender.lower()
+    return next((cid for cid, c in clients.items() if sender in c.senders), None)
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

@@ -20,7 +20,6 @@ import asyncio
 import csv
 import io
 import ssl
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,13 +30,12 @@ from pathlib import Path
 import aiohttp
 import aiosmtplib
 import asyncssh
-import pyzipper
 from aiosmtpd.smtp import SMTP
 
-from purlgate.channels.replies import aes_zip
 from purlgate.config import ClientConfig, Config, ProjectConfig, RegionConfig
+from purlgate.core.archive import aes_zip, read_zip
 from purlgate.core.naming import flag_name, parse_data_name, purl_name
-from purlgate.errors import ConfigError
+from purlgate.errors import ArchiveError, ConfigError
 from purlgate.replay import Capture
 
 ROWS = 20
@@ -125,8 +123,7 @@ class Plan:
 
 async def run_e2e(config: Config, region_id: str, client_id: str, project_id: str, *,
                   channel: str, target: Target, data: Path | None = None) -> list[Check]:
-    if region_id not in config.regions:
-        raise ConfigError(f"no region {region_id!r}; configured: {', '.join(config.regions)}")
+    region = config.region(region_id)
     client = config.clients_of(region_id).get(client_id)
     if client is None:
         raise ConfigError(f"no client {client_id!r} in region {region_id}")
@@ -134,7 +131,6 @@ async def run_e2e(config: Config, region_id: str, client_id: str, project_id: st
     if project is None:
         raise ConfigError(f"client {client_id} has no project {project_id!r}; projects: "
                           + ", ".join(client.projects))
-    region = config.regions[region_id]
     now = datetime.now(UTC)
     name, header, rows = sample(project, now, client_id, project_id)
     body = _csv(header, rows)
@@ -161,10 +157,7 @@ async def _by_email(plan: Plan, target: Target, checks: list[Check]) -> bytes | 
                                              "it cannot send by email"))
         return None
     password = client.zip_password.reveal()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / name
-        data.write_bytes(plan.body)
-        attachment = aes_zip([data], password)
+    attachment = aes_zip({name: plan.body}, password)
     message = EmailMessage()
     message["From"] = client.senders[0]
     message["To"] = region.inbound_addresses[0]
@@ -203,18 +196,16 @@ async def _by_email(plan: Plan, target: Target, checks: list[Check]) -> bytes | 
     raw = zips[0].get_payload(decode=True)
     assert isinstance(raw, bytes)
     try:
-        with pyzipper.AESZipFile(io.BytesIO(raw)) as zf:
-            zf.setpassword(password)
-            names = zf.namelist()
-            if expected not in names:
-                checks.append(Check("purl file", False, f"the ZIP holds {names}, "
-                                                        f"not {expected}"))
-                return None
-            content: bytes = zf.read(expected)
-    except (RuntimeError, pyzipper.BadZipFile) as exc:
+        members = read_zip(raw, password).members
+    except ArchiveError as exc:
         checks.append(Check("purl file", False, f"the ZIP does not open with the client's "
-                                                f"password ({type(exc).__name__})"))
+                                                f"password ({exc.message})"))
         return None
+    if expected not in members:
+        checks.append(Check("purl file", False, f"the ZIP holds {list(members)}, "
+                                                f"not {expected}"))
+        return None
+    content = members[expected]
     checks.append(Check("purl file", True, f"{expected} in an AES ZIP that opens with the "
                                            "client's password"))
     return content

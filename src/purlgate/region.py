@@ -76,9 +76,7 @@ def build_region(
     data_dir: Path | None = None,
     subscribers: Sequence[Subscriber] = (),
 ) -> Region:
-    if region_id not in config.regions:
-        raise ConfigError(f"no region {region_id!r}; configured: {', '.join(config.regions)}")
-    region = config.regions[region_id]
+    region = config.region(region_id)
     use_jemalloc()
     data_dir = data_dir or region.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,12 +118,7 @@ def build_region(
     )
     keys = None
     if region.pgp is not None:
-        client_keys = {
-            cid: (c.pgp_public_key, c.pgp_fingerprint)
-            for cid, c in clients.items()
-            if c.pgp_public_key is not None and c.pgp_fingerprint is not None
-        }
-        keys = GpgKeyStore.open(region.pgp, data_dir, client_keys)
+        keys = GpgKeyStore.open(region.pgp, data_dir, config.client_keys(region_id))
     processor = BatchProcessor(
         region_id=region_id, clients=clients, limits=limits, store=store,
         renderer_for=renderer_for, clock=utc_now, work_root=data_dir / "work",

@@ -33,8 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import pyzipper
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from purlgate.core.archive import aes_zip, read_zip
+from purlgate.errors import ArchiveError
 
 
 @dataclass
@@ -99,25 +101,13 @@ def _rezip(data: bytes, rename: Renamer, password: bytes | None) -> bytes | None
     """The ZIP with its members renamed for this run, encrypted as before; None
     when it cannot be re-made as it was (another password, ZipCrypto): sent unchanged."""
     try:
-        with pyzipper.AESZipFile(io.BytesIO(data)) as src:
-            infos = src.infolist()
-            encrypted = any(i.flag_bits & 0x1 for i in infos)
-            aes = all(getattr(i, "wz_aes_vendor_id", None) for i in infos)
-            if encrypted and (password is None or not aes):
-                return None
-            if encrypted:
-                src.setpassword(password)
-            members = [(i.filename, src.read(i.filename)) for i in infos]
-    except (RuntimeError, pyzipper.BadZipFile, NotImplementedError, ValueError):
+        found = read_zip(data, password)
+    except ArchiveError:
         return None
-    out = io.BytesIO()
-    options = {"encryption": pyzipper.WZ_AES} if encrypted else {}
-    with pyzipper.AESZipFile(out, "w", compression=pyzipper.ZIP_DEFLATED, **options) as dst:
-        if encrypted:
-            dst.setpassword(password)
-        for name, body in members:
-            dst.writestr(rename(name), body)
-    return out.getvalue()
+    if found.encrypted and not found.aes:
+        return None
+    renamed = {rename(name): body for name, body in found.members.items()}
+    return aes_zip(renamed, password if found.encrypted else None)
 
 
 def freshen(raw: bytes, rename: Renamer, password: bytes | None) -> bytes:
@@ -172,12 +162,10 @@ def _check_reply(reply: EmailMessage, want: dict[str, Any], password: bytes | No
     if not isinstance(data, bytes):
         return "the attachment is not a file"
     try:
-        with pyzipper.AESZipFile(io.BytesIO(data)) as z:
-            z.setpassword(password)
-            names = [n for n in z.namelist() if n.startswith("PURL_")]
-            purl = z.read(names[0]) if names else b""
-    except (RuntimeError, pyzipper.BadZipFile) as exc:
-        return f"the ZIP does not open with the password ({type(exc).__name__})"
+        members = read_zip(data, password).members
+    except ArchiveError as exc:
+        return f"the ZIP does not open with the password ({exc.message})"
+    purl = next((body for n, body in members.items() if n.startswith("PURL_")), b"")
     if not purl:
         return "no PURL file in the ZIP"
     text = purl.decode(want.get("encoding", "utf-8-sig"))

@@ -32,9 +32,8 @@ from imap_tools import BaseMailBox, MailBox, MailBoxStartTls, MailBoxUnencrypted
 from imap_tools.errors import MailboxLoginError
 
 from purlgate.channels.mail_message import header_addresses
-from purlgate.channels.smtp_listener import client_of
 from purlgate.channels.spool import Spool, SpoolEntry
-from purlgate.config import ClientConfig, ImapConfig
+from purlgate.config import ClientConfig, ImapConfig, client_of_sender
 from purlgate.errors import ConfigError
 
 log = logging.getLogger("purlgate.imap")
@@ -135,7 +134,7 @@ class ImapPoller:
             if raw is None:
                 continue
             senders = header_addresses(raw, "From")
-            if len(senders) != 1 or client_of(senders[0], self.clients) is None:
+            if len(senders) != 1 or client_of_sender(senders[0], self.clients) is None:
                 log.info("IMAP message %s from an unknown sender: moved to %s, no reply",
                          uid, self.config.rejected_folder)
                 self._move(box, uid, self.config.rejected_folder)

@@ -40,9 +40,8 @@ from purlgate.channels.replies import (
     operator_alert,
     success_reply,
 )
-from purlgate.channels.smtp_listener import client_of
 from purlgate.channels.spool import Spool, SpoolEntry
-from purlgate.config import ClientConfig, RegionConfig
+from purlgate.config import ClientConfig, RegionConfig, client_of_sender
 from purlgate.core.files import clear_scratch, retire, sweep_scratch, thread_scratch
 from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
 from purlgate.core.pipeline import BatchProcessor, Submission, Subscriber
@@ -102,7 +101,7 @@ class MailWorker:
         self.event_sinks: list[Subscriber] = []
         self._worker: QueueWorker[SpoolEntry] = QueueWorker(
             "mail", handle=self.handle, pending=spool.pending, ident=lambda entry: entry.id,
-            fair_key=lambda entry: client_of(str(entry.meta.get("mail_from", "")),
+            fair_key=lambda entry: client_of_sender(str(entry.meta.get("mail_from", "")),
                                              self.clients),
             # With worker processes, one entry more per process waits in the pool's
             # queue: a process takes its next entry the moment it is done, without a
@@ -156,7 +155,7 @@ class MailWorker:
         if entry.meta.get("damaged"):
             raise DamagedEntryError(f"spool entry {entry.id} has a damaged envelope line")
         sender = str(entry.meta.get("mail_from", "")).lower()
-        client_id = client_of(sender, self.clients)
+        client_id = client_of_sender(sender, self.clients)
         if client_id is None:  # cannot happen for SMTP/IMAP intake; never reply
             log.warning("spool entry %s has no known sender; dropped without reply", entry.id)
             self.spool.finish(entry)
@@ -245,7 +244,7 @@ class MailWorker:
             # sender at intake, so a registered sender there still gets its answer.
             found = addresses(headers, "From")
             sender = found[0] if len(found) == 1 else ""
-        client_id = client_of(sender, self.clients) if sender else None
+        client_id = client_of_sender(sender, self.clients) if sender else None
         region = self.processor.region_id
         alerted = self.alerts is not None and self.alerts.dead_letter(
             region=region, channel=channel, client=client_id, error=type(exc).__name__,

@@ -9,7 +9,6 @@ Utility and older Windows Explorer cannot, and the reply says so.
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,10 +17,9 @@ from email.message import EmailMessage
 from email.policy import Compat32
 from email.utils import make_msgid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import pyzipper
-
+from purlgate.core.archive import aes_zip
 from purlgate.core.lifecycle import BatchEvent, BatchRecord, BatchState, EventKind
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -79,20 +77,6 @@ def attach(message: EmailMessage, data: bytes, *, maintype: str, subtype: str,
 # Stands for a reply's ZIP in the message we build; the outbox writes the ZIP (base64,
 # read from disk piece by piece) where its one line is, so no reply is held in memory.
 PLACEHOLDER = b"purlgate: the AES ZIP is written from disk here."
-
-
-def aes_zip(files: Sequence[Path], password: bytes, target: Path | BinaryIO | None = None
-            ) -> bytes:
-    """WinZip AES-256 ZIP of ``files`` (read from disk as it goes), into ``target`` (a
-    file or path; returns b"") or, without it, returned (small files: the e2e check)."""
-    buf = target if target is not None else io.BytesIO()
-    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED,
-                             encryption=pyzipper.WZ_AES) as zf:
-        zf.setpassword(password)
-        zf.setencryption(pyzipper.WZ_AES, nbits=256)
-        for path in files:
-            zf.write(path, arcname=path.name)
-    return buf.getvalue() if isinstance(buf, io.BytesIO) else b""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from purlgate.channels.mail_message import header_addresses
 from purlgate.channels.spool import Spool, SpoolEntry, SpoolWriter
-from purlgate.config import ClientConfig, SmtpConfig
+from purlgate.config import ClientConfig, SmtpConfig, client_of_sender
 from purlgate.errors import ServerError, SpoolFullError
 
 log = logging.getLogger("purlgate.smtp")
@@ -39,11 +39,6 @@ REFUSED_RCPT = "550 5.7.1 Relaying denied: this server accepts mail for its own 
 REFUSED_FROM = "550 5.7.1 From header must be the authorized sender of the envelope"
 LOCAL_ERROR = "451 4.3.0 Local error in processing; please try again later"
 NO_SPACE = "452 4.3.1 Insufficient system storage; please try again later"
-
-
-def client_of(sender: str, clients: Mapping[str, ClientConfig]) -> str | None:
-    sender = sender.lower()
-    return next((cid for cid, c in clients.items() if sender in c.senders), None)
 
 
 class SmtpHandler:
@@ -60,7 +55,7 @@ class SmtpHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
                           address: str, mail_options: list[str]) -> str:
-        if client_of(address, self.clients) is None:
+        if client_of_sender(address, self.clients) is None:
             log.info("refused sender from %s", session.peer[0] if session.peer else "?")
             self.outcomes["refused-sender"] += 1
             return REFUSED_SENDER

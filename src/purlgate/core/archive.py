@@ -4,14 +4,19 @@ A ZIP (by extension or by its magic bytes) must hold exactly one data file at it
 level. Every entry name is checked before anything is read; the data is copied out
 under a name of ours (never a path taken from the archive) while counting the bytes
 actually produced, so a lying header cannot smuggle a bomb past the limits.
+
+Also the one home of making an AES ZIP (replies, the QA tools) and of reading a small
+one whole (a reply's, a fixture's).
 """
 
 from __future__ import annotations
 
+import io
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from purlgate.core.files import private_file
 from purlgate.core.naming import ARCHIVE_EXTENSIONS, DATA_EXTENSIONS, split_extension
@@ -199,3 +204,60 @@ def unwrap(
     return Unwrapped(
         path=target, data_name=PurePosixPath(info.filename).name, from_archive=True
     )
+
+
+# -- making and reading ZIPs whole (replies, the QA tools, the tests) ---------------
+
+
+def aes_zip(members: Sequence[Path] | Mapping[str, bytes], password: bytes | None,
+            target: Path | BinaryIO | None = None) -> bytes:
+    """A ZIP of ``members`` (files on disk, read as it goes and stored under their own
+    names, or name -> bytes), WinZip AES-256 encrypted with ``password`` (7-Zip, WinZip,
+    Keka and The Unarchiver open it), or plain without one. Written into ``target`` (a
+    path or file; returns b"") or, without one, returned."""
+    import pyzipper  # noqa: PLC0415 (only ZIPs need it; a plain file starts faster)
+
+    buf = target if target is not None else io.BytesIO()
+    options = {"encryption": pyzipper.WZ_AES} if password is not None else {}
+    with pyzipper.AESZipFile(buf, "w", compression=pyzipper.ZIP_DEFLATED, **options) as zf:
+        if password is not None:
+            zf.setpassword(password)
+            zf.setencryption(pyzipper.WZ_AES, nbits=256)
+        if isinstance(members, Mapping):
+            for name, data in members.items():
+                zf.writestr(name, data)
+        else:
+            for path in members:
+                zf.write(path, arcname=path.name)
+    return buf.getvalue() if isinstance(buf, io.BytesIO) else b""
+
+
+@dataclass(frozen=True)
+class ZipContents:
+    members: dict[str, bytes]  # every entry, by its name in the ZIP, in order
+    encrypted: bool  # some entry is password-protected
+    aes: bool  # every encrypted entry uses WinZip AES (not ZipCrypto)
+
+
+def read_zip(data: bytes | Path, password: bytes | None = None) -> ZipContents:
+    """Every entry of a small ZIP, read whole (what a reply or a fixture holds; a
+    client's data file goes through ``unwrap``). ArchivePasswordError when it is
+    encrypted and ``password`` is missing or wrong; ArchiveError when it is no ZIP."""
+    import pyzipper  # noqa: PLC0415 (only ZIPs need it; a plain file starts faster)
+
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        with pyzipper.AESZipFile(source) as zf:
+            infos = zf.infolist()
+            encrypted = [i for i in infos if i.flag_bits & 0x1]
+            aes = all(getattr(i, "wz_aes_strength", None) is not None for i in encrypted)
+            if encrypted and password is None:
+                raise ArchivePasswordError("the ZIP is password-protected")
+            if password is not None:
+                zf.setpassword(password)
+            members = {i.filename: zf.read(i.filename) for i in infos}
+    except RuntimeError as exc:
+        raise ArchivePasswordError("the password does not open the ZIP") from exc
+    except (pyzipper.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as exc:
+        raise ArchiveError("the file is not a readable ZIP archive") from exc
+    return ZipContents(members, bool(encrypted), aes)

@@ -8,7 +8,7 @@ contain an exact time of day (YYYYMMdd and HHMMss).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -131,6 +131,12 @@ def flag_name(purl: str) -> str:
 def error_name(data: DataName, prefix: str, suffix: str, *, encrypted: bool = False) -> str:
     name = f"{prefix}{data.stem}{suffix}_errors.csv"
     return f"{name}.gpg" if encrypted else name
+
+
+def client_from_name(name: str, clients: Iterable[str]) -> str | None:
+    """The client a file name starts with (``<client>_...``, any case), or None."""
+    head = split_extension(name)[0].split("_", 1)[0].casefold()
+    return next((cid for cid in clients if cid.casefold() == head), None)
 
 
 def select_project(clients: Mapping[str, ClientConfig], client_id: str, wanted: str | None,

@@ -51,12 +51,12 @@ from purlgate.core.lifecycle import (
 )
 from purlgate.core.naming import (
     DataName,
+    client_from_name,
     error_name,
     flag_name,
     parse_data_name,
     purl_name,
     select_project,
-    split_extension,
     strip_pgp,
 )
 from purlgate.core.render import Renderer, RenderRequest, RowSink, RowStore
@@ -293,11 +293,9 @@ class BatchProcessor:
             if submission.client_id not in self.clients:
                 raise FileNameError(f"unknown client {submission.client_id!r}")
             return submission.client_id
-        stem = split_extension(submission.received_name)[0]
-        head = stem.split("_", 1)[0]
-        for client_id in self.clients:
-            if head.casefold() == client_id.casefold():
-                return client_id
+        client_id = client_from_name(submission.received_name, self.clients)
+        if client_id is not None:
+            return client_id
         raise FileNameError(
             f"cannot tell which client {submission.received_name!r} is for; name it "
             "<client>_<project>_YYYYMMdd_HHMMss_mm.<ext> or name the client explicitly"
