@@ -103,7 +103,7 @@ def start_sshd(tmp: Path, key: Path) -> tuple[subprocess.Popen[bytes], int, Path
 
 async def child_purlgate(port: int, data_dir: Path, pubkey: str) -> None:
     from purlgate.app import build_gateway
-    from purlgate.channels.sftp_server import start_sftp
+    from purlgate.channels.sftp import start_sftp
     from purlgate.config import parse_config
 
     text = f"""

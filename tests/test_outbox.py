@@ -19,7 +19,10 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 import purlgate.channels.outbox as outbox_module
 import purlgate.core.files as files_module
-from purlgate.channels.outbox import Outbox, relay_sender, write_message
+from purlgate.channels.alerts import OperatorAlerts
+from purlgate.channels.outbox import Outbox
+from purlgate.channels.outbox_files import write_message
+from purlgate.channels.relay import relay_sender
 from purlgate.channels.replies import PLACEHOLDER
 from purlgate.config import RelayConfig, SecretRef
 from purlgate.errors import PermanentDeliveryError, TemporaryDeliveryError
@@ -104,10 +107,17 @@ def test_same_key_is_queued_once(tmp_path: Path) -> None:
     assert len(script.sent) == 1
 
 
+def alerting(box: Outbox) -> Outbox:
+    """The outbox as serve wires it: a message that fails alerts the operator."""
+    box.on_failed = OperatorAlerts(box, sender="sftp-usa@idomoo.com",
+                                   operator=RELAY.operator).undeliverable
+    return box
+
+
 def test_permanent_failure_stops_and_alerts_the_operator(tmp_path: Path) -> None:
     """A 5xx stops retrying at once and queues an alert to the operator address."""
     script = Script(PermanentDeliveryError("550"))
-    box = Outbox(tmp_path, RELAY, sender=script, clock=Clock())
+    box = alerting(Outbox(tmp_path, RELAY, sender=script, clock=Clock()))
     box.enqueue(note(), sender="s@idomoo.com", recipients=["gone@acme.example"], key="r1")
     asyncio.run(box.deliver_due())
     asyncio.run(box.deliver_due())
@@ -120,7 +130,7 @@ def test_expiry_stops_and_alerts(tmp_path: Path) -> None:
     """Temporary failures past the expiry (2 days by default) stop and alert."""
     clock = Clock()
     script = Script(*[TemporaryDeliveryError("down")] * 20)
-    box = Outbox(tmp_path, RELAY, sender=script, clock=clock)
+    box = alerting(Outbox(tmp_path, RELAY, sender=script, clock=clock))
     box.enqueue(note(), sender="s@idomoo.com", recipients=["a@acme.example"], key="r1")
     for _ in range(12):
         asyncio.run(box.deliver_due())
@@ -275,6 +285,7 @@ def test_whatever_a_crash_left_enqueue_adopts_and_sent_is_never_sent_again(
     once it is old); an entry recorded sent whose attempts state is still in the queue
     (a crash between the two) is not sent again, and the state goes once it is old."""
     clock, script = Clock(), Script()
+    clock.now = time.time()  # the injected clock is the one files' ages are read against
     box = Outbox(tmp_path, RELAY, sender=script, clock=clock)
     (tmp_path / "queue" / ".r1.msg.part").write_bytes(b"half a message")
     (tmp_path / "queue" / ".alert-x.msg.part").write_bytes(b"half an alert")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from purlgate.app import build_gateway
 from purlgate.config import parse_config
-from purlgate.operations import sweep_files
 from purlgate.passwords import hash_password
 
 CONFIG = """
@@ -54,10 +53,10 @@ def test_sweep_deletes_only_what_is_past_retention(tmp_path: Path) -> None:
         (sent / f"{item}.eml").write_text("x")
         (sent / f"{item}.json").write_text(json.dumps(
             {"delivered_at": time.time() - age_days * 86400, "created_at": 0}))
-    assert sweep_files(gateway) == (2, 1)
+    assert gateway.retention.sweep() == (2, 1)
     assert sorted(p.name for p in short.iterdir()) == [".PURL_b.csv.part", "PURL_new.csv"]
     assert sorted(p.name for p in spring.iterdir()) == [
         ".PURL_b.csv.part", "PURL_a.csv", "PURL_a.csv.flg", "PURL_new.csv"]
     assert sorted(p.name for p in sent.iterdir()) == ["reply-new.eml", "reply-new.json"]
-    assert sweep_files(gateway) == (0, 0)
+    assert gateway.retention.sweep() == (0, 0)
     gateway.region.close()

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from purlgate.channels import spool as spool_module
-from purlgate.channels.spool import GroupSync, Spool
+from purlgate.channels.spool import Spool
+from purlgate.core import files as files_module
+from purlgate.core.files import GroupSync
 from purlgate.errors import SpoolFullError
 
 
@@ -66,7 +68,7 @@ def test_group_sync_covers_every_caller(tmp_path: Path, monkeypatch: pytest.Monk
             syncs.append(calls["n"])
         threading.Event().wait(0.02)
 
-    monkeypatch.setattr(spool_module, "fsync_dir", slow_fsync)
+    monkeypatch.setattr(files_module, "fsync_dir", slow_fsync)
     group = GroupSync(tmp_path)
 
     def caller() -> None:

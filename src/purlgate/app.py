@@ -1,7 +1,9 @@
 """Wiring: a running region, its channels and its web side around the batch core.
 
-``region.py`` builds the core (store, renderers, row store, keys); this module adds the
-SMTP listener, IMAP poller, SFTP server, their workers, the outbox and the web side,
+``region.py`` builds the core (store, renderers, row store, keys) and ``mail_side.py``
+the email side around it (outbox, alerts, notifier, spool, mail worker: the same
+factory builds it in the mail worker processes). This module adds the listeners (SMTP,
+IMAP, SFTP), the SFTP worker, the web side and the operations, each built once here,
 and ``serve`` runs them in one TaskGroup.
 """
 
@@ -17,14 +19,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncssh
+from aiohttp import web
 
-from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.defender import Defender
 from purlgate.channels.imap_poller import ImapPoller
 from purlgate.channels.mail_process import MailProcesses
-from purlgate.channels.mail_worker import MailLedger, MailWorker, Notifier
-from purlgate.channels.outbox import Outbox, Sender, relay_sender
-from purlgate.channels.sftp_server import (
+from purlgate.channels.mail_worker import MailWorker
+from purlgate.channels.outbox import Outbox
+from purlgate.channels.queue_worker import QueueWorker
+from purlgate.channels.relay import RelayConnections, Sender, relay_sender
+from purlgate.channels.sftp import (
     SftpService,
     SftpSpool,
     SftpWorker,
@@ -36,12 +40,26 @@ from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.config import ClientConfig, Config
 from purlgate.errors import ConfigError
-from purlgate.operations import build_ops, run_retention
-from purlgate.region import Region, build_region, utc_now
+from purlgate.mail_side import MailSide, MailSideFactory
+from purlgate.operations import (
+    RetentionSweep,
+    channel_families,
+    disk_check,
+    downloads_error_file,
+    listeners_check,
+    mail_families,
+    ops_access,
+    relay_check,
+    render_families,
+    sftp_families,
+)
+from purlgate.region import Region, utc_now
 from purlgate.web.links import BatchIndex
 from purlgate.web.ops import OpsRoutes
-from purlgate.web.server import LinkServer, RenderPool, retention_of, start_web, tls_context
+from purlgate.web.render_pool import RenderPool
+from purlgate.web.server import LinkServer, retention_of, start_web
 from purlgate.web.templates import Template, default_template_dir
+from purlgate.web.tls import tls_context
 
 log = logging.getLogger("purlgate.app")
 T = TypeVar("T")
@@ -49,13 +67,15 @@ T = TypeVar("T")
 
 @dataclass
 class Gateway:
-    """A running region: the batch core plus the email channel around it."""
+    """A running region: the batch core, its channels, its web side."""
 
     region: Region
     spool: Spool
     outbox: Outbox
     worker: MailWorker
     handler: SmtpHandler
+    retention: RetentionSweep
+    relay: RelayConnections | None = None  # made here, so closed here
     imap: ImapPoller | None = None
     sftp_service: SftpService | None = None
     sftp_worker: SftpWorker | None = None
@@ -64,6 +84,7 @@ class Gateway:
     ops: OpsRoutes | None = None
     smtp: asyncio.Server | None = None
     sftp: Any = None  # asyncssh's acceptor
+    web_runner: web.AppRunner | None = None
     web_port: int = 0
 
     @property
@@ -76,57 +97,98 @@ class Gateway:
         assert self.smtp is not None
         return int(self.smtp.sockets[0].getsockname()[1])
 
+    def bound(self) -> dict[str, bool]:
+        """Each listener this region runs, and whether it is bound."""
+        bound = {"smtp": self.smtp is not None and self.smtp.is_serving()}
+        if self.sftp_service is not None:
+            bound["sftp"] = self.sftp is not None
+        return bound
+
 
 def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = None,
                   sender: Sender | None = None) -> Gateway:
-    """Everything ``serve`` runs, built but not started (tests start pieces of it)."""
-    region_cfg = config.regions[region_id]
+    """Everything ``serve`` runs, built but not started (tests start pieces of it).
+    ``sender``: deliver mail through this instead of the configured relay."""
+    region_cfg = config.region(region_id)
     data_dir = data_dir or region_cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    clients = config.clients_of(region_id)
-    outbox = Outbox(data_dir / "outbox", region_cfg.relay,
-                    sender=sender or relay_sender(region_cfg.relay))
-    notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox)
-    alerts = OperatorAlerts(outbox, sender=region_cfg.inbound_addresses[0],
-                            operator=region_cfg.relay.operator)
-    region = build_region(config, region_id, data_dir=data_dir, subscribers=[notifier])
-    spool = Spool(data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes)
-    processes = (MailProcesses(config, region_id, data_dir, region_cfg.processing.workers)
+    relay = None
+    if sender is None:
+        sender = relay = relay_sender(region_cfg.relay)
+    factory = MailSideFactory(config, region_id, data_dir)
+    processes = (MailProcesses(factory, region_cfg.processing.workers)
                  if region_cfg.processing.mode == "processes" else None)
-    worker = MailWorker(region=region_cfg, clients=clients, processor=region.processor,
-                        spool=spool, outbox=outbox,
-                        ledger=MailLedger(data_dir / "mail.sqlite3"),
-                        work_root=data_dir / "mail-work", alerts=alerts, processes=processes)
+    mail = factory.build(sender=sender, processes=processes)
+    clients = config.clients_of(region_id)
     handler = SmtpHandler(inbound=set(region_cfg.inbound_addresses), clients=clients,
-                          spool=spool, on_accepted=worker.submit)
-    imap = None
-    if region_cfg.imap is not None:
-        imap = ImapPoller(region_cfg.imap, inbound=region_cfg.inbound_addresses,
-                          clients=clients, spool=spool, on_accepted=worker.submit,
-                          on_alert=lambda text: alerts.send(f"imap|{text}", text, text))
-    gateway = Gateway(region, spool, outbox, worker, handler, imap)
+                          spool=mail.spool, on_accepted=mail.worker.submit)
+    gateway = Gateway(mail.region, mail.spool, mail.outbox, mail.worker, handler,
+                      RetentionSweep(clients=clients, outbox=mail.outbox, sftp=None),
+                      relay=relay, imap=_imap(mail, clients))
     if region_cfg.sftp is not None:
-        sftp_cfg = region_cfg.sftp
-        service = SftpService(
-            config=sftp_cfg, root=data_dir / "sftp", clients=clients, store=region.store,
-            spool=SftpSpool(data_dir / "sftp-spool"), defender=Defender(sftp_cfg.defender),
-        )
-        sftp_worker = SftpWorker(service, region.processor,
-                                 processing=region_cfg.processing, alerts=alerts)
-        service.on_upload = sftp_worker.submit
-        gateway.sftp_service, gateway.sftp_worker = service, sftp_worker
-        gateway.host_key = load_or_create_host_key(
-            sftp_cfg.host_key or data_dir / "ssh_host_ed25519_key")
+        _add_sftp(gateway, mail, clients)
     if region_cfg.web is not None:
-        gateway.links = build_link_server(region, clients)
-        gateway.ops = build_ops(gateway)
+        gateway.links = build_link_server(mail.region, clients)
+        gateway.ops = _build_ops(gateway)
         for sink in (gateway.links.on_batch_event, gateway.ops.batch_metrics):
-            region.processor.subscribers.append(sink)  # batches run here (SFTP, threads)
-            worker.event_sinks.append(sink)  # batches run in mail worker processes
+            mail.region.processor.subscribers.append(sink)  # batches run here (SFTP, threads)
+            mail.worker.event_sinks.append(sink)  # batches run in mail worker processes
     else:
         log.warning("region %s has no [regions.%s.web] section: the links in its PURL "
                     "files will not answer", region_id, region_id)
     return gateway
+
+
+def _imap(mail: MailSide, clients: Mapping[str, ClientConfig]) -> ImapPoller | None:
+    config = mail.region.config
+    if config.imap is None:
+        return None
+    alerts = mail.alerts
+    return ImapPoller(config.imap, inbound=config.inbound_addresses, clients=clients,
+                      spool=mail.spool, on_accepted=mail.worker.submit,
+                      on_alert=lambda text: alerts.send(f"imap|{text}", text, text))
+
+
+def _add_sftp(gateway: Gateway, mail: MailSide, clients: Mapping[str, ClientConfig]) -> None:
+    region = mail.region
+    sftp_cfg = region.config.sftp
+    assert sftp_cfg is not None
+    service = SftpService(
+        config=sftp_cfg, root=region.data_dir / "sftp", clients=clients, store=region.store,
+        spool=SftpSpool(region.data_dir / "sftp-spool"), defender=Defender(sftp_cfg.defender),
+    )
+    worker = SftpWorker(service, region.processor, processing=region.config.processing,
+                        alerts=mail.alerts)
+    service.on_upload = worker.submit
+    gateway.sftp_service, gateway.sftp_worker = service, worker
+    gateway.retention.sftp = service
+    gateway.host_key = load_or_create_host_key(
+        sftp_cfg.host_key or region.data_dir / "ssh_host_ed25519_key")
+
+
+def _build_ops(gateway: Gateway) -> OpsRoutes:
+    """Health, readiness, metrics and the batch view, on the links' web server."""
+    region, links, service = gateway.region, gateway.links, gateway.sftp_service
+    web_cfg = region.config.web
+    assert web_cfg is not None and links is not None
+    checks = {"listeners": listeners_check(gateway.bound),
+              "disk": disk_check(region.data_dir, region.config.smtp.min_free_bytes),
+              "relay": relay_check(region.config.relay.host, region.config.relay.port)}
+    channels: dict[str, tuple[Callable[[], int], QueueWorker[Any]]] = {
+        "mail": (lambda: len(gateway.spool.dead_entries()), gateway.worker.queue)}
+    if service is not None and gateway.sftp_worker is not None:
+        channels["sftp"] = (lambda: len(service.spool.dead_entries()),
+                            gateway.sftp_worker.queue)
+
+    def families() -> list[Any]:
+        found = [*mail_families(gateway.handler.outcomes, gateway.outbox, gateway.spool),
+                 *channel_families(channels), *render_families(lambda: links.pool.depth)]
+        return found + (list(sftp_families(service)) if service is not None else [])
+
+    return OpsRoutes(links.app, region=region.id, store=region.store, checks=checks,
+                     families=families, access=ops_access(web_cfg),
+                     error_file=(downloads_error_file(service) if service is not None
+                                 else lambda batch: None))
 
 
 def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> LinkServer:
@@ -176,6 +238,70 @@ def _resumed(gateway: Gateway) -> str:
             f"{queued} queued mail(s)")
 
 
+async def _start_listeners(gateway: Gateway) -> None:
+    """Bind SMTP, SFTP and the web side (a port we cannot have stops the start here),
+    then check the IMAP login."""
+    config, rid = gateway.region.config, gateway.region.id
+    gateway.smtp = await _listen("mail", f"regions.{rid}.smtp.port", config.smtp.host,
+                                 config.smtp.port, start_smtp(gateway.handler, config.smtp))
+    log.info("region %s: SMTP on %s:%d", rid, config.smtp.host, gateway.smtp_port)
+    if gateway.sftp_service is not None and gateway.host_key is not None:
+        sftp = gateway.sftp_service.config
+        gateway.sftp = await _listen("SFTP", f"regions.{rid}.sftp.port", sftp.host, sftp.port,
+                                     start_sftp(gateway.sftp_service, gateway.host_key))
+        log.info("region %s: SFTP on %s:%d", rid, sftp.host, gateway.sftp_port)
+    if gateway.links is not None and config.web is not None:
+        web_cfg = config.web
+        gateway.web_runner, gateway.web_port = await _listen(
+            "the links", f"regions.{rid}.web.port", web_cfg.host, web_cfg.port,
+            start_web(gateway.links, web_cfg,
+                      tls_context(web_cfg, gateway.region.data_dir, config.public_base_url)))
+        log.info("region %s: links served on %s:%d", rid, web_cfg.host, gateway.web_port)
+    if gateway.imap is not None:  # a login or certificate to fix stops the start here
+        await asyncio.to_thread(gateway.imap.check_login)
+
+
+async def _run(gateway: Gateway, stop: asyncio.Event, imap_stop: threading.Event) -> None:
+    """The workers, the outbox, the IMAP poller and the sweeps, until ``stop``; then the
+    listeners close first (nothing new is accepted) and the rest finish."""
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(gateway.worker.run(stop))
+        tasks.create_task(gateway.outbox.run(stop))
+        if gateway.imap is not None:
+            tasks.create_task(asyncio.to_thread(gateway.imap.run, imap_stop))
+        if gateway.sftp_worker is not None:
+            tasks.create_task(gateway.sftp_worker.run(stop))
+        if gateway.links is not None:
+            tasks.create_task(gateway.links.run_sweeper(stop))
+        tasks.create_task(gateway.retention.run(stop))
+        await stop.wait()
+        if gateway.smtp is not None:
+            gateway.smtp.close()
+        if gateway.sftp is not None:
+            gateway.sftp.close()
+        imap_stop.set()
+
+
+async def _shut_down(gateway: Gateway, imap_stop: threading.Event) -> None:
+    imap_stop.set()
+    if gateway.sftp is not None:
+        gateway.sftp.close()
+        await gateway.sftp.wait_closed()
+    if gateway.sftp_service is not None:
+        await close_sessions(gateway.sftp_service)
+    if gateway.smtp is not None:
+        gateway.smtp.close()
+        await gateway.smtp.wait_closed()
+    if gateway.web_runner is not None:
+        await gateway.web_runner.cleanup()
+    if gateway.links is not None:
+        await gateway.links.close()
+    if gateway.relay is not None:
+        await gateway.relay.close()  # QUIT the kept relay connections
+    await asyncio.to_thread(gateway.worker.close)
+    gateway.region.close()
+
+
 async def serve(gateway: Gateway, stop: asyncio.Event,
                 on_ready: Callable[[Gateway], None] | None = None) -> None:
     """Run the listeners, the workers, the outbox and the web side until ``stop`` is set.
@@ -184,61 +310,13 @@ async def serve(gateway: Gateway, stop: asyncio.Event,
     the entry in hand (the rest stays in the spools for the next start) and the outbox
     ends after its current attempt.
     """
-    config = gateway.region.config
-    rid = gateway.region.id
-    runner = None
     imap_stop = threading.Event()
     try:
-        gateway.smtp = await _listen("mail", f"regions.{rid}.smtp.port", config.smtp.host,
-                                     config.smtp.port, start_smtp(gateway.handler, config.smtp))
-        log.info("region %s: SMTP on %s:%d", rid, config.smtp.host, gateway.smtp_port)
-        if gateway.sftp_service is not None and gateway.host_key is not None:
-            sftp = gateway.sftp_service.config
-            gateway.sftp = await _listen("SFTP", f"regions.{rid}.sftp.port", sftp.host,
-                                         sftp.port,
-                                         start_sftp(gateway.sftp_service, gateway.host_key))
-            log.info("region %s: SFTP on %s:%d", rid, sftp.host, gateway.sftp_port)
-        if gateway.links is not None and config.web is not None:
-            web = config.web
-            runner, gateway.web_port = await _listen(
-                "the links", f"regions.{rid}.web.port", web.host, web.port,
-                start_web(gateway.links, web,
-                          tls_context(web, gateway.region.data_dir, config.public_base_url)))
-            log.info("region %s: links served on %s:%d", rid, web.host, gateway.web_port)
-        if gateway.imap is not None:  # a login or certificate to fix stops the start here
-            await asyncio.to_thread(gateway.imap.check_login)
-        log.info("region %s: resuming %s", rid, _resumed(gateway))
+        await _start_listeners(gateway)
+        log.info("region %s: resuming %s", gateway.region.id, _resumed(gateway))
         gateway.worker.warm()
         if on_ready is not None:
             on_ready(gateway)
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(gateway.worker.run(stop))
-            tasks.create_task(gateway.outbox.run(stop))
-            if gateway.imap is not None:
-                tasks.create_task(asyncio.to_thread(gateway.imap.run, imap_stop))
-            if gateway.sftp_worker is not None:
-                tasks.create_task(gateway.sftp_worker.run(stop))
-            if gateway.links is not None:
-                tasks.create_task(gateway.links.run_sweeper(stop))
-            tasks.create_task(run_retention(gateway, stop))
-            await stop.wait()
-            gateway.smtp.close()
-            if gateway.sftp is not None:
-                gateway.sftp.close()
-            imap_stop.set()
+        await _run(gateway, stop, imap_stop)
     finally:
-        imap_stop.set()
-        if gateway.sftp is not None:
-            gateway.sftp.close()
-            await gateway.sftp.wait_closed()
-        if gateway.sftp_service is not None:
-            await close_sessions(gateway.sftp_service)
-        if gateway.smtp is not None:
-            gateway.smtp.close()
-            await gateway.smtp.wait_closed()
-        if runner is not None:
-            await runner.cleanup()
-        if gateway.links is not None:
-            await gateway.links.close()
-        await asyncio.to_thread(gateway.worker.close)
-        gateway.region.close()
+        await _shut_down(gateway, imap_stop)

@@ -301,7 +301,7 @@ def _outbox(args: argparse.Namespace) -> int:
 def _dead_letters(args: argparse.Namespace) -> int:
     import time
 
-    from purlgate.channels.sftp_server import SftpSpool
+    from purlgate.channels.sftp import SftpSpool
     from purlgate.channels.spool import Spool
 
     outbox = _outbox_of(args)

@@ -1,8 +1,9 @@
 """What operators see of a running region, and what it sweeps away.
 
-Readiness checks, metric families and the batch view's error-file lookup, handed to
-``web/ops.py`` as plain callables (so the web side imports no channel); the retention
-sweep of results in Downloads and of sent mail. Wired by ``app.py``.
+Readiness checks and metric families are built here from the pieces they read (an
+outbox, a spool, a queue, the SFTP service), each passed in by ``app.py``; the web side
+gets them as plain callables (``web/ops.py`` imports no channel). ``RetentionSweep``
+deletes results in Downloads and sent mail past their retention.
 """
 
 from __future__ import annotations
@@ -14,87 +15,87 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from purlgate.channels.outbox import Outbox
+from purlgate.channels.queue_worker import QueueWorker
+from purlgate.channels.sftp import SftpService
+from purlgate.channels.spool import Spool
+from purlgate.config import ClientConfig, WebConfig
 from purlgate.core.lifecycle import BatchRecord
-from purlgate.web.ops import OpsAccess, OpsRoutes
-
-if TYPE_CHECKING:
-    from purlgate.app import Gateway
+from purlgate.web.ops import OpsAccess, ReadyCheck
 
 log = logging.getLogger("purlgate.operations")
 
-
-def build_ops(gateway: Gateway) -> OpsRoutes:
-    """Health, readiness, metrics and the batch view, on the links' web server."""
-    region = gateway.region
-    web_cfg = region.config.web
-    assert web_cfg is not None and gateway.links is not None
-    access = OpsAccess(
-        networks=[ipaddress.ip_network(n, strict=False) for n in web_cfg.ops_networks],
-        user=web_cfg.ops_user,
-        password=(web_cfg.ops_password.reveal().decode() if web_cfg.ops_password else None))
-    checks = {"listeners": lambda: _listeners_ready(gateway),
-              "disk": lambda: _disk_ready(region.data_dir, region.config.smtp.min_free_bytes),
-              "relay": lambda: _relay_ready(region.config.relay.host, region.config.relay.port)}
-    return OpsRoutes(gateway.links.app, region=region.id, store=region.store, checks=checks,
-                     families=lambda: _metric_families(gateway), access=access,
-                     error_file=lambda batch: _error_file(gateway, batch))
+RETENTION_SWEEP_SECONDS = 3600.0
 
 
-def _error_file(gateway: Gateway, batch: BatchRecord) -> Path | None:
+def ops_access(web: WebConfig) -> OpsAccess:
+    return OpsAccess(
+        networks=[ipaddress.ip_network(n, strict=False) for n in web.ops_networks],
+        user=web.ops_user,
+        password=web.ops_password.reveal().decode() if web.ops_password else None)
+
+
+def listeners_check(bound: Callable[[], Mapping[str, bool]]) -> ReadyCheck:
+    def check() -> tuple[bool, str]:
+        down = [name for name, ok in bound().items() if not ok]
+        return not down, "all bound" if not down else "not bound: " + ", ".join(down)
+    return check
+
+
+def disk_check(folder: Path, min_free: int) -> ReadyCheck:
+    def check() -> tuple[bool, str]:
+        try:
+            probe = folder / ".ready-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            stat = os.statvfs(folder)
+        except OSError as exc:
+            return False, f"data directory not writable: {exc.strerror}"
+        free = stat.f_bavail * stat.f_frsize
+        if free < min_free:
+            return False, f"{free} bytes free, below the floor of {min_free}"
+        return True, f"{free} bytes free"
+    return check
+
+
+def relay_check(host: str, port: int) -> ReadyCheck:
+    def check() -> tuple[bool, str]:
+        try:
+            with socket.create_connection((host, port), timeout=3):
+                return True, f"{host}:{port} answers"
+        except OSError as exc:
+            return False, f"{host}:{port}: {exc.strerror or exc}"
+    return check
+
+
+def downloads_error_file(service: SftpService) -> Callable[[BatchRecord], Path | None]:
     """Where a batch's error file still is on our disk: SFTP results stay in Downloads
     (until retention); an email batch's went out in the reply."""
-    name = next((n for n in batch.outputs if "_errors." in n), None)
-    if name is None or batch.channel != "sftp" or gateway.sftp_service is None \
-            or batch.project is None or batch.client not in gateway.sftp_service.clients:
-        return None
-    path = gateway.sftp_service.downloads(batch.client, batch.project) / name
-    return path if path.is_file() else None
+    def find(batch: BatchRecord) -> Path | None:
+        name = next((n for n in batch.outputs if "_errors." in n), None)
+        if name is None or batch.channel != "sftp" or batch.project is None \
+                or batch.client not in service.clients:
+            return None
+        path = service.downloads(batch.client, batch.project) / name
+        return path if path.is_file() else None
+    return find
 
 
-def _listeners_ready(gateway: Gateway) -> tuple[bool, str]:
-    bound = {"smtp": gateway.smtp is not None and gateway.smtp.is_serving()}
-    if gateway.sftp_service is not None:
-        bound["sftp"] = gateway.sftp is not None
-    down = [name for name, ok in bound.items() if not ok]
-    return not down, "all bound" if not down else "not bound: " + ", ".join(down)
-
-
-def _disk_ready(folder: Path, min_free: int) -> tuple[bool, str]:
-    try:
-        probe = folder / ".ready-probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-        stat = os.statvfs(folder)
-    except OSError as exc:
-        return False, f"data directory not writable: {exc.strerror}"
-    free = stat.f_bavail * stat.f_frsize
-    if free < min_free:
-        return False, f"{free} bytes free, below the floor of {min_free}"
-    return True, f"{free} bytes free"
-
-
-def _relay_ready(host: str, port: int) -> tuple[bool, str]:
-    try:
-        with socket.create_connection((host, port), timeout=3):
-            return True, f"{host}:{port} answers"
-    except OSError as exc:
-        return False, f"{host}:{port}: {exc.strerror or exc}"
-
-
-def _metric_families(gateway: Gateway) -> Iterable[Metric]:
+def mail_families(outcomes: Mapping[str, int], outbox: Outbox,
+                  spool: Spool) -> Iterable[Metric]:
     smtp = CounterMetricFamily("purlgate_smtp_messages", "SMTP messages by outcome",
                                labels=["outcome"])
-    for outcome, count in sorted(gateway.handler.outcomes.items()):
+    for outcome, count in sorted(outcomes.items()):
         smtp.add_metric([outcome], count)
     yield smtp
-    queued = gateway.outbox.items()
+    queued = outbox.items()
     oldest = min((item.meta["created_at"] for item in queued), default=None)
     yield GaugeMetricFamily("purlgate_outbox_depth", "Mail waiting for the relay",
                             value=len(queued))
@@ -103,61 +104,72 @@ def _metric_families(gateway: Gateway) -> Iterable[Metric]:
                             value=time.time() - oldest if oldest is not None else 0)
     yield GaugeMetricFamily("purlgate_outbox_failed",
                             "Mail refused by the relay or expired (outbox/failed)",
-                            value=len(list(gateway.outbox.failed.glob("*.msg"))))
+                            value=len(list(outbox.failed.glob("*.msg"))))
     yield GaugeMetricFamily("purlgate_spool_depth", "Accepted mail not answered yet",
-                            value=len(gateway.spool.pending()))
+                            value=len(spool.pending()))
+
+
+def sftp_families(service: SftpService) -> Iterable[Metric]:
+    logins = CounterMetricFamily("purlgate_sftp_logins", "SFTP logins by outcome",
+                                 labels=["outcome"])
+    for outcome, count in sorted(service.defender.events.items()):
+        logins.add_metric([outcome], count)
+    yield logins
+    yield CounterMetricFamily("purlgate_sftp_bans", "Source addresses banned",
+                              value=service.defender.bans)
+    yield GaugeMetricFamily("purlgate_sftp_uploads_waiting", "Uploads not processed yet",
+                            value=len(service.spool.pending()))
+
+
+def render_families(depth: Callable[[], int]) -> Iterable[Metric]:
+    yield GaugeMetricFamily("purlgate_render_queue_depth",
+                            "Thumbnails and videos being drawn or waiting", value=depth())
+
+
+def channel_families(channels: Mapping[str, tuple[Callable[[], int], QueueWorker[Any]]]
+                     ) -> Iterable[Metric]:
+    """Per channel ("mail", "sftp"): its dead letters (counted by the callable) and the
+    entries its queue has handed to a worker."""
     dead = GaugeMetricFamily("purlgate_dead_letters",
                              "Spooled mail and uploads moved to the dead-letter folder",
                              labels=["channel"])
-    dead.add_metric(["mail"], len(gateway.spool.dead_entries()))
     busy = GaugeMetricFamily("purlgate_batches_running",
                              "Entries handed to a worker (being handled, or next in line "
                              "at a worker process)", labels=["channel"])
-    busy.add_metric(["mail"], gateway.worker.queue.running)
-    if gateway.sftp_service is not None and gateway.sftp_worker is not None:
-        dead.add_metric(["sftp"], len(gateway.sftp_service.spool.dead_entries()))
-        busy.add_metric(["sftp"], gateway.sftp_worker.queue.running)
+    for channel, (dead_letters, queue) in channels.items():
+        dead.add_metric([channel], dead_letters())
+        busy.add_metric([channel], queue.running)
     yield dead
     yield busy
-    if gateway.sftp_service is not None:
-        defender = gateway.sftp_service.defender
-        logins = CounterMetricFamily("purlgate_sftp_logins", "SFTP logins by outcome",
-                                     labels=["outcome"])
-        for outcome, count in sorted(defender.events.items()):
-            logins.add_metric([outcome], count)
-        yield logins
-        yield CounterMetricFamily("purlgate_sftp_bans", "Source addresses banned",
-                                  value=defender.bans)
-        yield GaugeMetricFamily("purlgate_sftp_uploads_waiting", "Uploads not processed yet",
-                                value=len(gateway.sftp_service.spool.pending()))
-    if gateway.links is not None:
-        yield GaugeMetricFamily("purlgate_render_queue_depth",
-                                "Thumbnails and videos being drawn or waiting",
-                                value=gateway.links.pool.depth)
 
 
-RETENTION_SWEEP_SECONDS = 3600.0
+class RetentionSweep:
+    """Results in SFTP Downloads past their project's retention, abandoned temporary
+    uploads, and sent mail past the longest retention of the region's projects (a reply
+    does not say its project). Counts only in the log."""
 
+    def __init__(self, *, clients: Mapping[str, ClientConfig], outbox: Outbox,
+                 sftp: SftpService | None, clock: Callable[[], float] = time.time) -> None:
+        self.outbox = outbox
+        self.sftp = sftp
+        self.clock = clock
+        self.days = max((p.retention_days for c in clients.values()
+                         for p in c.projects.values()), default=30)
 
-def sweep_files(gateway: Gateway) -> tuple[int, int]:
-    """Results in SFTP Downloads past their project's retention, and sent mail past the
-    longest retention of the region's projects (a reply does not say its project)."""
-    clients = gateway.region.processor.clients
-    days = max((p.retention_days for c in clients.values() for p in c.projects.values()),
-               default=30)
-    results = temp = 0
-    if gateway.sftp_service is not None:
-        results = gateway.sftp_service.sweep_downloads(time.time())
-        temp = gateway.sftp_service.sweep_temp_uploads(time.time())
-    mail = gateway.outbox.sweep_sent(days * 86400)
-    if results or mail or temp:
-        log.info("retention: deleted %d result file(s) from Downloads, %d abandoned "
-                 "temporary upload(s) and %d sent mail(s)", results, temp, mail)
-    return results, mail
+    def sweep(self) -> tuple[int, int]:
+        """Delete what is past retention; (result files, sent mails) deleted."""
+        results = temp = 0
+        if self.sftp is not None:
+            results = self.sftp.sweep_downloads(self.clock())
+            temp = self.sftp.sweep_temp_uploads(self.clock())
+        mail = self.outbox.sweep_sent(self.days * 86400)
+        if results or mail or temp:
+            log.info("retention: deleted %d result file(s) from Downloads, %d abandoned "
+                     "temporary upload(s) and %d sent mail(s)", results, temp, mail)
+        return results, mail
 
-
-async def run_retention(gateway: Gateway, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        await asyncio.to_thread(sweep_files, gateway)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), RETENTION_SWEEP_SECONDS)
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.to_thread(self.sweep)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RETENTION_SWEEP_SECONDS)

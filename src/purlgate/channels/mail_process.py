@@ -4,7 +4,8 @@ Handling a message (parsing it, the batch core, building the reply and notificat
 queueing them) is Python that holds the GIL: in threads, one core did all of it while
 the listeners and the outbox waited for the same lock. Here ``MailWorker.handle`` runs
 in one of ``processing.workers`` spawned processes, each with its own region (store
-connection, row store, ledger) and an outbox it only queues into; the parent keeps the
+connection, row store, ledger) and an outbox it only queues into, built by the factory
+the gateway hands over (``mail_side.MailSideFactory``: the same wiring); the parent keeps the
 per-client scheduling, the listeners, the outbox's deliveries and the web side, and
 replays each batch's lifecycle events to its own subscribers (the links' pre-drawing,
 the metrics).
@@ -27,26 +28,23 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from purlgate.channels.mail_worker import MailWorker
+from purlgate.channels.queue_worker import give_back_memory
 from purlgate.channels.spool import SpoolEntry
-from purlgate.config import Config
 from purlgate.core.lifecycle import BatchEvent
+from purlgate.core.pipeline import Subscriber
 from purlgate.errors import ServerError, StorageError, is_storage_fault
-
-if TYPE_CHECKING:
-    from purlgate.channels.mail_worker import MailWorker
-    from purlgate.core.pipeline import Subscriber
 
 PR_SET_PDEATHSIG = 1
 
 # In a worker process: its mail worker, and the events of the entry in hand.
-_handler: object = None
+_handler: MailWorker | None = None
 _events: list[BatchEvent] = []
 
 
@@ -60,11 +58,13 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
+# Builds a worker process's mail worker; handed each batch event to pass back.
+WorkerFactory = Callable[[Subscriber], MailWorker]
+
+
 @dataclass(frozen=True)
 class _Setup:
-    config: Config
-    region_id: str
-    data_dir: Path
+    factory: WorkerFactory  # picklable: it crosses into the spawned process
     env: dict[str, str]  # what the parent reads secrets from, as it is now
     logs: tuple[str, str]  # level and format, as serve logs
     parent: int
@@ -86,43 +86,11 @@ def _start(setup: _Setup) -> None:
     _setup = setup
 
 
-async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
-    raise AssertionError("a mail worker process only queues; the gateway delivers")
-
-
-def build_mail_worker(config: Config, region_id: str, data_dir: Path, *,
-                      on_event: Subscriber) -> MailWorker:
-    """The mail worker of a worker process: the same as the gateway's, over the same
-    folders, but it only queues mail, leaves the spool's temporary files to the gateway,
-    and hands each batch event to ``on_event``. Only what handling mail needs is
-    imported here (not the listeners, the SFTP server or the web side)."""
-    # Imported here: mail_worker imports this module.
-    from purlgate.channels.alerts import OperatorAlerts  # noqa: PLC0415
-    from purlgate.channels.mail_worker import MailLedger, MailWorker, Notifier  # noqa: PLC0415
-    from purlgate.channels.outbox import Outbox  # noqa: PLC0415
-    from purlgate.channels.spool import Spool  # noqa: PLC0415
-    from purlgate.region import build_region  # noqa: PLC0415
-
-    region_cfg = config.regions[region_id]
-    clients = config.clients_of(region_id)
-    outbox = Outbox(data_dir / "outbox", region_cfg.relay, sender=_never_sends)
-    notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox)
-    region = build_region(config, region_id, data_dir=data_dir,
-                          subscribers=[notifier, on_event])
-    return MailWorker(region=region_cfg, clients=clients, processor=region.processor,
-                      spool=Spool(data_dir / "spool", owner=False), outbox=outbox,
-                      ledger=MailLedger(data_dir / "mail.sqlite3"),
-                      work_root=data_dir / "mail-work",
-                      alerts=OperatorAlerts(outbox, sender=region_cfg.inbound_addresses[0],
-                                            operator=region_cfg.relay.operator))
-
-
-def _worker() -> object:
+def _worker() -> MailWorker:
     global _handler  # noqa: PLW0603 - one worker per process
     if _handler is None:
         assert _setup is not None
-        _handler = build_mail_worker(_setup.config, _setup.region_id, _setup.data_dir,
-                                     on_event=_events.append)
+        _handler = _setup.factory(_events.append)
     return _handler
 
 
@@ -144,13 +112,9 @@ def _warm() -> None:
 
 
 def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
-    from purlgate.channels.mail_worker import MailWorker  # noqa: PLC0415
-    from purlgate.channels.queue_worker import give_back_memory  # noqa: PLC0415
-
     _events.clear()
     try:
         handler = _worker()  # a full disk can stop even this: it is a storage fault too
-        assert isinstance(handler, MailWorker)
         handler.outbox.enqueued = []
         handler.handle(entry)
     except Exception as exc:
@@ -163,10 +127,10 @@ def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
 
 
 class MailProcesses:
-    def __init__(self, config: Config, region_id: str, data_dir: Path, workers: int) -> None:
-        self.config = config
-        self.region_id = region_id
-        self.data_dir = data_dir
+    """``mail_worker.Elsewhere``: entries handled in ``workers`` spawned processes."""
+
+    def __init__(self, factory: WorkerFactory, workers: int) -> None:
+        self.factory = factory
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
 
@@ -177,7 +141,7 @@ class MailProcesses:
             spawn = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=spawn, initializer=_start,
-                initargs=(_Setup(self.config, self.region_id, self.data_dir,
+                initargs=(_Setup(self.factory,
                                  {**os.environ, "PURLGATE_MAIN_PID": str(os.getpid())},
                                  logs.current, os.getpid(), spawn.Barrier(self.workers)),))
         return self._pool

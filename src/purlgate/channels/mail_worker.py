@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from contextlib import closing
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Protocol
 
 from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.mail_message import (
@@ -29,21 +30,13 @@ from purlgate.channels.mail_message import (
     read_headers,
     zip_attachment,
 )
-from purlgate.channels.mail_process import MailProcesses
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
-from purlgate.channels.replies import (
-    OPERATOR_CODES,
-    failure_reply,
-    fault_reply,
-    notification,
-    operator_alert,
-    success_reply,
-)
+from purlgate.channels.replies import failure_reply, fault_reply, success_reply
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig, client_of_sender
 from purlgate.core.files import clear_scratch, retire, sweep_scratch, thread_scratch
-from purlgate.core.lifecycle import BatchEvent, BatchState, EventKind
+from purlgate.core.lifecycle import BatchEvent, BatchState
 from purlgate.core.pipeline import BatchProcessor, Submission, Subscriber
 from purlgate.errors import ConfigError, DamagedEntryError, MessageError
 from purlgate.faults import crash_point
@@ -81,11 +74,23 @@ class MailLedger:
         return str(row[0])
 
 
+class Elsewhere(Protocol):
+    """Where entries are handled when not in this process (``mail_process.py``)."""
+
+    def warm(self) -> None: ...
+
+    async def handle(self, entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
+        """Handle ``entry``; its batch events and the outbox ids it queued."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class MailWorker:
     def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
                  processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: MailLedger,
                  work_root: Path, alerts: OperatorAlerts | None = None,
-                 processes: MailProcesses | None = None) -> None:
+                 processes: Elsewhere | None = None) -> None:
         self.region = region
         self.clients = clients
         self.processor = processor
@@ -284,33 +289,3 @@ def headers_of(path: Path, offset: int) -> EmailMessage | None:
         return read_headers(path, offset)
     except Exception:  # noqa: BLE001 - a reply without threading is still a reply
         return None
-
-
-class Notifier:
-    """Lifecycle events to the project's and client's notification addresses, and the
-    failures that only an operator can fix to the region's operator."""
-
-    def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
-                 outbox: Outbox) -> None:
-        self.sender = region.inbound_addresses[0]
-        self.operator = region.relay.operator
-        self.clients = clients
-        self.outbox = outbox
-
-    def __call__(self, event: BatchEvent) -> None:
-        batch = event.batch
-        if (event.kind is EventKind.FAILED and batch.error_code in OPERATOR_CODES
-                and self.operator is not None):
-            self.outbox.enqueue(operator_alert(batch, sender=self.sender, to=self.operator),
-                                sender=self.sender, recipients=[self.operator],
-                                key=f"alert-{batch.region}-{batch.id}")
-        client = self.clients.get(batch.client)
-        if client is None:
-            return
-        project = client.projects.get(batch.project or "")
-        to = list(dict.fromkeys([*(project.notify if project else []), *client.notify]))
-        if not to:
-            return
-        self.outbox.enqueue(notification(event, sender=self.sender, to=to),
-                            sender=self.sender, recipients=to,
-                            key=f"notify-{batch.region}-{batch.id}-{event.kind.value}")

@@ -10,7 +10,7 @@ Utility and older Windows Explorer cannot, and the reply says so.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.contentmanager import raw_data_manager
 from email.message import EmailMessage
@@ -207,37 +207,5 @@ def notification(event: BatchEvent, *, sender: str, to: Sequence[str]) -> EmailM
         message,
         f"purlgate {title} for client {batch.client}.\n\n" + _summary(batch) + reason +
         f"Channel: {batch.channel}\n"
-    )
-    return message
-
-
-# Failures a client cannot fix and an operator must: each one alerts the operator.
-OPERATOR_CODES: Mapping[str, str] = {
-    "storage": "a storage fault stopped the batch (full disk, failed write): see the log "
-               "and free space; the client was asked to send the file again",
-    "server-error": "an error on our side stopped the batch: see the log; the client was "
-                    "asked to send the file again",
-    "pgp-encrypt": "the client's pinned PGP key cannot be encrypted to (expired or revoked): "
-                   "get a renewed key from the client, update pgp_public_key and "
-                   "pgp_fingerprint, restart, and ask for the file again (its name is free)",
-    "render-auth": "the render API refused our credentials: check the region's "
-                   "[storyboard] username and password, then ask the client to send the "
-                   "file again",
-}
-
-
-def operator_alert(batch: BatchRecord, *, sender: str, to: str) -> EmailMessage:
-    """What an operator must know to act; the batch's ids and counts, never row data."""
-    message = new_message()
-    message["From"] = sender
-    message["To"] = to
-    message["Subject"] = (f"[purlgate] operator alert: {batch.error_code} in region "
-                          f"{batch.region} (batch {batch.id})")
-    set_text(
-        message,
-        f"Region: {batch.region}\nClient: {batch.client}\nProject: {batch.project or '-'}\n"
-        f"Channel: {batch.channel}\nBatch: {batch.id}\nError: {batch.error_code}\n"
-        f"File: {batch.data_name or batch.received_name}\n\n"
-        f"What to do: {OPERATOR_CODES.get(batch.error_code or '', 'see the logs')}.\n"
     )
     return message

@@ -24,14 +24,13 @@ import errno
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from purlgate.core.files import AtomicFile, fsync_dir, start_writeback
+from purlgate.core.files import GroupSync, fsync_dir, start_writeback, write_json
 from purlgate.errors import ServerError, SpoolFullError
 from purlgate.faults import crash_point
 
@@ -58,42 +57,6 @@ class SpoolEntry:
         with self.path.open("rb") as f:
             f.readline()
             return f.read()
-
-
-def write_json(path: Path, value: object) -> None:
-    with AtomicFile(path, no_clobber=False) as out:
-        out.file.write(json.dumps(value).encode())
-        out.commit()
-
-
-class GroupSync:
-    """fsync a folder for many callers at once: one sync covers every earlier rename."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._cond = threading.Condition()
-        self._requested = 0
-        self._completed = 0
-        self._running = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._requested += 1
-            mine = self._requested
-            while self._completed < mine:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._running = True
-                covers = self._requested  # every rename before this point
-                self._cond.release()
-                try:
-                    fsync_dir(self.folder)
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._cond.notify_all()
-                self._completed = max(self._completed, covers)
 
 
 class SpoolWriter:

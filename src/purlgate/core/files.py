@@ -1,13 +1,15 @@
 """Durable file writes: temporary hidden name, fsync, rename, fsync the folder.
 
 A reader of the folder (an SFTP client polling Downloads, a script waiting for the
-``.flg``) never sees a half-written file under its final name.
+``.flg``) never sees a half-written file under its final name. ``GroupSync`` shares
+one folder fsync among the threads that renamed into it (the spools, the outbox).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import queue
 import shutil
@@ -275,3 +277,39 @@ class BackgroundWriter:
             self._queue.put(None)
             self._thread.join()
         self._raise()
+
+
+def write_json(path: Path, value: object) -> None:
+    with AtomicFile(path, no_clobber=False) as out:
+        out.file.write(json.dumps(value).encode())
+        out.commit()
+
+
+class GroupSync:
+    """fsync a folder for many callers at once: one sync covers every earlier rename."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._completed = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            mine = self._requested
+            while self._completed < mine:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                covers = self._requested  # every rename before this point
+                self._cond.release()
+                try:
+                    fsync_dir(self.folder)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._completed = max(self._completed, covers)

@@ -129,7 +129,19 @@ def flag_name(purl: str) -> str:
 
 
 def error_name(data: DataName, prefix: str, suffix: str, *, encrypted: bool = False) -> str:
-    name = f"{prefix}{data.stem}{suffix}_errors.csv"
+    return _errors_of(data.stem, prefix, suffix, encrypted=encrypted)
+
+
+def error_name_of_received(received: str, prefix: str, suffix: str, *,
+                           encrypted: bool = False) -> str:
+    """The error file of a file as received, whose name may not pass the rule (a ZIP or
+    PGP file refused before its data file was seen): named after its stem."""
+    stem = split_extension(strip_pgp(received)[0])[0]
+    return _errors_of(stem, prefix, suffix, encrypted=encrypted)
+
+
+def _errors_of(stem: str, prefix: str, suffix: str, *, encrypted: bool) -> str:
+    name = f"{prefix}{stem}{suffix}_errors.csv"
     return f"{name}.gpg" if encrypted else name
 
 

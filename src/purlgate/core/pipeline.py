@@ -53,6 +53,7 @@ from purlgate.core.naming import (
     DataName,
     client_from_name,
     error_name,
+    error_name_of_received,
     flag_name,
     parse_data_name,
     purl_name,
@@ -82,7 +83,7 @@ Progress = Callable[[int, int], None]
 Subscriber = Callable[[BatchEvent], None]
 RendererFactory = Callable[[str, str], Renderer]
 # Said to a client whatever is configured, so it promises no alert (serve sends one to
-# relay.operator when there is one: see channels/replies.OPERATOR_CODES).
+# relay.operator when there is one: see channels/alerts.OPERATOR_CODES).
 INTERNAL_REASON = ("an error on our side stopped the batch, not a problem with your file; "
                    "please send it again later")
 
@@ -442,6 +443,31 @@ class BatchProcessor:
                 if "sha256" in digest:
                     self.store.set_sha256(record.id, digest["sha256"])
 
+    def write_error_note(self, out_dir: Path, client_id: str, project_id: str,
+                         received_name: str, reason: str) -> Path | None:
+        """An error file holding one batch-level ``reason`` for a file as received, for a
+        channel that must leave the reason where results appear though no batch wrote
+        one (it failed before, or was dead-lettered). Named and encrypted as the batch's
+        own would be; None when the project has no error file. A ServerError when a PGP
+        project's key cannot be encrypted to: never a plaintext file instead."""
+        client = self.clients[client_id]
+        project = client.projects[project_id]
+        if not project.error_file:
+            return None
+        encrypt = project.pgp_encrypt_output
+        final = out_dir / error_name_of_received(received_name, project.purl_prefix,
+                                                 project.purl_suffix, encrypted=encrypt)
+        work = thread_scratch(self.work_root)
+        note = ErrorLog(work / "row-errors.csv")
+        note.batch_errors.append(reason)
+        if not encrypt:
+            return note.publish(final, replace=True, mode=self.result_mode)
+        plain = note.publish(work / "errors-plain.csv", replace=True, mode=0o600)
+        try:
+            return self._encrypt_file(plain, final, client.pgp_fingerprint, replace=True)
+        finally:
+            plain.unlink(missing_ok=True)
+
     def _drop_rows(self, batch_id: int) -> None:
         """A failed batch serves no links: its row data (if published) goes."""
         if self.rows is not None:
@@ -482,11 +508,14 @@ class BatchProcessor:
 
     def _encrypt_to(self, source: Path, final: Path, job: _Job, *,
                     replace: bool = False) -> Path:
-        recipient = job.client.pgp_fingerprint
+        return self._encrypt_file(source, final, job.client.pgp_fingerprint,
+                                  replace=job.restarted or replace)
+
+    def _encrypt_file(self, source: Path, final: Path, recipient: str | None, *,
+                      replace: bool) -> Path:
         if self.crypto is None or recipient is None:
             raise ServerError("the project encrypts its results but PGP is not set up")
-        with AtomicFile(final, no_clobber=not (job.restarted or replace),
-                        mode=self.result_mode) as out:
+        with AtomicFile(final, no_clobber=not replace, mode=self.result_mode) as out:
             self.crypto.encrypt(source, out.file, recipient=recipient)
             return out.commit()
 

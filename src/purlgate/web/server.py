@@ -16,37 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import hashlib
-import ipaddress
 import logging
-import multiprocessing
 import shutil
 import ssl
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from jinja2 import TemplateError
 
 from purlgate.config import WebConfig
 from purlgate.core.lifecycle import BatchEvent, BatchState
-from purlgate.errors import ConfigError, RenderBusyError
+from purlgate.errors import RenderBusyError
 from purlgate.rowstore import ArrowRowStore
 from purlgate.store import BatchSummary
+from purlgate.web.hot_cache import HOT_BYTES, HOT_SECONDS, Hot, HotCache
 from purlgate.web.links import BatchIndex, Link
-from purlgate.web.media import Canvas, render_thumbnail, render_video, warm_up
+from purlgate.web.media import render_thumbnail, render_video
+from purlgate.web.render_pool import RenderPool
 from purlgate.web.templates import Template
 
 log = logging.getLogger("purlgate.web")
@@ -62,102 +54,6 @@ COMMON_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
 }
 NOT_FOUND = "Not found\n"
-
-
-HOT_BYTES = 64 * 1024 * 1024  # pages and thumbnails kept in memory, most recent first
-HOT_SECONDS = 3600.0  # a kept answer is recomputed at least this often
-
-
-@dataclass(frozen=True)
-class _Hot:
-    body: bytes
-    headers: Mapping[str, str]
-    etag: str
-    until: datetime  # the link's expiry, or sooner
-
-
-class HotCache:
-    """Ready answers for pages and thumbnails by (route, token): a viewed link's next
-    view costs a dict look-up, not a decode, a row read and a file open."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max = max_bytes
-        self._size = 0
-        self._items: OrderedDict[tuple[str, str], _Hot] = OrderedDict()
-
-    def get(self, key: tuple[str, str], now: datetime) -> _Hot | None:
-        hot = self._items.get(key)
-        if hot is None:
-            return None
-        if hot.until <= now:
-            self._drop(key)
-            return None
-        self._items.move_to_end(key)
-        return hot
-
-    def put(self, key: tuple[str, str], hot: _Hot) -> None:
-        self._drop(key)
-        self._items[key] = hot
-        self._size += len(hot.body)
-        while self._size > self._max and self._items:
-            self._drop(next(iter(self._items)))
-
-    def _drop(self, key: tuple[str, str]) -> None:
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._size -= len(old.body)
-
-    def clear(self) -> None:
-        self._items.clear()
-        self._size = 0
-
-
-class RenderPool:
-    """Draws media in worker processes; one render per file however many ask at once."""
-
-    def __init__(self, workers: int, limit: int) -> None:
-        self._limit = limit
-        self._workers = workers
-        self._executor = self._new_executor()
-        self._inflight: dict[Path, asyncio.Future[Path]] = {}
-
-    def _new_executor(self) -> ProcessPoolExecutor:
-        # forkserver: the workers do not inherit the server's sockets, threads or locks.
-        return ProcessPoolExecutor(max_workers=self._workers,
-                                   mp_context=multiprocessing.get_context("forkserver"))
-
-    @property
-    def depth(self) -> int:
-        return len(self._inflight)
-
-    def warm(self) -> None:
-        """Start the workers now (and import Pillow and FFmpeg there), not on a first view."""
-        for _ in range(self._workers):
-            self._executor.submit(warm_up)
-
-    async def render(self, draw: Callable[[Canvas, Path], Path], canvas: Canvas,
-                     target: Path) -> Path:
-        future = self._inflight.get(target)
-        if future is None:
-            if len(self._inflight) >= self._limit:
-                raise RenderBusyError
-            try:
-                future = asyncio.get_running_loop().run_in_executor(
-                    self._executor, draw, canvas, target)
-            except BrokenProcessPool:
-                # A worker died (killed, out of memory): the pool is unusable; start anew.
-                log.warning("a render worker died; starting a new render pool")
-                self._executor.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._new_executor()
-                future = asyncio.get_running_loop().run_in_executor(
-                    self._executor, draw, canvas, target)
-            self._inflight[target] = future
-            future.add_done_callback(lambda _: self._inflight.pop(target, None))
-        # A viewer who leaves does not cancel a render others may be waiting for.
-        return await asyncio.shield(future)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -239,16 +135,16 @@ class LinkServer:
 
     # -- handlers -------------------------------------------------------------------
 
-    def _hot_answer(self, request: web.Request, hot: _Hot) -> web.Response:
+    def _hot_answer(self, request: web.Request, hot: Hot) -> web.Response:
         if request.headers.get("If-None-Match") == hot.etag:
             return web.Response(status=304, headers=hot.headers)
         return web.Response(body=hot.body, headers=hot.headers)
 
     def _keep(self, key: tuple[str, str], link: Link, body: bytes,
-              headers: dict[str, str]) -> _Hot:
+              headers: dict[str, str]) -> Hot:
         until = min(link.batch.expires_at, self.clock() + timedelta(seconds=HOT_SECONDS))
         etag = f'"{hashlib.blake2b(body, digest_size=12).hexdigest()}"'
-        hot = _Hot(body, {**headers, "ETag": etag}, etag, until)
+        hot = Hot(body, {**headers, "ETag": etag}, etag, until)
         self.hot.put(key, hot)
         return hot
 
@@ -444,52 +340,6 @@ class LinkServer:
 def retention_of(projects: Mapping[tuple[str, str], int]) -> Callable[[str, str], timedelta]:
     """Retention by (client, project); a batch of a project no longer configured: 0."""
     return lambda client, project: timedelta(days=projects.get((client, project), 0))
-
-
-def tls_context(config: WebConfig, data_dir: Path, public_base_url: str) -> ssl.SSLContext | None:
-    if config.tls_cert is not None and config.tls_key is not None:
-        cert, key = config.tls_cert, config.tls_key
-    elif config.self_signed:
-        cert, key = self_signed_pair(data_dir / "web-tls", urlsplit(public_base_url).hostname)
-    else:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"web TLS: cannot load {cert} / {key}: {exc}") from exc
-    return context
-
-
-def self_signed_pair(folder: Path, host: str | None) -> tuple[Path, Path]:
-    """A self-signed certificate for the links' host (made once, key 0600)."""
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    if cert_path.is_file() and key_path.is_file():
-        return cert_path, key_path
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName("localhost"),
-                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    if host and host != "localhost":
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host or "localhost")])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=825))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(key, hashes.SHA256()))
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
 
 
 async def start_web(server: LinkServer, config: WebConfig,

@@ -1,0 +1,159 @@
+"""The relay connection cache: replies and notifications handed to the relay over kept
+connections, and the relay's answers sorted into temporary or permanent failures once,
+here at the edge (``map_httpcore_exceptions``'s habit).
+
+As Postfix's connection cache: after a delivery its connection is kept for the next
+message, for ``keep_connections_seconds`` (then closed with QUIT) and at most 300 s in
+all; a kept connection is checked with RSET before it carries a message, so a relay
+that closed it meanwhile costs a new connection, never the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from purlgate.config import RelayConfig
+from purlgate.errors import PermanentDeliveryError, TemporaryDeliveryError
+
+Sender = Callable[[bytes, str, Sequence[str]], Awaitable[None]]
+
+
+REUSE_SECONDS = 300.0  # a connection's whole life (Postfix's smtp_connection_reuse_time_limit)
+
+
+@dataclass
+class _Kept:
+    client: aiosmtplib.SMTP
+    opened: float
+    used: float
+
+
+class RelayConnections:
+    """Deliver through the configured relay; failures sorted into temporary/permanent.
+
+    As Postfix's connection cache: after a delivery its connection is kept for the next
+    message, for ``keep_connections_seconds`` (then closed with QUIT) and at most 300 s
+    in all; a kept connection is checked with RSET before it carries a message, so a
+    relay that closed it meanwhile costs a new connection, never the message. One
+    message per connection at a time; the outbox bounds how many are open.
+    """
+
+    def __init__(self, relay: RelayConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.relay = relay
+        self._password = relay.password.reveal().decode() if relay.password else None
+        self._clock = clock
+        self._kept: list[_Kept] = []
+        self._sweep: asyncio.TimerHandle | None = None
+        self._quitting: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, data: bytes, sender: str, recipients: Sequence[str]) -> None:
+        try:
+            kept = await self._connection()
+            try:
+                await kept.client.sendmail(sender, list(recipients), data)
+            except (aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPResponseException):
+                # aiosmtplib has reset the envelope: the connection can carry the next.
+                self._keep(kept)
+                raise
+            except BaseException:
+                kept.client.close()
+                raise
+            self._keep(kept)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            if all(500 <= c < 600 for c in codes):
+                raise PermanentDeliveryError(f"recipients refused ({codes})") from exc
+            raise TemporaryDeliveryError(f"recipients deferred ({codes})") from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if 500 <= exc.code < 600:
+                raise PermanentDeliveryError(f"relay answered {exc.code}") from exc
+            raise TemporaryDeliveryError(f"relay answered {exc.code}") from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise TemporaryDeliveryError(f"relay unreachable: {type(exc).__name__}") from exc
+
+    async def _connection(self) -> _Kept:
+        """The most recently used kept connection that still answers RSET, or a new one."""
+        while self._kept:
+            kept = self._kept.pop()
+            if self._usable(kept):
+                try:
+                    await kept.client.rset(timeout=min(20.0, self.relay.timeout_seconds))
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    kept.client.close()  # closed by the relay meanwhile: not our message's fault
+                    continue
+                return kept
+            await self._quit(kept)
+        relay = self.relay
+        client = aiosmtplib.SMTP(
+            hostname=relay.host, port=relay.port, start_tls=relay.starttls,
+            username=relay.username, password=self._password, timeout=relay.timeout_seconds,
+            cert_bundle=str(relay.ca_file) if relay.ca_file else None)
+        try:
+            await client.connect()
+        except BaseException:
+            client.close()
+            raise
+        now = self._clock()
+        return _Kept(client, now, now)
+
+    def _usable(self, kept: _Kept) -> bool:
+        now = self._clock()
+        return (kept.client.is_connected
+                and now - kept.used < self.relay.keep_connections_seconds
+                and now - kept.opened < REUSE_SECONDS)
+
+    def _keep(self, kept: _Kept) -> None:
+        kept.used = self._clock()
+        if not self._usable(kept):
+            self._quit_later(kept)
+            return
+        self._kept.append(kept)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(
+                self.relay.keep_connections_seconds, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Close the connections kept longer than their time; look again later."""
+        self._sweep = None
+        stale = [k for k in self._kept if not self._usable(k)]
+        self._kept = [k for k in self._kept if k not in stale]
+        for kept in stale:
+            self._quit_later(kept)
+        loop = asyncio.get_running_loop()
+        if self._kept:
+            wait = min(k.used for k in self._kept) + self.relay.keep_connections_seconds
+            self._sweep = loop.call_at(loop.time() + max(0.05, wait - self._clock()),
+                                       self._close_idle)
+
+    def _quit_later(self, kept: _Kept) -> None:
+        task = asyncio.get_running_loop().create_task(self._quit(kept))
+        self._quitting.add(task)
+        task.add_done_callback(self._quitting.discard)
+
+    async def _quit(self, kept: _Kept) -> None:
+        try:
+            if kept.client.is_connected:
+                await asyncio.wait_for(kept.client.quit(), timeout=5)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            kept.client.close()
+
+    async def close(self) -> None:
+        """QUIT every kept connection (at shutdown)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        kept, self._kept = self._kept, []
+        await asyncio.gather(*(self._quit(k) for k in kept), *self._quitting)
+
+
+def relay_sender(relay: RelayConfig) -> RelayConnections:
+    """Deliver through the configured relay (over kept connections)."""
+    return RelayConnections(relay)

@@ -1,0 +1,33 @@
+"""The region's SSH host key: made once (0600), never regenerated, written atomically.
+
+Clients pin it on first contact; a new one would make every client's ``sftp`` refuse us,
+so a damaged file is an operator's error at start, never silently replaced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncssh
+
+from purlgate.core.files import AtomicFile
+from purlgate.errors import ConfigError
+
+
+def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
+    """The key in ``path``, or a new ed25519 key written there (hidden name, fsync,
+    link into place: a crash leaves no truncated key). A file that holds no key is a
+    ConfigError naming it."""
+    if path.exists():
+        try:
+            return asyncssh.read_private_key(str(path))
+        except (asyncssh.KeyImportError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"the SSH host key {path} is damaged or unreadable ({exc}); restore it from "
+                "a backup (a new key makes every client warn of a changed host key)") from exc
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFile(path, mode=0o600) as out:
+        out.file.write(key.export_private_key())
+        out.commit()
+    return key

@@ -1,0 +1,74 @@
+"""The email side of a region, wired once: the region's core, the outbox and what queues
+into it (notifier, operator alerts), the spool and the mail worker.
+
+``serve`` builds it with the relay as the outbox's sender; each mail worker process
+builds it again from the same picklable ``MailSideFactory``, queueing only (the gateway
+delivers). It imports only the mail path, so a worker process loads no listener, no
+SFTP server and no web side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from purlgate.channels.alerts import OperatorAlerts
+from purlgate.channels.mail_worker import Elsewhere, MailLedger, MailWorker
+from purlgate.channels.notifier import Notifier
+from purlgate.channels.outbox import Outbox
+from purlgate.channels.relay import Sender
+from purlgate.channels.spool import Spool
+from purlgate.config import Config
+from purlgate.core.pipeline import Subscriber
+from purlgate.region import Region, build_region
+
+
+@dataclass
+class MailSide:
+    region: Region
+    outbox: Outbox
+    alerts: OperatorAlerts
+    spool: Spool
+    worker: MailWorker
+
+
+async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
+    raise AssertionError("this outbox only queues; the gateway delivers")
+
+
+@dataclass(frozen=True)
+class MailSideFactory:
+    """Builds a region's email side; picklable, so a worker process gets one."""
+
+    config: Config
+    region_id: str
+    data_dir: Path
+
+    def build(self, *, sender: Sender | None, subscribers: Sequence[Subscriber] = (),
+              processes: Elsewhere | None = None, owner: bool = True) -> MailSide:
+        """``sender``: the relay (None: an outbox that only queues). ``owner``: this
+        process owns the spool's temporary files (the gateway; not a worker process)."""
+        region_cfg = self.config.region(self.region_id)
+        clients = self.config.clients_of(self.region_id)
+        outbox = Outbox(self.data_dir / "outbox", region_cfg.relay,
+                        sender=sender or _never_sends)
+        alerts = OperatorAlerts(outbox, sender=region_cfg.inbound_addresses[0],
+                                operator=region_cfg.relay.operator)
+        outbox.on_failed = alerts.undeliverable
+        notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox, alerts=alerts)
+        region = build_region(self.config, self.region_id, data_dir=self.data_dir,
+                              subscribers=[notifier, *subscribers])
+        spool = Spool(self.data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes,
+                      owner=owner)
+        worker = MailWorker(region=region_cfg, clients=clients, processor=region.processor,
+                            spool=spool, outbox=outbox,
+                            ledger=MailLedger(self.data_dir / "mail.sqlite3"),
+                            work_root=self.data_dir / "mail-work", alerts=alerts,
+                            processes=processes)
+        return MailSide(region, outbox, alerts, spool, worker)
+
+    def __call__(self, on_event: Subscriber) -> MailWorker:
+        """The mail worker of a worker process: it queues only, leaves the spool's
+        temporary files to the gateway, and hands each batch event to ``on_event``."""
+        return self.build(sender=None, subscribers=[on_event], owner=False).worker
