@@ -336,3 +336,22 @@ def test_check_config_reads_every_secret(tmp_path: Path) -> None:
         f"{tmp_path / 'no-such-imap-password'}: No such file or directory",
         "  region usa, field web.ops_password: secret not set: environment variable "
         "PG_NOPE_OPS"]
+
+
+def test_a_damaged_ssh_host_key_stops_serve_with_one_line(tmp_path: Path) -> None:
+    """A host key file cut short (what a crash mid-write left before the key was written
+    atomically) is never taken, nor silently replaced (clients pin it): serve exits 2
+    with one line naming the file."""
+    data = tmp_path / "d"
+    data.mkdir()
+    key = data / "ssh_host_ed25519_key"
+    key.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n")
+    result = purlgate("serve", "--region", "usa", "--smtp-port", "0", "--data-dir", str(data),
+                      cwd=ROOT)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"purlgate: configuration error: the SSH host key {key} is "
+                           "damaged or unreadable (")
+    assert line.endswith("restore it from a backup (a new key makes every client warn of "
+                         "a changed host key)")
+    assert key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl")

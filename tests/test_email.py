@@ -548,3 +548,22 @@ async def test_data_streams_to_the_spool_byte_exact(tmp_path: Path, sink: Sink,
         server.close()
         await server.wait_closed()
         gateway.region.close()
+
+
+def test_the_aiosmtpd_internals_smtp_data_relies_on_are_still_there() -> None:
+    """LimitedSMTP.smtp_DATA streams DATA to disk with aiosmtpd's private names; an
+    aiosmtpd release that renames them must fail here, loudly, not in production."""
+    import inspect
+
+    from aiosmtpd import __version__ as aiosmtpd_version
+    from aiosmtpd.smtp import SMTP
+
+    needed = {"_set_post_data_state": callable(getattr(SMTP, "_set_post_data_state", None)),
+              "_timeout_cb": callable(getattr(SMTP, "_timeout_cb", None)),
+              "self._reader": "self._reader = reader" in inspect.getsource(SMTP)}
+    missing = [name for name, ok in needed.items() if not ok]
+    assert not missing, (
+        f"aiosmtpd {aiosmtpd_version} no longer has {', '.join(missing)}: compare "
+        "purlgate.channels.smtp_listener.LimitedSMTP.smtp_DATA with its new smtp_DATA, "
+        "then widen the aiosmtpd bound in pyproject.toml and constraints.txt")
+    assert aiosmtpd_version.startswith("1.4."), "a new aiosmtpd minor: review smtp_DATA"

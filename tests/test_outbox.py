@@ -423,3 +423,38 @@ def test_one_commit_makes_a_message_s_answers_durable_with_one_folder_fsync(
     assert len(synced) == 4
     assert sorted(i.id for i in box.items()) == ["notify-1", "notify-2", "other", "reply-1",
                                                 "x", "y"]
+
+
+@pytest.mark.asyncio
+async def test_the_outbox_leaves_the_sender_it_was_handed_to_its_maker(tmp_path: Path) -> None:
+    """A stopped outbox does not close the relay connections it was handed: whoever
+    made them closes them (serve, after the outbox has stopped), with QUIT."""
+    sink = await QuitCounting().start()
+    relay = RelayConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5,
+                        keep_connections_seconds=60)
+    send = relay_sender(relay)
+    box = Outbox(tmp_path, relay, sender=send)
+    stop = asyncio.Event()
+    running = asyncio.create_task(box.run(stop))
+    try:
+        box.enqueue(note(), sender="s@idomoo.com", recipients=["a@acme.example"], key="r1")
+        await sink.wait_to("a@acme.example")
+        stop.set()
+        await running
+        assert sink.open_sessions == 1 and sink.quits == 0, "still the maker's to close"
+        await send.close()
+        await until(lambda: sink.open_sessions == 0)
+        assert sink.quits == 1
+    finally:
+        await send.close()
+        await sink.stop()
+
+
+def test_the_outbox_judges_ages_on_the_clock_it_is_given(tmp_path: Path) -> None:
+    """A leftover hidden .part is judged old on the injected clock, not the system's."""
+    clock = Clock()
+    clock.now = time.time() + 3600  # an hour on
+    box = Outbox(tmp_path, RELAY, sender=Script(), clock=clock)
+    (tmp_path / "queue" / ".x.msg.part").write_bytes(b"half a message")
+    assert box.items() == []
+    assert not (tmp_path / "queue" / ".x.msg.part").exists()

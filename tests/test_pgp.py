@@ -574,3 +574,41 @@ def test_pgp_around_a_password_zip_with_purlgate_process(keys: Keys, tmp_path: P
                             env={**os.environ, "PG_TEST_OUR_PASSPHRASE": OUR_PASSPHRASE})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "status    Done" in result.stdout
+
+
+def test_sftp_reasons_for_a_pgp_project_are_only_ever_encrypted(keys: Keys, gateway: Gateway,
+                                                                tmp_path: Path) -> None:
+    """Over SFTP, a PGP project's upload refused before its batch could write an error
+    file (here: not signed), and one dead-lettered for a fault on our side, still leave
+    the reason in Downloads, but encrypted to the client as the core names it
+    (PURL_<stem>_errors.csv.gpg): a PGP client never finds a plaintext result."""
+    from purlgate.channels.defender import Defender
+    from purlgate.channels.sftp import SftpService, SftpSpool, SftpWorker
+    from purlgate.config import DefenderConfig, SftpConfig
+    from purlgate.errors import ServerError
+
+    region = gateway.region
+    clients = {"acme": parse_config(config_text(keys)).clients["acme"]}
+    service = SftpService(config=SftpConfig(), root=tmp_path / "sftp", clients=clients,
+                          store=region.store, spool=SftpSpool(tmp_path / "sftp-spool"),  # type: ignore[attr-defined]
+                          defender=Defender(DefenderConfig()))
+    downloads = service.downloads("acme", "secure")
+    downloads.mkdir(parents=True)
+    worker = SftpWorker(service, region.processor)  # type: ignore[attr-defined]
+    for name, data in ((f"acme_secure_{T}_20.csv.pgp", encrypt(keys, keys.acme, CSV.encode())),
+                       (f"acme_secure_{T}_21.csv", CSV.encode())):
+        (tmp_path / name).write_bytes(data)
+        upload = service.spool.adopt(tmp_path / name, name,
+                                     {"client": "acme", "project": "secure", "name": name})
+        if name.endswith(".pgp"):
+            worker.handle(upload)
+        else:
+            worker.dead_letter(upload, ServerError("boom"), 3)
+    assert sorted(p.name for p in downloads.iterdir()) == [
+        f"PURL_acme_secure_{T}_20_errors.csv.gpg", f"PURL_acme_secure_{T}_21_errors.csv.gpg"]
+    refused = parse_csv(decrypt_as(keys.acme, downloads / f"PURL_acme_secure_{T}_20_errors.csv.gpg")
+                        .decode())
+    assert refused[0] == ["row", "column", "reason"] and "signed" in refused[1][2]
+    ours = parse_csv(decrypt_as(keys.acme, downloads / f"PURL_acme_secure_{T}_21_errors.csv.gpg")
+                     .decode())
+    assert "a fault on our side" in ours[1][2]

@@ -91,3 +91,60 @@ async def test_a_full_disk_refuses_the_upload_cleanly_and_recovers(
             await r.wait_for(r.downloads() / f"PURL_full_{T}.csv")
         finally:
             await r.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_disk_error_reading_an_upload_is_retried_not_dead_lettered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transient read error (EIO) on an upload's meta.json is a storage fault, as in
+    the mail spool: the upload waits and is processed once the disk reads again; it is
+    not dead-lettered as damaged."""
+    import errno
+
+    from purlgate.channels import queue_worker
+    from purlgate.channels.defender import Defender
+    from purlgate.channels.sftp import SftpService, SftpSpool, SftpWorker
+    from purlgate.config import DefenderConfig, SftpConfig, parse_config
+    from purlgate.errors import StorageError
+    from purlgate.region import build_region
+    from tests.conftest import TEST_CONFIG
+
+    monkeypatch.setattr(queue_worker, "RESCAN_SECONDS", 0.2)
+    region = build_region(parse_config(TEST_CONFIG), "usa", data_dir=tmp_path / "state")
+    name = f"acme_spring_{T}_00.csv"
+    entry = "00000000000000000003-eioentry0001"
+    plant(tmp_path / "state", entry,
+          json.dumps({"client": "acme", "project": "spring", "name": name}), name)
+    failing = {"left": 3}
+    real = Path.read_text
+
+    def flaky(self: Path, *args: object, **kwargs: object) -> str:
+        if self.name == "meta.json" and failing["left"] > 0:
+            failing["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    spool = SftpSpool(tmp_path / "state" / "sftp-spool")
+    service = SftpService(config=SftpConfig(), root=tmp_path / "state" / "sftp",
+                          clients=region.processor.clients, store=region.store, spool=spool,
+                          defender=Defender(DefenderConfig()))
+    monkeypatch.setattr(Path, "read_text", flaky)
+    with pytest.raises(StorageError):
+        spool.pending()
+    service.downloads("acme", "spring").mkdir(parents=True)
+    worker = SftpWorker(service, region.processor)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        result = service.downloads("acme", "spring") / f"PURL_{name}"
+        for _ in range(200):
+            if result.exists():
+                break
+            await asyncio.sleep(0.05)
+        assert result.exists(), "processed once the disk reads again"
+    finally:
+        stop.set()
+        await running
+        region.close()
+    assert failing["left"] == 0
+    assert list((tmp_path / "state" / "sftp-spool" / "dead").iterdir()) == []

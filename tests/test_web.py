@@ -361,3 +361,25 @@ async def test_a_killed_render_worker_is_replaced(tmp_path: Path) -> None:
                 break
             assert resp.status == 503 and resp.headers["Retry-After"] == "5"
         assert statuses[-1] == 200, statuses
+
+
+def test_the_self_signed_pair_is_made_whole_and_a_damaged_one_is_named(tmp_path: Path) -> None:
+    """The demo's self-signed pair is written atomically (no .part left, the key 0600);
+    a certificate cut short is one ConfigError naming both files and what to do, never
+    a traceback at every start."""
+    from purlgate.config import WebConfig
+    from purlgate.errors import ConfigError
+    from purlgate.web.tls import tls_context
+
+    web = WebConfig(self_signed=True)
+    assert tls_context(web, tmp_path, "https://purl-usa.localhost:8443") is not None
+    folder = tmp_path / "web-tls"
+    assert sorted(p.name for p in folder.iterdir()) == ["cert.pem", "key.pem"]
+    assert (folder / "key.pem").stat().st_mode & 0o777 == 0o600
+    cert = folder / "cert.pem"
+    cert.write_bytes(cert.read_bytes()[:100])
+    with pytest.raises(ConfigError) as caught:
+        tls_context(web, tmp_path, "https://purl-usa.localhost:8443")
+    assert caught.value.message == (
+        f"web TLS: cannot load {cert} / {folder / 'key.pem'}: damaged, or not a matching "
+        "certificate and key (delete both to have a new pair made)")

@@ -154,8 +154,7 @@ class QueueWorker(Generic[T]):
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        for item in await asyncio.to_thread(self._pending):
-            self._add(item)
+        await self._look()
         async with asyncio.TaskGroup() as tasks:
             for _ in range(self.workers):
                 tasks.create_task(self._work(stop))
@@ -167,14 +166,20 @@ class QueueWorker(Generic[T]):
                 await asyncio.wait_for(stop.wait(), RESCAN_SECONDS)
             if stop.is_set():
                 return
-            try:
-                found = await asyncio.to_thread(self._pending)
-            except Exception as exc:  # noqa: BLE001 - a rescan must never end the worker
-                log.warning("%s: could not look at the spool (%s)", self.name,
-                            type(exc).__name__)
-                continue
-            for item in found:
-                self._add(item)
+            await self._look()
+
+    async def _look(self) -> None:
+        """Queue what the spool holds; a spool that cannot be read now (a disk error) is
+        looked at again at the next rescan: nothing in it is given up on."""
+        try:
+            found = await asyncio.to_thread(self._pending)
+        except Exception as exc:  # noqa: BLE001 - a look must never end the worker
+            log.warning("%s: could not look at the spool (%s); looking again in %.0f s",
+                        self.name, getattr(exc, "message", None) or type(exc).__name__,
+                        RESCAN_SECONDS)
+            return
+        for item in found:
+            self._add(item)
 
     async def _next(self, stop: asyncio.Event) -> T | None:
         assert self._loop is not None

@@ -34,8 +34,8 @@ def tls_context(config: WebConfig, data_dir: Path, public_base_url: str) -> ssl.
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
-            "damaged, or not a matching certificate and key"
+        what = ("damaged, or not a matching certificate and key"
+                if isinstance(exc, ssl.SSLError) else exc.strerror or str(exc))
         hint = (" (delete both to have a new pair made)" if config.self_signed else "")
         raise ConfigError(f"web TLS: cannot load {cert} / {key}: {what}{hint}") from exc
     return context
