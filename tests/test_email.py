@@ -7,6 +7,7 @@ its relay is a real aiosmtpd sink; replies are opened with pyzipper and with 7z.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 import pytest_asyncio
+from aiosmtpd import __version__ as aiosmtpd_version
+from aiosmtpd.smtp import SMTP
 
 from purlgate.app import Gateway, build_gateway, serve
 from purlgate.channels.smtp_listener import FLUSH_BYTES, start_smtp
@@ -553,11 +556,6 @@ async def test_data_streams_to_the_spool_byte_exact(tmp_path: Path, sink: Sink,
 def test_the_aiosmtpd_internals_smtp_data_relies_on_are_still_there() -> None:
     """LimitedSMTP.smtp_DATA streams DATA to disk with aiosmtpd's private names; an
     aiosmtpd release that renames them must fail here, loudly, not in production."""
-    import inspect
-
-    from aiosmtpd import __version__ as aiosmtpd_version
-    from aiosmtpd.smtp import SMTP
-
     needed = {"_set_post_data_state": callable(getattr(SMTP, "_set_post_data_state", None)),
               "_timeout_cb": callable(getattr(SMTP, "_timeout_cb", None)),
               "self._reader": "self._reader = reader" in inspect.getsource(SMTP)}

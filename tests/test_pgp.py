@@ -21,12 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from purlgate.config import parse_config
+from purlgate.channels.defender import Defender
+from purlgate.channels.sftp import SftpService, SftpSpool, SftpWorker
+from purlgate.config import DefenderConfig, SftpConfig, parse_config
 from purlgate.core.archive import aes_zip
 from purlgate.core.crypto import looks_like_pgp, spaced_fingerprint
 from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import BatchOutcome, Submission
-from purlgate.errors import ConfigError
+from purlgate.errors import ConfigError, ServerError
 from purlgate.pgp import GpgKeyStore
 from purlgate.region import build_region
 from tests.conftest import parse_csv, scratch_data_left
@@ -582,11 +584,6 @@ def test_sftp_reasons_for_a_pgp_project_are_only_ever_encrypted(keys: Keys, gate
     file (here: not signed), and one dead-lettered for a fault on our side, still leave
     the reason in Downloads, but encrypted to the client as the core names it
     (PURL_<stem>_errors.csv.gpg): a PGP client never finds a plaintext result."""
-    from purlgate.channels.defender import Defender
-    from purlgate.channels.sftp import SftpService, SftpSpool, SftpWorker
-    from purlgate.config import DefenderConfig, SftpConfig
-    from purlgate.errors import ServerError
-
     region = gateway.region
     clients = {"acme": parse_config(config_text(keys)).clients["acme"]}
     service = SftpService(config=SftpConfig(), root=tmp_path / "sftp", clients=clients,

@@ -5,12 +5,20 @@ moves on. A real asyncssh server, driven by asyncssh."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 from pathlib import Path
 
 import asyncssh
 import pytest
 
+from purlgate.channels import queue_worker
+from purlgate.channels.defender import Defender
+from purlgate.channels.sftp import SftpService, SftpSpool, SftpWorker
+from purlgate.config import DefenderConfig, SftpConfig, parse_config
+from purlgate.errors import StorageError
+from purlgate.region import build_region
+from tests.conftest import TEST_CONFIG
 from tests.test_full_disk import fill, tmpfs
 from tests.test_sftp import CSV, Keys, T, keys, start  # noqa: F401 - keys: the fixture
 
@@ -99,16 +107,6 @@ async def test_a_disk_error_reading_an_upload_is_retried_not_dead_lettered(
     """A transient read error (EIO) on an upload's meta.json is a storage fault, as in
     the mail spool: the upload waits and is processed once the disk reads again; it is
     not dead-lettered as damaged."""
-    import errno
-
-    from purlgate.channels import queue_worker
-    from purlgate.channels.defender import Defender
-    from purlgate.channels.sftp import SftpService, SftpSpool, SftpWorker
-    from purlgate.config import DefenderConfig, SftpConfig, parse_config
-    from purlgate.errors import StorageError
-    from purlgate.region import build_region
-    from tests.conftest import TEST_CONFIG
-
     monkeypatch.setattr(queue_worker, "RESCAN_SECONDS", 0.2)
     region = build_region(parse_config(TEST_CONFIG), "usa", data_dir=tmp_path / "state")
     name = f"acme_spring_{T}_00.csv"

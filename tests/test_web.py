@@ -18,8 +18,11 @@ import pytest
 from aiosmtplib import SMTP
 from PIL import Image
 
+from purlgate.config import WebConfig
 from purlgate.core.lifecycle import BatchState
+from purlgate.errors import ConfigError
 from purlgate.renderers.embedded import decode, tokens
+from purlgate.web.tls import tls_context
 from tests.web_helpers import NAMES, Running, data_file, purl_rows, running
 
 NAME = "acme_spring_20261127_101500_00.csv"
@@ -367,10 +370,6 @@ def test_the_self_signed_pair_is_made_whole_and_a_damaged_one_is_named(tmp_path:
     """The demo's self-signed pair is written atomically (no .part left, the key 0600);
     a certificate cut short is one ConfigError naming both files and what to do, never
     a traceback at every start."""
-    from purlgate.config import WebConfig
-    from purlgate.errors import ConfigError
-    from purlgate.web.tls import tls_context
-
     web = WebConfig(self_signed=True)
     assert tls_context(web, tmp_path, "https://purl-usa.localhost:8443") is not None
     folder = tmp_path / "web-tls"
