@@ -1,0 +1,157 @@
+"""Operators' commands on a region's state folder: batches, outbox, dead-letters,
+healthcheck. They read what a running gateway writes and never touch its temporary
+files."""
+
+# Imports inside the command functions are on purpose: each command imports what it
+# needs when it runs, so that ``purlgate --help`` answers at once.
+# ruff: noqa: PLC0415
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from purlgate.cli.common import EXIT_FAILED, EXIT_OK, region_dir
+from purlgate.errors import ConfigError
+
+
+def batches(args: argparse.Namespace) -> int:
+    from purlgate.store import SqliteBatchStore
+    from purlgate.web.ops import batch_view
+
+    region_id, data_dir, _ = region_dir(args)
+    if not (data_dir / "batches.sqlite3").exists():
+        print(f"purlgate: no batches yet in {data_dir} (region {region_id})", file=sys.stderr)
+        return EXIT_OK
+    store = SqliteBatchStore(data_dir / "batches.sqlite3")
+    found = [batch_view(b) for b in store.search(client=args.client, project=args.project,
+                                                 status=args.status, limit=args.limit)]
+    if args.json:
+        print(json.dumps({"region": region_id, "batches": found}, indent=2))
+        return EXIT_OK
+    print(f"{'ID':>5}  {'STATUS':<16} {'CLIENT':<10} {'PROJECT':<10} {'CHANNEL':<7} "
+          f"{'ROWS':>7} {'OK':>7} {'ERR':>5}  {'RECEIVED (UTC)':<19}  FILE")
+    for b in found:
+        print(f"{b['id']:>5}  {b['status']:<16} {b['client']:<10} {b['project'] or '-':<10} "
+              f"{b['channel']:<7} {b['rows']:>7} {b['rows_ok']:>7} {b['rows_error']:>5}  "
+              f"{b['received_at'][:19].replace('T', ' '):<19}  {b['file']}")
+    if not found:
+        print("(no batches match)")
+    return EXIT_OK
+
+
+def _outbox_of(args: argparse.Namespace) -> Any:
+    from purlgate.channels.outbox import Outbox
+
+    _, data_dir, config = region_dir(args)
+    region = config.regions[args.region or next(iter(config.regions))]
+
+    async def never(data: bytes, sender: str, recipients: Sequence[str]) -> None:
+        raise AssertionError("the outbox command never sends")
+
+    return Outbox(data_dir / "outbox", region.relay, sender=never)
+
+
+def outbox(args: argparse.Namespace) -> int:
+    import time
+
+    outbox = _outbox_of(args)
+    try:
+        if args.retry_now:
+            outbox.retry_now(args.retry_now)
+            print(f"{args.retry_now}: due now (a running gateway sends it within 30 s)")
+            return EXIT_OK
+        if args.drop:
+            outbox.drop(args.drop)
+            print(f"{args.drop}: dropped; it is kept in {outbox.failed}")
+            return EXIT_OK
+    except KeyError as exc:
+        raise ConfigError(f"no queued message {exc.args[0]!r}; `purlgate outbox` lists them") \
+            from exc
+    items = outbox.items()
+    now = time.time()
+    print(f"{'ID':<44} {'TRIES':>5} {'AGE':>8} {'NEXT TRY':>9}  RECIPIENTS / LAST ERROR")
+    for item in items:
+        meta = item.meta
+        print(f"{item.id:<44} {meta['attempts']:>5} {now - meta['created_at']:>7.0f}s "
+              f"{max(0.0, meta['next_at'] - now):>8.0f}s  {', '.join(meta['recipients'])}"
+              + (f" / {meta['last_error']}" if meta.get("last_error") else ""))
+    print(f"-- {len(items)} message(s) queued")
+    return EXIT_OK
+
+
+def dead_letters(args: argparse.Namespace) -> int:
+    import time
+
+    from purlgate.channels.sftp import SftpSpool
+    from purlgate.channels.spool import Spool
+
+    outbox = _outbox_of(args)
+    _, data_dir, _ = region_dir(args)
+    # Spooled mail and uploads that could not be processed, beside mail that could not
+    # be delivered: all three wait for an operator.
+    spools: list[tuple[str, Any]] = [("mail", Spool(data_dir / "spool", owner=False))]
+    if (data_dir / "sftp-spool").is_dir():
+        spools.append(("sftp", SftpSpool(data_dir / "sftp-spool", owner=False)))
+    if args.requeue:
+        for _kind, spool in spools:
+            try:
+                spool.requeue(args.requeue)
+            except KeyError:
+                continue
+            print(f"{args.requeue}: back in the spool (a running gateway takes it within "
+                  "30 s, else at its next start)")
+            return EXIT_OK
+        try:
+            outbox.requeue(args.requeue)
+        except KeyError as exc:
+            raise ConfigError(f"no dead letter {exc.args[0]!r}; `purlgate dead-letters` "
+                              "lists them") from exc
+        print(f"{args.requeue}: queued again (a running gateway sends it within 30 s)")
+        return EXIT_OK
+    now = time.time()
+    print(f"{'SPOOL ENTRY':<34} {'CHANNEL':<7} {'CLIENT':<12} {'TRIES':>5} {'AGE':>8}  ERROR")
+    count = 0
+    for kind, spool in spools:
+        for entry_id, reason in spool.dead_entries():
+            count += 1
+            print(f"{entry_id:<34} {reason.get('channel') or kind:<7} "
+                  f"{reason.get('client') or '-':<12} {reason.get('attempts', '?'):>5} "
+                  f"{now - float(reason.get('at', now)):>7.0f}s  {reason.get('error', '-')}")
+    print(f"-- {count} message(s) or upload(s) not processed")
+    items = outbox.failed_items()
+    print(f"\n{'OUTBOX ID':<44} {'TRIES':>5}  RECIPIENTS / LAST ERROR")
+    for item in items:
+        meta = item.meta
+        print(f"{item.id:<44} {meta['attempts']:>5}  {', '.join(meta['recipients'])} / "
+              f"{meta.get('last_error') or '-'}")
+    print(f"-- {len(items)} message(s) not delivered, in {outbox.failed}")
+    return EXIT_OK
+
+
+def healthcheck(args: argparse.Namespace) -> int:
+    import ssl
+    import urllib.request
+
+    from purlgate.config import load_config
+
+    config = load_config(args.config)
+    region_id = args.region or next(iter(config.regions))
+    web = config.region(region_id).web
+    if web is None:
+        raise ConfigError(f"region {region_id} has no [regions.{region_id}.web] section")
+    tls = web.tls_cert is not None or web.self_signed
+    host = "127.0.0.1" if web.host in ("0.0.0.0", "::", "") else web.host  # noqa: S104
+    url = f"{'https' if tls else 'http'}://{host}:{web.port}/healthz"
+    # Our own listener on this host: its certificate names the public host, not this one.
+    context = ssl._create_unverified_context() if tls else None  # noqa: S323
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout, context=context) as resp:  # noqa: S310
+            ok = resp.status == 200
+    except OSError as exc:
+        print(f"purlgate: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if ok else EXIT_FAILED
