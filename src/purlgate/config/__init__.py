@@ -1,0 +1,76 @@
+"""regions.toml as pydantic models; only its ``loading`` module reads configuration files.
+
+Layout (see the bundled ``regions.toml``)::
+
+    [regions.<id>]                    one per instance: inbound addresses, data dir, links
+    [regions.<id>.limits]             ZIP unwrap limits
+    [clients.<id>]                    regions, senders, notification addresses, secrets
+    [clients.<id>.projects.<id>]      columns, PURL name, error/flag files, dialect, render
+
+Secrets are never values in the file: ``{ env = "NAME" }`` or ``{ file = "/path" }``.
+
+The models live by what they describe (``clients``, ``regions``, ``secrets``, ``base``),
+reading and validating a file in ``loading``; this package re-exports them, so callers
+import from ``purlgate.config``.
+"""
+
+from __future__ import annotations
+
+from purlgate.config.base import ID_PATTERN, Identifier
+from purlgate.config.clients import (
+    ClientConfig,
+    ClientSftpConfig,
+    ColumnSpec,
+    Delimiter,
+    Encoding,
+    Output,
+    ProjectConfig,
+    RenderSettings,
+    client_of_sender,
+)
+from purlgate.config.loading import load_config, parse_config, secret_refs
+from purlgate.config.regions import (
+    Config,
+    DefenderConfig,
+    ImapConfig,
+    LimitsConfig,
+    PgpConfig,
+    ProcessingConfig,
+    RegionConfig,
+    RelayConfig,
+    SftpConfig,
+    SmtpConfig,
+    StoryboardConfig,
+    WebConfig,
+)
+from purlgate.config.secrets import SecretRef
+
+__all__ = [
+    "ID_PATTERN",
+    "ClientConfig",
+    "ClientSftpConfig",
+    "ColumnSpec",
+    "Config",
+    "DefenderConfig",
+    "Delimiter",
+    "Encoding",
+    "Identifier",
+    "ImapConfig",
+    "LimitsConfig",
+    "Output",
+    "PgpConfig",
+    "ProcessingConfig",
+    "ProjectConfig",
+    "RegionConfig",
+    "RelayConfig",
+    "RenderSettings",
+    "SecretRef",
+    "SftpConfig",
+    "SmtpConfig",
+    "StoryboardConfig",
+    "WebConfig",
+    "client_of_sender",
+    "load_config",
+    "parse_config",
+    "secret_refs",
+]

@@ -1,0 +1,155 @@
+"""A client and its projects: senders, secrets, PGP key, SFTP account, and per project
+the agreed columns, the PURL file's name and dialect, the render backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, field_validator, model_validator
+
+from purlgate.config.base import Fingerprint, Identifier, Model, email_address
+from purlgate.config.secrets import SecretRef
+
+
+class ColumnSpec(Model):
+    name: str = Field(min_length=1)
+    required: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _stripped(cls, value: str) -> str:
+        return value.strip()
+
+
+Delimiter = Literal[",", ";", "|", "\t"]
+Encoding = Literal["utf-8", "utf-8-sig", "windows-1252"]
+
+
+Output = Literal["thumbnail", "video"]
+
+
+class RenderSettings(Model):
+    """How a project's rows get their media and links.
+
+    ``embedded``: the gateway's own web side renders the landing page, thumbnail and
+    video from the row and the template. ``storyboard-api``: the platform's render API
+    (the region's ``[regions.<id>.storyboard]``) makes them and its links are used.
+    """
+
+    backend: Literal["embedded", "storyboard-api"] = "embedded"
+    # embedded: a folder with landing.html, template.toml and static/ (default: bundled)
+    template: Path | None = None
+    # embedded: render these for every row when the batch ends, not on first view
+    pregenerate: list[Output] = Field(default_factory=list)
+    # storyboard-api: the storyboard to render, and column -> API data key
+    storyboard_id: str | None = None
+    fields: dict[str, str] = Field(default_factory=dict)  # default: the column's own name
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> Self:
+        if self.backend == "storyboard-api" and not self.storyboard_id:
+            raise ValueError("the storyboard-api backend needs a storyboard_id")
+        if self.backend != "embedded" and (self.template is not None or self.pregenerate):
+            raise ValueError("template and pregenerate belong to the embedded backend")
+        return self
+
+
+class ProjectConfig(Model):
+    columns: list[ColumnSpec] = Field(default_factory=list)
+    keep_all_columns: bool = True
+    purl_prefix: str = "PURL_"
+    purl_suffix: str = ""
+    error_file: bool = True
+    flag_file: bool = True
+    encoding: Encoding | None = None
+    delimiter: Delimiter | None = None
+    output_encoding: Encoding | None = None
+    output_delimiter: Delimiter | None = None
+    notify: list[str] = Field(default_factory=list)
+    render: RenderSettings = Field(default_factory=RenderSettings)
+    pgp_encrypt_output: bool = False  # PURL (and error) file encrypted to the client's key
+    pgp_require_signature: bool = False  # inbound PGP must be signed by the client's key
+    # How long the batch's links, row data and renders live (and, later, its files).
+    retention_days: int = Field(default=30, gt=0, le=3650)
+
+    @field_validator("notify")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        return [email_address(v) for v in value]
+
+    @field_validator("purl_prefix", "purl_suffix")
+    @classmethod
+    def _safe_affix(cls, value: str) -> str:
+        if any(c in value for c in '/\\\0:*?"<>|') or value.strip() != value:
+            raise ValueError("may not contain path separators, spaces at the ends or \\/:*?\"<>|")
+        return value
+
+    @model_validator(mode="after")
+    def _columns_make_sense(self) -> Self:
+        if not self.keep_all_columns and not self.columns:
+            raise ValueError("list the agreed 'columns' or set keep_all_columns = true")
+        names = [c.name.casefold() for c in self.columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"columns listed twice: {', '.join(dupes)}")
+        return self
+
+
+class ClientSftpConfig(Model):
+    """A client's SFTP account. Passwords are stored only as a slow hash."""
+
+    username: Identifier
+    password_hash: str | None = None  # from `purlgate hash-password`
+    authorized_keys: list[str] = Field(default_factory=list)  # OpenSSH public key lines
+    flat: bool = False  # one project: /Uploads and /Downloads at the top
+    # "close": an upload is complete when its file is closed (or a temporary name is
+    # renamed); "rename": only a temporary name renamed to the final one counts.
+    complete_on: Literal["close", "rename"] = "close"
+
+    @model_validator(mode="after")
+    def _some_way_in(self) -> Self:
+        if self.password_hash is None and not self.authorized_keys:
+            raise ValueError("give a password_hash, authorized_keys, or both")
+        if self.password_hash is not None and not self.password_hash.startswith("scrypt$"):
+            raise ValueError("password_hash must come from `purlgate hash-password`")
+        return self
+
+
+class ClientConfig(Model):
+    name: str
+    regions: list[Identifier] = Field(min_length=1)
+    senders: list[str] = Field(default_factory=list)
+    notify: list[str] = Field(default_factory=list)
+    zip_password: SecretRef | None = None
+    pgp_public_key: Path | None = None  # armored or binary public key file (not a secret)
+    pgp_fingerprint: Fingerprint | None = None  # pinned: the key file must hold this key
+    sftp: ClientSftpConfig | None = None
+    projects: dict[Identifier, ProjectConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _pgp_key_pinned(self) -> Self:
+        if (self.pgp_public_key is None) != (self.pgp_fingerprint is None):
+            raise ValueError("give both pgp_public_key and pgp_fingerprint, or neither")
+        if self.sftp is not None and self.sftp.flat and len(self.projects) != 1:
+            raise ValueError("sftp.flat needs exactly one project")
+        uses = [pid for pid, p in self.projects.items()
+                if p.pgp_encrypt_output or p.pgp_require_signature]
+        if uses and self.pgp_fingerprint is None:
+            raise ValueError(
+                f"project(s) {', '.join(uses)} use PGP but the client has no "
+                "pgp_public_key / pgp_fingerprint"
+            )
+        return self
+
+    @field_validator("senders", "notify")
+    @classmethod
+    def _emails(cls, value: list[str]) -> list[str]:
+        return [email_address(v) for v in value]
+
+
+def client_of_sender(sender: str, clients: Mapping[str, ClientConfig]) -> str | None:
+    """The client whose registered senders include ``sender`` (case-insensitive)."""
+    sender = sender.lower()
+    return next((cid for cid, c in clients.items() if sender in c.senders), None)
