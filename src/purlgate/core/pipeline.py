@@ -12,31 +12,24 @@ async callers run ``process`` in a worker thread.
 from __future__ import annotations
 
 import codecs
-import contextlib
-import csv
 import hashlib
-import io
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from purlgate.config import ClientConfig, ProjectConfig
 from purlgate.core import dialect as dia
 from purlgate.core.archive import UnwrapLimits, unwrap
 from purlgate.core.crypto import Crypto, Decrypted, check_signature, looks_like_pgp
+from purlgate.core.errorlog import ErrorLog
 from purlgate.core.files import (
     RESULT_MODE,
     AtomicFile,
     clear_scratch,
-    private_file,
     sweep_scratch,
     thread_scratch,
 )
@@ -60,22 +53,19 @@ from purlgate.core.naming import (
     select_project,
     strip_pgp,
 )
-from purlgate.core.render import Renderer, RenderRequest, RowSink, RowStore
-from purlgate.core.table import BadRow, LineWriter, RowReader
+from purlgate.core.render import Renderer, RowStore
+from purlgate.core.transform import Target, transform
 from purlgate.errors import (
     ClientInputError,
-    CutOffError,
     EncodingError,
     FileNameError,
     InvalidUtf8Error,
-    NoDataError,
     PgpError,
     PurlgateError,
     ServerError,
     StorageError,
     is_storage_fault,
 )
-from purlgate.faults import crash_point
 
 log = logging.getLogger("purlgate.core")
 
@@ -121,32 +111,6 @@ class BatchOutcome:
         return self.batch.state
 
 
-@dataclass(frozen=True)
-class RowError:
-    row: int  # as a spreadsheet shows it: the header is row 1
-    column: str
-    reason: str
-    swallowed: int = 0  # further lines of the file this one error stands for
-
-
-def bad_row_error(bad: BadRow, width: int) -> RowError:
-    """A row with the wrong field count; one that a stray quote ran over several lines is
-    said so, and every line it swallowed counts, so counts add up to the lines sent."""
-    row = bad.record + 1
-    if bad.lines == 1:
-        return RowError(row, "", f"has {bad.fields} fields, the header has {width}")
-    last = row + bad.lines - 1
-    if bad.quote_open:
-        reason = (f"row {row} opens a quote that never closes: lines {row} to {last} (the "
-                  f"end of the file) became one row of {bad.fields} fields, the header has "
-                  f"{width}; check the quotes")
-    else:
-        reason = (f"row {row} opens a quote that closes in line {last}: lines {row} to "
-                  f"{last} became one row of {bad.fields} fields, the header has {width}; "
-                  "check the quotes")
-    return RowError(row, "", reason, swallowed=bad.lines - 1)
-
-
 @dataclass
 class _Job:
     """What one batch run carries from step to step, once its name is claimed."""
@@ -179,62 +143,6 @@ class _Job:
         p = self.project
         return self.out_dir / error_name(self.data, p.purl_prefix, p.purl_suffix,
                                          encrypted=self.encrypt)
-
-
-class ErrorLog:
-    """Row errors streamed to a scratch file; the batch's own errors kept aside."""
-
-    HEADER = ("row", "column", "reason")
-
-    def __init__(self, scratch: Path) -> None:
-        self._path = scratch
-        # Made at the first row error: most files have none.
-        self._file: io.TextIOWrapper | None = None
-        self._writer: Any = None
-        self.rows_with_errors = 0
-        self.batch_errors: list[str] = []
-
-    def reset(self) -> None:
-        """Forget row errors (the file is being read again from the start)."""
-        if self._file is not None:
-            self._file.seek(0)
-            self._file.truncate()
-        self.rows_with_errors = 0
-
-    def add_rows(self, errors: Iterable[RowError]) -> None:
-        last = None
-        for e in sorted(errors, key=lambda e: e.row):
-            if self._file is None:
-                self._file = io.TextIOWrapper(private_file(self._path), encoding="utf-8",
-                                              newline="")
-                self._writer = csv.writer(self._file, lineterminator="\n")
-            self._writer.writerow((e.row, e.column, e.reason))
-            if e.row != last:
-                self.rows_with_errors += 1 + e.swallowed
-                last = e.row
-
-    @property
-    def empty(self) -> bool:
-        return not self.rows_with_errors and not self.batch_errors
-
-    def publish(self, final: Path, *, replace: bool = False, mode: int = RESULT_MODE) -> Path:
-        self.close()
-        with AtomicFile(final, no_clobber=not replace, mode=mode) as out:
-            text = io.TextIOWrapper(out.file, encoding="utf-8", newline="", write_through=True)
-            writer = csv.writer(text, lineterminator="\n")
-            writer.writerow(self.HEADER)
-            for reason in self.batch_errors:
-                writer.writerow(("", "", reason))
-            if self._file is not None:
-                with self._path.open("r", encoding="utf-8", newline="") as rows:
-                    shutil.copyfileobj(rows, text)
-            text.flush()
-            text.detach()
-            return out.commit()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
 
 
 def _kept_scratch(name: str) -> bool:
@@ -344,27 +252,10 @@ class BatchProcessor:
     ) -> BatchOutcome:
         """Run one batch to a terminal state. Client mistakes become a Failed outcome."""
         client_id = self.resolve_client(submission)
-        previous = (self.store.find_by_intake(submission.intake_id)
-                    if submission.intake_id is not None else None)
-        if previous is not None and previous.state in TERMINAL:
-            log.info("batch %d already %s for intake %s", previous.id, previous.state,
-                     submission.intake_id)
-            return _recorded_outcome(previous, out_dir)
-        restarted = previous is not None
-        if previous is not None:
-            log.warning("batch %d restarts after an interruption", previous.id)
-            record = previous
-            if previous.state is BatchState.IN_PROGRESS:
-                record = self.store.transition(previous.id, BatchState.INITIALIZING,
-                                               at=self.clock(), reason="restarted")
-        else:
-            record = self.store.create(
-                region=self.region_id, client=client_id, project=submission.project_id,
-                channel=submission.channel, received_name=submission.received_name,
-                sha256=submission.sha256, at=self.clock(), intake_id=submission.intake_id,
-            )
-            log.info("batch %d received: client=%s channel=%s file=%s", record.id, client_id,
-                     submission.channel, submission.received_name)
+        opened = self._open(submission, client_id, out_dir)
+        if isinstance(opened, BatchOutcome):
+            return opened  # this intake's batch ended before: its recorded outcome
+        record, restarted = opened
         digest: dict[str, str] = {}
         hasher = None
         if submission.sha256 is None:
@@ -377,64 +268,20 @@ class BatchProcessor:
         errors = ErrorLog(work / "row-errors.csv")
         job: _Job | None = None
         try:
-            try:
-                source, name, decrypted = self._decrypt(submission, work)
-                unwrapped = unwrap(
-                    source, name, work,
-                    password=submission.zip_password, require_aes=submission.require_aes,
-                    limits=self.limits,
-                )
-                data = parse_data_name(
-                    unwrapped.data_name,
-                    from_pgp=decrypted is not None and not unwrapped.from_archive,
-                )
-                project_id = self.select_project(client_id, submission.project_id, data)
-                client = self.clients[client_id]
-                project = client.projects[project_id]
-                # Before the claim: a file that is not authentic must not take the name.
-                check_signature(decrypted or Decrypted(None), pinned=client.pgp_fingerprint,
-                                required=project.pgp_require_signature)
-                if project.pgp_encrypt_output and self.crypto is not None \
-                        and client.pgp_fingerprint is not None:
-                    # Not after the whole file was processed: before anything is.
-                    self.crypto.check_recipient(client.pgp_fingerprint)
-                self.store.claim_name(record.id, project=project_id, data_name=data.name)
-                job = _Job(
-                    batch_id=record.id, client=client, path=unwrapped.path, data=data,
-                    project=project, renderer=self.renderer_for(client_id, project_id),
-                    out_dir=out_dir, work=work, errors=errors, progress=progress,
-                    restarted=restarted, flag_file=submission.flag_file,
-                )
-                return self._run(job)
-            except ClientInputError as exc:
-                log.info("batch %d refused: %s: %s", record.id, exc.code, exc.message)
-                published = None
-                if job is not None and job.project.error_file:
-                    # Only a batch that holds the name claim may write files named after it.
-                    errors.batch_errors.append(exc.message)
-                    published = self._publish_errors(job)
-                self._drop_rows(record.id)
-                failed = self._move(
-                    record.id, BatchState.FAILED, reason=exc.message, error_code=exc.code,
-                    counts=Counts(errors.rows_with_errors, 0, errors.rows_with_errors),
-                    outputs=tuple(p.name for p in (published,) if p),
-                )
-                return BatchOutcome(failed, errors=published, error=exc)
-            except (ServerError, OSError) as exc:
-                if submission.intake_id is not None and is_storage_fault(exc):
-                    # A channel's spool keeps the file and tries again once the disk is
-                    # back; this batch then resumes. Failing it would tell the client to
-                    # resend a file we hold.
-                    log.warning("batch %d paused by a storage fault: %s", record.id,
-                                getattr(exc, "message", None) or exc)
-                    raise
-                log.exception("batch %d stopped by a server-side error", record.id)
-                error = exc if isinstance(exc, ServerError) else StorageError(INTERNAL_REASON)
-                self._drop_rows(record.id)
-                failed = self._move(record.id, BatchState.FAILED,
-                                    reason=error.client_reason or INTERNAL_REASON,
-                                    error_code=error.code)
-                return BatchOutcome(failed, error=error)
+            job = self._prepare(submission, client_id, record, work=work, errors=errors,
+                                out_dir=out_dir, progress=progress, restarted=restarted)
+            return self._run(job)
+        except ClientInputError as exc:
+            return self._refused(record, exc, errors, job)
+        except (ServerError, OSError) as exc:
+            if submission.intake_id is not None and is_storage_fault(exc):
+                # A channel's spool keeps the file and tries again once the disk is
+                # back; this batch then resumes. Failing it would tell the client to
+                # resend a file we hold.
+                log.warning("batch %d paused by a storage fault: %s", record.id,
+                            getattr(exc, "message", None) or exc)
+                raise
+            return self._stopped(record, exc)
         finally:
             errors.close()
             clear_scratch(work, _kept_scratch)
@@ -442,6 +289,93 @@ class BatchProcessor:
                 hasher.join()
                 if "sha256" in digest:
                     self.store.set_sha256(record.id, digest["sha256"])
+
+    def _open(self, submission: Submission, client_id: str,
+              out_dir: Path) -> tuple[BatchRecord, bool] | BatchOutcome:
+        """The batch of this submission: a new one, or the one a crash interrupted
+        (restarted: True), or, when it already ended, its recorded outcome."""
+        previous = (self.store.find_by_intake(submission.intake_id)
+                    if submission.intake_id is not None else None)
+        if previous is not None and previous.state in TERMINAL:
+            log.info("batch %d already %s for intake %s", previous.id, previous.state,
+                     submission.intake_id)
+            return _recorded_outcome(previous, out_dir)
+        if previous is not None:
+            log.warning("batch %d restarts after an interruption", previous.id)
+            if previous.state is BatchState.IN_PROGRESS:
+                return self.store.transition(previous.id, BatchState.INITIALIZING,
+                                             at=self.clock(), reason="restarted"), True
+            return previous, True
+        record = self.store.create(
+            region=self.region_id, client=client_id, project=submission.project_id,
+            channel=submission.channel, received_name=submission.received_name,
+            sha256=submission.sha256, at=self.clock(), intake_id=submission.intake_id,
+        )
+        log.info("batch %d received: client=%s channel=%s file=%s", record.id, client_id,
+                 submission.channel, submission.received_name)
+        return record, False
+
+    def _prepare(self, submission: Submission, client_id: str, record: BatchRecord, *,
+                 work: Path, errors: ErrorLog, out_dir: Path, progress: Progress | None,
+                 restarted: bool) -> _Job:
+        """Decrypt -> unwrap -> name -> claim: the data file, its project, and the name
+        held for this batch. Nothing is claimed for a file that is not authentic."""
+        source, name, decrypted = self._decrypt(submission, work)
+        unwrapped = unwrap(
+            source, name, work,
+            password=submission.zip_password, require_aes=submission.require_aes,
+            limits=self.limits,
+        )
+        data = parse_data_name(
+            unwrapped.data_name,
+            from_pgp=decrypted is not None and not unwrapped.from_archive,
+        )
+        project_id = self.select_project(client_id, submission.project_id, data)
+        client = self.clients[client_id]
+        project = client.projects[project_id]
+        # Before the claim: a file that is not authentic must not take the name.
+        check_signature(decrypted or Decrypted(None), pinned=client.pgp_fingerprint,
+                        required=project.pgp_require_signature)
+        if project.pgp_encrypt_output and self.crypto is not None \
+                and client.pgp_fingerprint is not None:
+            # Not after the whole file was processed: before anything is.
+            self.crypto.check_recipient(client.pgp_fingerprint)
+        self.store.claim_name(record.id, project=project_id, data_name=data.name)
+        return _Job(
+            batch_id=record.id, client=client, path=unwrapped.path, data=data,
+            project=project, renderer=self.renderer_for(client_id, project_id),
+            out_dir=out_dir, work=work, errors=errors, progress=progress,
+            restarted=restarted, flag_file=submission.flag_file,
+        )
+
+    def _refused(self, record: BatchRecord, exc: ClientInputError, errors: ErrorLog,
+                 job: _Job | None) -> BatchOutcome:
+        """The client's file is wrong: the batch fails with what to fix (and its error
+        file, when it got as far as holding its name)."""
+        log.info("batch %d refused: %s: %s", record.id, exc.code, exc.message)
+        published = None
+        if job is not None and job.project.error_file:
+            # Only a batch that holds the name claim may write files named after it.
+            errors.batch_errors.append(exc.message)
+            published = self._publish_errors(job)
+        self._drop_rows(record.id)
+        failed = self._move(
+            record.id, BatchState.FAILED, reason=exc.message, error_code=exc.code,
+            counts=Counts(errors.rows_with_errors, 0, errors.rows_with_errors),
+            outputs=tuple(p.name for p in (published,) if p),
+        )
+        return BatchOutcome(failed, errors=published, error=exc)
+
+    def _stopped(self, record: BatchRecord, exc: ServerError | OSError) -> BatchOutcome:
+        """Our side failed (not a storage fault a spool will retry): the batch fails with
+        the generic sentence, or the error's own words for the client."""
+        log.exception("batch %d stopped by a server-side error", record.id)
+        error = exc if isinstance(exc, ServerError) else StorageError(INTERNAL_REASON)
+        self._drop_rows(record.id)
+        failed = self._move(record.id, BatchState.FAILED,
+                            reason=error.client_reason or INTERNAL_REASON,
+                            error_code=error.code)
+        return BatchOutcome(failed, error=error)
 
     def write_error_note(self, out_dir: Path, client_id: str, project_id: str,
                          received_name: str, reason: str) -> Path | None:
@@ -536,7 +470,10 @@ class BatchProcessor:
         dialect, plan = self._read_head(job.path, project, encoding)
         self._move(job.batch_id, BatchState.IN_PROGRESS)
         # Encrypted results: the plain PURL file only ever exists in the scratch folder.
-        target = job.work / "purl-plain" if job.encrypt else job.purl_path
+        target = Target(path=job.work / "purl-plain" if job.encrypt else job.purl_path,
+                        mode=0o600 if job.encrypt else self.result_mode,
+                        replace=job.restarted, batch_id=job.batch_id, renderer=job.renderer,
+                        rows=self.rows)
         try:
             counts = self._transform(job, dialect, plan, target)
         except InvalidUtf8Error as exc:
@@ -550,7 +487,8 @@ class BatchProcessor:
             errors.reset()
             dialect, plan = self._read_head(job.path, project, "windows-1252")
             counts = self._transform(job, dialect, plan, target)
-        purl = self._encrypt_to(target, job.purl_path, job) if job.encrypt else target
+        purl = (self._encrypt_to(target.path, job.purl_path, job) if job.encrypt
+                else target.path)
         outputs = [purl]
         flag = None
         if project.flag_file and job.flag_file:
@@ -568,94 +506,11 @@ class BatchProcessor:
                           outputs=tuple(p.name for p in outputs))
         return BatchOutcome(done, purl=purl, flag=flag, errors=errors_path)
 
-    def _transform(
-        self, job: _Job, dialect: dia.Dialect, plan: dia.ColumnPlan, target: Path
-    ) -> Counts:
-        """Stream rows into the PURL file; publish it only if every block went through."""
-        project, errors, progress = job.project, job.errors, job.progress
-        header = dialect.header
-        read = sorted(set(plan.output) | set(plan.required))
-        where = {col: i for i, col in enumerate(read)}
-        out_names = [header[i] for i in plan.output]
-        reader = RowReader(job.path, dialect, read)
-        numbers = reader.numbers
-        rendered = 0  # ordinal of the next row handed to the renderer (token input)
-        ok = 0
-        # Encrypted results: the plain PURL file is scratch (0600); else it is the result.
-        mode = 0o600 if job.encrypt else self.result_mode
-        with AtomicFile(target, no_clobber=not job.restarted, mode=mode) as out, \
-                contextlib.ExitStack() as stack:
-            sink: RowSink | None = None
-            if self.rows is not None and job.renderer.keeps_rows:
-                sink = self.rows.writer(job.batch_id, out_names)
-                stack.callback(sink.discard)  # a no-op once committed
-            writer = LineWriter(
-                out.file,
-                delimiter=project.output_delimiter or dialect.delimiter,
-                eol=dialect.eol,
-                encoding=project.output_encoding or dialect.encoding,
-                header=[*out_names, *dia.LINK_COLUMNS],
-            )
-            stack.callback(writer.close)  # the writer thread ends on every path
-            for columns in reader:
-                n = len(columns[0])
-                found: list[RowError] = []
-                data = [columns[where[i]] for i in plan.output]
-                kept: pa.Array | None = None  # block positions of the rows still in ``data``
-                empty = _empty_required(columns, plan, where)
-                if empty:
-                    bad = None
-                    for col, mask in empty.items():
-                        bad = mask if bad is None else pc.or_(bad, mask)
-                        found += [
-                            RowError(numbers.record_of(p) + 1, header[col],
-                                     "required value is empty")
-                            for p in pc.indices_nonzero(mask).to_pylist()
-                        ]
-                    keep = pc.invert(bad)
-                    kept = pc.indices_nonzero(keep)
-                    data = [pc.filter(c, keep) for c in data]
-                m = len(data[0]) if data else 0
-                if m:
-                    named = dict(zip(out_names, data, strict=True))
-                    if sink is not None:
-                        sink.write(rendered, named, m)
-                    result = job.renderer.render(RenderRequest(
-                        batch_id=job.batch_id, first_index=rendered, columns=named, num_rows=m,
-                    ))
-                    rendered += m
-                    links = [result.thumbnails, result.landing_pages]
-                    if result.failures:
-                        for p, reason in result.failures.items():
-                            at = p if kept is None else kept[p].as_py()
-                            found.append(RowError(numbers.record_of(at) + 1, "", reason))
-                        good = pa.array([i not in result.failures for i in range(m)])
-                        data = [pc.filter(c, good) for c in data]
-                        links = [pc.filter(c, good) for c in links]
-                    writer.write([*data, *links])
-                    ok += len(links[0])
-                    crash_point("batch-running")
-                last = numbers.record_of(n - 1) if n else None
-                found += [bad_row_error(b, len(header))
-                          for b in numbers.take_bad_rows(up_to=last)]
-                numbers.advance(n)
-                errors.add_rows(found)
-                if progress is not None:
-                    progress(reader.position(), reader.size)
-            tail = numbers.take_bad_rows()
-            _refuse_cut_off(job.path, tail, numbers.last, len(header))
-            errors.add_rows(bad_row_error(b, len(header)) for b in tail)
-            if ok == 0:
-                raise NoDataError(
-                    "no row could be used: every data row has an error (see the error list)"
-                )
-            if sink is not None:
-                sink.finish()  # its flush and fsync overlap the PURL file's
-            writer.close()
-            out.commit()
-            if sink is not None:
-                sink.commit()  # before the batch is Done: every delivered link finds its row
-        return Counts(ok + errors.rows_with_errors, ok, errors.rows_with_errors)
+    def _transform(self, job: _Job, dialect: dia.Dialect, plan: dia.ColumnPlan,
+                   target: Target) -> Counts:
+        return transform(job.path, dialect, plan, delimiter=job.project.output_delimiter,
+                         encoding=job.project.output_encoding, target=target,
+                         errors=job.errors, progress=job.progress)
 
 
 def _recorded_outcome(batch: BatchRecord, out_dir: Path) -> BatchOutcome:
@@ -669,35 +524,6 @@ def _recorded_outcome(batch: BatchRecord, out_dir: Path) -> BatchOutcome:
         purl=out_dir / purl if purl else None,
         flag=out_dir / flag if flag else None,
         errors=out_dir / errors if errors else None,
-    )
-
-
-def _empty_required(
-    columns: Sequence[pa.Array], plan: dia.ColumnPlan, where: Mapping[int, int]
-) -> dict[int, pa.Array]:
-    """Per required column with an empty (or blank) value in this block: its mask."""
-    empty: dict[int, pa.Array] = {}
-    for col in plan.required:
-        mask = pc.equal(pc.utf8_trim_whitespace(columns[where[col]]), "")
-        if pc.any(mask).as_py():
-            empty[col] = mask
-    return empty
-
-
-def _refuse_cut_off(path: Path, tail: Sequence[BadRow], last_good: int, width: int) -> None:
-    """A transfer cut short ends mid-row: the last record is short and has no line end.
-    Such a file is refused whole (rather than processed as if complete)."""
-    if not tail or tail[-1].record <= last_good or tail[-1].fields >= width:
-        return
-    with path.open("rb") as f:
-        f.seek(-1, 2)
-        if f.read(1) in (b"\n", b"\r"):
-            return
-    last = tail[-1]
-    raise CutOffError(
-        f"the file looks cut off at row {last.record + 1}: its last line has {last.fields} "
-        f"of the {width} fields and no line end, as when an upload or a copy stops early; "
-        "send the whole file again"
     )
 
 
