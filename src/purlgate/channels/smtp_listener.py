@@ -21,6 +21,7 @@ import ssl
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
@@ -130,6 +131,24 @@ def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
     return context
 
 
+class DataState(Enum):
+    """Where a DATA transfer stands; past OK the rest is drained, then refused."""
+
+    OK = "ok"
+    TOO_LONG = "too-long"  # a line over the limit
+    TOO_MUCH = "too-much"  # over the SIZE limit
+    NO_SPACE = "no-space"  # the spool's disk is full (452, counted by no_space())
+    ERROR = "error"  # writing the spool file failed
+
+
+# What DATA answers when it ended in each state but OK and NO_SPACE.
+DATA_REFUSALS: Mapping[DataState, str] = {
+    DataState.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
+    DataState.TOO_MUCH: "552 Error: Too much mail data",
+    DataState.ERROR: LOCAL_ERROR,
+}
+
+
 class ConnectionLimits:
     """Sessions open, in total and per client address (touched on the loop only)."""
 
@@ -188,94 +207,100 @@ class LimitedSMTP(SMTP):
         much whatever the message size. Kept from aiosmtpd: the end is only a line that
         is exactly ".", dot-unstuffing, 552 past the size limit and 500 for an overlong
         line, both said after the data is drained, with nothing stored."""
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+        writer = await self._data_begins(arg)
+        if writer is None:
             return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        handler: SmtpHandler = self.event_handler
-        try:
-            writer: SpoolWriter | None = await handler.begin(self.envelope)
-        except SpoolFullError:
-            await self.push(handler.no_space())
-            return
-        except Exception:
-            log.exception("opening a spool file failed: answering 451")
-            handler.outcomes["error"] += 1
-            await self.push(LOCAL_ERROR)
-            return
-        assert writer is not None
-        state = "ok"  # or "too-long", "too-much", "no-space", "error"
-        ended = False  # the lone dot was seen (else the connection went away)
-        pending = bytearray()
-        size = 0
-        fragments: list[bytes] = []
-        limit = self.data_size_limit
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            while self.transport is not None:
-                try:
-                    line = await self._reader.readuntil(b"\r\n")
-                except asyncio.LimitOverrunError as exc:
-                    state = "too-long" if state == "ok" else state
-                    line = await self._reader.read(exc.consumed)
-                if not fragments and line == b".\r\n":
-                    ended = True
-                    break
-                size += len(line)
-                if state == "ok" and limit and size > limit:
-                    state = "too-much"
-                fragments.append(line)
-                if not line.endswith(b"\r\n"):
-                    continue
-                whole = b"".join(fragments)
-                fragments.clear()
-                if state != "ok":
-                    continue
-                if len(whole) > self.line_length_limit:
-                    state = "too-long"
-                    continue
-                pending += whole[1:] if whole.startswith(b".") else whole
-                if len(pending) >= FLUSH_BYTES:
-                    piece, pending = bytes(pending), bytearray()
-                    state = await self._write(writer, piece)  # on failure: drain, then say
-            if not ended:
-                return  # never committed: the finally below discards the file
-            if state == "ok" and pending:
-                state = await self._write(writer, bytes(pending))
-            pending = bytearray()
-            if state != "ok":
+            state = await self._receive(writer)
+            if state is None:
+                return  # the connection went away: never committed (see finally)
+            handler: SmtpHandler = self.event_handler
+            assert self.envelope is not None
+            if state is DataState.OK:
+                status = await handler.finish(self.envelope, writer)  # commits or discards
+            else:
                 await handler.discard(writer)
-                writer = None
-                self._set_post_data_state()  # type: ignore[no-untyped-call]
-                await self.push({"too-long": "500 Line too long (see RFC5321 4.5.3.1.6)",
-                                 "too-much": "552 Error: Too much mail data",
-                                 "no-space": handler.no_space(),
-                                 "error": LOCAL_ERROR}[state])
-                return
-            status = await handler.finish(self.envelope, writer)
-            writer = None  # committed or discarded by finish
+                status = (handler.no_space() if state is DataState.NO_SPACE
+                          else DATA_REFUSALS[state])
+            writer = None
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(status)
         finally:
             if writer is not None:  # the connection went away mid-DATA (being cancelled:
                 writer.discard()  # no await here, the file goes now)
 
-    async def _write(self, writer: SpoolWriter, piece: bytes) -> str:
+    async def _data_begins(self, arg: str) -> SpoolWriter | None:
+        """DATA's preconditions as aiosmtpd checks them, then a spool file; None when
+        the answer has been said (503, 501, 452, 451)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return None
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return None
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return None
+        handler: SmtpHandler = self.event_handler
+        try:
+            return await handler.begin(self.envelope)
+        except SpoolFullError:
+            await self.push(handler.no_space())
+        except Exception:
+            log.exception("opening a spool file failed: answering 451")
+            handler.outcomes["error"] += 1
+            await self.push(LOCAL_ERROR)
+        return None
+
+    async def _receive(self, writer: SpoolWriter) -> DataState | None:
+        """Read DATA up to the lone dot into ``writer``; the state it ended in (None: the
+        connection went away first). Past a problem the rest is drained, not stored."""
+        state = DataState.OK
+        pending = bytearray()
+        size = 0
+        fragments: list[bytes] = []
+        limit = self.data_size_limit
+        while self.transport is not None:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                state = DataState.TOO_LONG if state is DataState.OK else state
+                line = await self._reader.read(exc.consumed)
+            if not fragments and line == b".\r\n":
+                if state is DataState.OK and pending:
+                    state = await self._write(writer, bytes(pending))
+                return state
+            size += len(line)
+            if state is DataState.OK and limit and size > limit:
+                state = DataState.TOO_MUCH
+            fragments.append(line)
+            if not line.endswith(b"\r\n"):
+                continue
+            whole = b"".join(fragments)
+            fragments.clear()
+            if state is not DataState.OK:
+                continue
+            if len(whole) > self.line_length_limit:
+                state = DataState.TOO_LONG
+                continue
+            pending += whole[1:] if whole.startswith(b".") else whole
+            if len(pending) >= FLUSH_BYTES:
+                piece, pending = bytes(pending), bytearray()
+                state = await self._write(writer, piece)  # on failure: drain, then say
+        return None
+
+    async def _write(self, writer: SpoolWriter, piece: bytes) -> DataState:
         handler: SmtpHandler = self.event_handler
         try:
             await asyncio.get_running_loop().run_in_executor(handler.io, writer.write, piece)
         except SpoolFullError:
-            return "no-space"
+            return DataState.NO_SPACE
         except ServerError:
             log.exception("writing a spool file failed: answering 451")
             handler.outcomes["error"] += 1
-            return "error"
-        return "ok"
+            return DataState.ERROR
+        return DataState.OK
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._ip is None:
