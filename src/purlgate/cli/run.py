@@ -178,30 +178,10 @@ def _report(outcome: BatchOutcome, region_id: str, args: argparse.Namespace) -> 
 
 
 def check_config(args: argparse.Namespace) -> int:
-    from purlgate.config import load_config, secret_refs
-    from purlgate.pgp import check_passphrase
-    from purlgate.web.templates import Template
+    from purlgate.config import load_config
 
     config = load_config(args.config)
-    problems = []
-    for where, ref in secret_refs(config):  # every secret: relay, IMAP, keys, passwords
-        try:
-            secret = ref.reveal()
-            if where.endswith("field pgp.passphrase"):
-                check_passphrase(secret.decode("utf-8", "replace"))
-        except ConfigError as exc:
-            problems.append(f"  {where}: {exc.message}")
-    for client_id, client in config.clients.items():
-        for project_id, project in client.projects.items():
-            if project.render.template is not None:
-                try:
-                    Template(project.render.template)
-                except ConfigError as exc:
-                    problems.append(f"  client {client_id}, project {project_id}, field "
-                                    f"render.template: {exc.message}")
-        if client.pgp_public_key is not None and not client.pgp_public_key.is_file():
-            problems.append(f"  client {client_id}, field pgp_public_key: no file "
-                            f"{client.pgp_public_key}")
+    problems = [*_secret_problems(config), *_file_problems(config)]
     warnings: list[str] = []
     if not problems:  # the keys themselves: each one opened, pinned and dated
         for region_id in config.regions:
@@ -218,6 +198,41 @@ def check_config(args: argparse.Namespace) -> int:
               + ", ".join(f"{cid} ({', '.join(c.projects)})" for cid, c in clients.items()))
     print("configuration OK" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return EXIT_OK
+
+
+def _secret_problems(config: Config) -> list[str]:
+    """Every secret (relay, IMAP, keys, passwords) that cannot be read or is unusable."""
+    from purlgate.config import secret_refs
+    from purlgate.pgp import check_passphrase
+
+    problems = []
+    for where, ref in secret_refs(config):
+        try:
+            secret = ref.reveal()
+            if where.endswith("field pgp.passphrase"):
+                check_passphrase(secret.decode("utf-8", "replace"))
+        except ConfigError as exc:
+            problems.append(f"  {where}: {exc.message}")
+    return problems
+
+
+def _file_problems(config: Config) -> list[str]:
+    """Templates that do not load and client key files that are not there."""
+    from purlgate.web.templates import Template
+
+    problems = []
+    for client_id, client in config.clients.items():
+        for project_id, project in client.projects.items():
+            if project.render.template is not None:
+                try:
+                    Template(project.render.template)
+                except ConfigError as exc:
+                    problems.append(f"  client {client_id}, project {project_id}, field "
+                                    f"render.template: {exc.message}")
+        if client.pgp_public_key is not None and not client.pgp_public_key.is_file():
+            problems.append(f"  client {client_id}, field pgp_public_key: no file "
+                            f"{client.pgp_public_key}")
+    return problems
 
 
 def _key_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
