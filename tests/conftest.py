@@ -18,6 +18,7 @@ from purlgate.core.lifecycle import BatchEvent
 from purlgate.core.pipeline import BatchOutcome, BatchProcessor, Submission
 from purlgate.renderers.embedded import EmbeddedRenderer
 from purlgate.store import SqliteBatchStore
+from tests.config_builder import region_toml
 
 
 @pytest.fixture(autouse=True)
@@ -31,18 +32,15 @@ def _umask_kept() -> Iterator[None]:
     os.umask(old)
 
 
+# Fixtures shared by several test modules live with their helpers.
+pytest_plugins = ["tests.sftp_helpers"]
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fixtures" / "data"
 KEY = bytes(range(32))
 BASE_URL = "https://purl.test"
 
-TEST_CONFIG = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "var/usa"
-public_base_url = "https://purl.test"
-
-[clients.acme]
+TEST_CONFIG = region_toml() + """[clients.acme]
 name = "Acme"
 regions = ["usa"]
 senders = ["data@acme.example"]

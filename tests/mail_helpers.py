@@ -13,9 +13,13 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from purlgate.app import Gateway, build_gateway, serve
+from purlgate.config import RelayConfig, parse_config
 from purlgate.core import archive
+from tests.config_builder import region_toml
 
 PASSWORD = b"Acme-Zip-2026!"
 SENDER = "data-team@acme.example"
@@ -177,3 +181,98 @@ async def queues_empty(data_dir: Path, timeout: float = 60.0) -> None:
         quiet = 0 if busy else quiet + 1
         assert asyncio.get_running_loop().time() < deadline, "the queues never drained"
         await asyncio.sleep(0.1)
+
+
+T = "20261127_101500"
+
+
+MAIL_CLIENTS = """[clients.acme]
+name = "Acme"
+regions = ["usa"]
+senders = ["data-team@acme.example"]
+notify = ["campaigns@acme.example"]
+zip_password = { env = "PG_TEST_ACME_ZIP" }
+
+[clients.acme.projects.spring]
+
+[clients.globex]
+name = "Globex"
+regions = ["usa"]
+senders = ["files@globex.example"]
+
+[clients.globex.projects.main]
+"""
+
+
+def mail_config(relay_port: int, *, max_bytes: int = 5_000_000, min_free: int = 0,
+                **smtp: object) -> str:
+    """Region usa relaying to ``relay_port``, mail from acme (and globex, no password);
+    ``smtp``: more of the listener's settings (TLS, limits)."""
+    return region_toml(
+        smtp={"port": 0, "max_message_bytes": max_bytes, "min_free_bytes": min_free, **smtp},
+        relay={"host": "127.0.0.1", "port": relay_port, "retry_first_seconds": 0.2,
+               "operator": "ops@idomoo.example"}) + MAIL_CLIENTS
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    sink: Sink
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+    data_dir: Path
+
+    @property
+    def port(self) -> int:
+        return self.gateway.smtp_port
+
+    async def send(self, raw: bytes, *, sender: str = SENDER, to: str = INBOUND) -> None:
+        await aiosmtplib.send(raw, sender=sender, recipients=[to], hostname="127.0.0.1",
+                              port=self.port, start_tls=False)
+
+    def spooled(self) -> list[Path]:
+        return sorted((self.data_dir / "spool" / "incoming").glob("*.msg"))
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+
+
+async def start(tmp_path: Path, sink: Sink, *, max_bytes: int = 5_000_000,
+                min_free: int = 0, data_dir: Path | None = None, **smtp: object) -> Running:
+    """The gateway of ``mail_config`` served in this loop, once it is ready."""
+    config = parse_config(mail_config(sink.port, max_bytes=max_bytes, min_free=min_free,
+                                      **smtp))
+    data_dir = data_dir or tmp_path / "state"
+    gateway = build_gateway(config, "usa", data_dir=data_dir)
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(gateway, stop, lambda _: ready.set()))
+    await asyncio.wait_for(ready.wait(), 10)
+    return Running(gateway, sink, stop, task, data_dir)
+
+
+def good_mail(name: str = f"acme_spring_{T}_00", **kw: object) -> bytes:
+    return client_mail([(f"{name}.zip", aes_zip({f"{name}.csv": rows()}), "application/zip")],
+                       **kw)  # type: ignore[arg-type]
+
+
+RELAY = RelayConfig(retry_first_seconds=60, retry_max_seconds=600, expire_seconds=3600,
+                    operator="ops@idomoo.example")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def note(subject: str = "hello") -> EmailMessage:
+    m = EmailMessage()
+    m["From"] = "sftp-usa@idomoo.com"
+    m["To"] = "data-team@acme.example"
+    m["Subject"] = subject
+    m.set_content("body")
+    return m

@@ -8,13 +8,9 @@ import pytest
 
 from purlgate.config import SecretRef, load_config, parse_config
 from purlgate.errors import ConfigError
+from tests.config_builder import region_toml
 
-GOOD_REGION = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "var/usa"
-public_base_url = "https://purl.test"
-"""
+GOOD_REGION = region_toml()
 
 
 def test_bundled_defaults() -> None:

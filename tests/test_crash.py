@@ -6,50 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import aiosmtplib
 import pytest
 
-from tests.dovecot import free_port
-from tests.mail_helpers import INBOUND, PASSWORD, SENDER, Sink, queues_empty
-from tests.test_email import CONFIG, T, good_mail
+from tests.mail_helpers import INBOUND, SENDER, Sink, T, good_mail, queues_empty
+from tests.serve_helpers import serve, setup, start
 
 POINTS = ["spool-committed", "batch-running", "purl-published", "outbox-queued",
           "relay-accepted"]
-
-
-def setup(tmp_path: Path, sink: Sink) -> tuple[Path, Path, int]:
-    """A config relaying to ``sink``, a data folder and a free SMTP port."""
-    cfg = tmp_path / "regions.toml"
-    cfg.write_text(CONFIG.format(relay_port=sink.port, max_bytes=5_000_000, min_free=0,
-                                 tls=""))
-    return cfg, tmp_path / "state", free_port()
-
-
-def start(cfg: Path, data: Path, smtp: int, crash_at: str | None = None, *,
-          logs: bool = False) -> subprocess.Popen[str]:
-    """A `purlgate serve` subprocess; its stdout piped, or with ``logs`` its log."""
-    env = {**os.environ, "PG_TEST_ACME_ZIP": PASSWORD.decode()}
-    env.pop("PURLGATE_CRASH_AT", None)
-    if crash_at is not None:
-        env["PURLGATE_CRASH_AT"] = crash_at
-    exe = str(Path(sys.executable).with_name("purlgate"))
-    return subprocess.Popen([exe, "serve", "--region", "usa", "--config", str(cfg),
-                             "--data-dir", str(data), "--smtp-port", str(smtp)],
-                            stdout=subprocess.DEVNULL if logs else subprocess.PIPE,
-                            stderr=subprocess.PIPE if logs else subprocess.DEVNULL,
-                            text=True, env=env)
-
-
-def serve(cfg: Path, data: Path, smtp: int, crash_at: str | None) -> subprocess.Popen[str]:
-    """As ``start``, once it accepts mail."""
-    proc = start(cfg, data, smtp, crash_at)
-    assert proc.stdout is not None
-    assert "accepting mail" in proc.stdout.readline()
-    return proc
 
 
 @pytest.mark.asyncio

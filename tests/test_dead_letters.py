@@ -21,32 +21,18 @@ from purlgate.channels.queue_worker import QueueWorker
 from purlgate.cli import main
 from purlgate.config import parse_config
 from purlgate.errors import ConfigError, StorageError
+from tests.config_builder import Raw, region_toml
 from tests.mail_helpers import INBOUND, PASSWORD, SENDER, Sink, aes_zip, client_mail, drained, rows
+from tests.waiting import eventually
 
 OPS = "ops@idomoo.example"
 NOPW = "files@nopw.example"
 NAME = "acme_spring_20261127_101500_00"
-CONFIG = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "{data_dir}"
-public_base_url = "https://purl.test"
-
-[regions.usa.smtp]
-port = 0
-
-[regions.usa.relay]
-host = "127.0.0.1"
-port = {relay_port}
-retry_first_seconds = 0.2
-operator = "ops@idomoo.example"
-
-[regions.usa.processing]
-workers = 2
-max_attempts = 2
-retry_seconds = 0.1
-
-[clients.acme]
+CONFIG = region_toml(
+    data_dir="{data_dir}", smtp={"port": 0},
+    relay={"host": "127.0.0.1", "port": Raw("{relay_port}"), "retry_first_seconds": 0.2,
+           "operator": "ops@idomoo.example"},
+    processing={"workers": 2, "max_attempts": 2, "retry_seconds": 0.1}) + """[clients.acme]
 name = "Acme"
 regions = ["usa"]
 senders = ["data-team@acme.example"]
@@ -214,10 +200,8 @@ async def run_queue(entries: list[Entry], *, workers: int = 1, max_attempts: int
         fair_key=lambda e: e.client, workers=workers, max_attempts=max_attempts,
         retry_seconds=0.05, on_dead=on_dead)
     task = asyncio.create_task(worker.run(stop))
-    for _ in range(400):
-        await asyncio.sleep(0.01)
-        if worker.idle:
-            break
+    await eventually(lambda: worker.idle, "every entry handled or dead-lettered", timeout=10,
+                     every=0.01)
     stop.set()
     await task
     return handled, dead

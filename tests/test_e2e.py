@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import ROOT
 from tests.dovecot import free_port
-from tests.test_replay import ROOT, config_text
+from tests.serve_helpers import config_text
 
 
 def e2e(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

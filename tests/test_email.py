@@ -11,7 +11,6 @@ import inspect
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
@@ -20,7 +19,7 @@ import pytest_asyncio
 from aiosmtpd import __version__ as aiosmtpd_version
 from aiosmtpd.smtp import SMTP
 
-from purlgate.app import Gateway, build_gateway, serve
+from purlgate.app import build_gateway
 from purlgate.channels.smtp_listener import FLUSH_BYTES, start_smtp
 from purlgate.channels.spool import SpoolWriter
 from purlgate.config import parse_config
@@ -28,88 +27,20 @@ from tests.mail_helpers import (
     INBOUND,
     PASSWORD,
     SENDER,
+    Running,
     Sink,
+    T,
     aes_zip,
     client_mail,
     drained,
+    good_mail,
+    mail_config,
     plain_zip,
     reply_zip,
     rows,
+    start,
 )
 from tests.tls_helpers import self_signed
-
-T = "20261127_101500"
-CONFIG = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "var/usa"
-public_base_url = "https://purl.test"
-
-[regions.usa.smtp]
-port = 0
-max_message_bytes = {max_bytes}
-min_free_bytes = {min_free}
-{tls}
-
-[regions.usa.relay]
-host = "127.0.0.1"
-port = {relay_port}
-retry_first_seconds = 0.2
-operator = "ops@idomoo.example"
-
-[clients.acme]
-name = "Acme"
-regions = ["usa"]
-senders = ["data-team@acme.example"]
-notify = ["campaigns@acme.example"]
-zip_password = {{ env = "PG_TEST_ACME_ZIP" }}
-
-[clients.acme.projects.spring]
-
-[clients.globex]
-name = "Globex"
-regions = ["usa"]
-senders = ["files@globex.example"]
-
-[clients.globex.projects.main]
-"""
-
-
-@dataclass
-class Running:
-    gateway: Gateway
-    sink: Sink
-    stop: asyncio.Event
-    task: asyncio.Task[None]
-    data_dir: Path
-
-    @property
-    def port(self) -> int:
-        return self.gateway.smtp_port
-
-    async def send(self, raw: bytes, *, sender: str = SENDER, to: str = INBOUND) -> None:
-        await aiosmtplib.send(raw, sender=sender, recipients=[to], hostname="127.0.0.1",
-                              port=self.port, start_tls=False)
-
-    def spooled(self) -> list[Path]:
-        return sorted((self.data_dir / "spool" / "incoming").glob("*.msg"))
-
-    async def shutdown(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 30)
-
-
-async def start(tmp_path: Path, sink: Sink, *, max_bytes: int = 5_000_000,
-                min_free: int = 0, data_dir: Path | None = None, tls: str = "") -> Running:
-    config = parse_config(CONFIG.format(relay_port=sink.port, max_bytes=max_bytes,
-                                        min_free=min_free, tls=tls))
-    data_dir = data_dir or tmp_path / "state"
-    gateway = build_gateway(config, "usa", data_dir=data_dir)
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve(gateway, stop, lambda _: ready.set()))
-    await asyncio.wait_for(ready.wait(), 10)
-    return Running(gateway, sink, stop, task, data_dir)
 
 
 @pytest_asyncio.fixture
@@ -126,11 +57,6 @@ async def running(tmp_path: Path, sink: Sink,
     r = await start(tmp_path, sink)
     yield r
     await r.shutdown()
-
-
-def good_mail(name: str = f"acme_spring_{T}_00", **kw: object) -> bytes:
-    return client_mail([(f"{name}.zip", aes_zip({f"{name}.csv": rows()}), "application/zip")],
-                       **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.asyncio
@@ -451,8 +377,8 @@ async def test_starttls_required(tmp_path: Path, sink: Sink,
     """With require_starttls, plain MAIL is refused (530); after STARTTLS mail is taken."""
     monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
     cert, key = self_signed(tmp_path)
-    r = await start(tmp_path, sink, tls=f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
-                                        "require_starttls = true")
+    r = await start(tmp_path, sink, tls_cert=str(cert), tls_key=str(key),
+                    require_starttls=True)
     try:
         plain = aiosmtplib.SMTP(hostname="127.0.0.1", port=r.port, start_tls=False)
         await plain.connect()
@@ -476,7 +402,7 @@ async def test_connection_limits_and_idle_timeout(tmp_path: Path, sink: Sink,
     (and counted); a closed one frees its place; a session that sends nothing is closed
     after timeout_seconds."""
     monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
-    r = await start(tmp_path, sink, tls="max_connections_per_ip = 2\ntimeout_seconds = 1")
+    r = await start(tmp_path, sink, max_connections_per_ip=2, timeout_seconds=1)
     try:
         async def open_session() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
             reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
@@ -515,8 +441,7 @@ async def test_data_streams_to_the_spool_byte_exact(tmp_path: Path, sink: Sink,
     """A message several times the write piece, with dot-stuffed lines, lands in the
     spool exactly as sent; a session that drops mid-DATA leaves nothing behind."""
     monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
-    config = parse_config(CONFIG.format(relay_port=sink.port, max_bytes=5_000_000,
-                                        min_free=0, tls=""))
+    config = parse_config(mail_config(sink.port))
     gateway = build_gateway(config, "usa", data_dir=tmp_path / "state")
     server = await start_smtp(gateway.handler, config.regions["usa"].smtp)  # no worker
     port = server.sockets[0].getsockname()[1]

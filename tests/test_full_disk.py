@@ -4,11 +4,9 @@ test as root; skipped where mounting is refused)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
@@ -19,43 +17,27 @@ import purlgate.channels.queue_worker as queue_module
 from purlgate.channels.outbox import Outbox
 from purlgate.core.files import AtomicFile
 from purlgate.errors import StorageError, TemporaryDeliveryError
-from tests.mail_helpers import PASSWORD, SENDER, Sink, aes_zip, client_mail, drained, rows
-from tests.test_email import start
-from tests.test_outbox import RELAY, Clock, note
-
-
-@contextlib.contextmanager
-def tmpfs(mount: Path, size: str) -> Iterator[Path]:
-    """A real tmpfs of ``size`` at ``mount`` (tests run as root; where mounting is
-    refused, the test is skipped and says why)."""
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+from tests.disk_helpers import fill, tmpfs
+from tests.mail_helpers import (
+    PASSWORD,
+    RELAY,
+    SENDER,
+    Clock,
+    Sink,
+    aes_zip,
+    client_mail,
+    drained,
+    note,
+    rows,
+    start,
+)
+from tests.waiting import eventually
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     with tmpfs(tmp_path / "disk", "512k") as mount:
         yield mount
-
-
-def fill(disk: Path) -> Path:
-    """Fill the disk to the last byte; the file to delete to give the space back."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 4096)
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_a_full_disk_fails_a_write_cleanly(small_disk: Path) -> None:
@@ -125,13 +107,6 @@ def gateway_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
         yield mount
 
 
-async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
-        await asyncio.sleep(0.05)
-
-
 def mail_named(i: int) -> bytes:
     name = f"acme_spring_20261127_10150{i}_00"
     return client_mail([(f"{name}.zip", aes_zip({f"{name}.csv": rows()}), "application/zip")])
@@ -173,7 +148,7 @@ async def test_a_disk_that_fills_mid_batch_pauses_the_batch_not_fails_it(
         os.truncate(filler, filler.stat().st_size - 12 * 1024)  # three pages free
         with caplog.at_level(logging.WARNING, logger="purlgate"):
             await r.send(mail_named(3))
-            await until(lambda: "storage fault" in caplog.text, "a storage fault met")
+            await eventually(lambda: "storage fault" in caplog.text, "a storage fault met")
             assert not r.task.done() and sink.to(SENDER) == []
             filler.unlink()
             await sink.wait_to(SENDER)
@@ -197,11 +172,11 @@ async def test_replies_queued_with_the_relay_down_and_the_disk_full_all_go_out(
     try:
         for i in range(3):
             await r.send(mail_named(4 + i))
-        await until(lambda: not r.spooled() and len(r.gateway.outbox.items()) >= 3,
+        await eventually(lambda: not r.spooled() and len(r.gateway.outbox.items()) >= 3,
                     "three replies queued")
         filler = fill(gateway_disk)
         tried = sink.tried
-        await until(lambda: sink.tried >= tried + 3, "the outbox tried on a full disk")
+        await eventually(lambda: sink.tried >= tried + 3, "the outbox tried on a full disk")
         assert not r.task.done(), "still up on a full disk with the relay down"
         sink.answer = "250 2.0.0 OK"
         filler.unlink()

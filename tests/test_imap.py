@@ -18,8 +18,17 @@ from purlgate.channels.spool import Spool
 from purlgate.config import ImapConfig, SecretRef, parse_config
 from purlgate.errors import ConfigError
 from tests.dovecot import Dovecot, dovecot, free_port  # noqa: F401 - dovecot is a fixture
-from tests.mail_helpers import PASSWORD, SENDER, Sink, aes_zip, client_mail, drained, rows
-from tests.test_email import CONFIG
+from tests.mail_helpers import (
+    PASSWORD,
+    SENDER,
+    Sink,
+    aes_zip,
+    client_mail,
+    drained,
+    mail_config,
+    rows,
+)
+from tests.waiting import eventually
 
 T = "20261127_101500"
 
@@ -51,7 +60,7 @@ def test_poll_spools_then_moves_without_marking_seen(
     dovecot.append(user, password, mail("<i2@evil.example>", sender="mallory@evil.example"))
     spool = Spool(tmp_path / "spool")
     accepted = []
-    config = parse_config(CONFIG.format(relay_port=25, max_bytes=1, min_free=0, tls=""))
+    config = parse_config(mail_config(25, max_bytes=1))
     poller = ImapPoller(imap_config(dovecot, user), inbound=["sftp-usa@idomoo.com"],
                         clients=config.clients, spool=spool, on_accepted=accepted.append)
     box = poller._connect()
@@ -74,7 +83,7 @@ def test_crash_between_spool_and_move(dovecot: Dovecot, account: tuple[str, str]
     user, password = account
     dovecot.append(user, password, mail("<c1@acme.example>"))
     spool = Spool(tmp_path / "spool")
-    config = parse_config(CONFIG.format(relay_port=25, max_bytes=1, min_free=0, tls=""))
+    config = parse_config(mail_config(25, max_bytes=1))
     poller = ImapPoller(imap_config(dovecot, user), inbound=["sftp-usa@idomoo.com"],
                         clients=config.clients, spool=spool, on_accepted=lambda e: None)
     box = poller._connect()
@@ -101,7 +110,7 @@ async def imap_gateway(dovecot: Dovecot, account: tuple[str, str],  # noqa: F811
                        tmp_path: Path) -> AsyncIterator[tuple[Gateway, Sink]]:
     user, _ = account
     sink = await Sink().start()
-    text = CONFIG.format(relay_port=sink.port, max_bytes=5_000_000, min_free=0, tls="")
+    text = mail_config(sink.port)
     text += (f'\n[regions.usa.imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\n'
              f'tls = "none"\nuser = "{user}"\npassword = {{ env = "PG_TEST_IMAP_PW" }}\n'
              "poll_seconds = 0.3\n")
@@ -140,10 +149,8 @@ async def test_same_message_by_smtp_and_imap_once(imap_gateway: tuple[Gateway, S
                           hostname="127.0.0.1", port=gateway.smtp_port, start_tls=False)
     await sink.wait_to(SENDER)
     await asyncio.to_thread(dovecot.append, user, password, raw)
-    for _ in range(60):
-        if await asyncio.to_thread(dovecot.uids, user, password, "Processed"):
-            break
-        await asyncio.sleep(0.1)
+    await eventually(lambda: asyncio.to_thread(dovecot.uids, user, password, "Processed"),
+                     "the IMAP copy moved to Processed", timeout=6, every=0.1)
     await drained(gateway)
     assert len(sink.to(SENDER)) == 1
     assert len(gateway.region.store.recent()) == 1
@@ -175,7 +182,7 @@ def test_tls_modes_verify_the_server(dovecot: Dovecot, account: tuple[str, str],
     user, password = account
     dovecot.append(user, password, mail(f"<tls-{mode}@acme.example>"))
     port = dovecot.tls_port if mode == "ssl" else dovecot.port
-    config = parse_config(CONFIG.format(relay_port=25, max_bytes=1, min_free=0, tls=""))
+    config = parse_config(mail_config(25, max_bytes=1))
     trusted = ImapConfig(host="127.0.0.1", port=port, tls=mode, ca_file=dovecot.cert,
                          user=user, password=SecretRef(env="PG_TEST_IMAP_PW"))
     spool = Spool(tmp_path / "spool")
@@ -196,7 +203,7 @@ def test_tls_modes_verify_the_server(dovecot: Dovecot, account: tuple[str, str],
 async def start_imap_gateway(dovecot: Dovecot, user: str, tmp_path: Path,  # noqa: F811
                              sink: Sink, *, poll: float) -> tuple[Gateway, asyncio.Event,
                                                                   asyncio.Task[None]]:
-    text = CONFIG.format(relay_port=sink.port, max_bytes=5_000_000, min_free=0, tls="")
+    text = mail_config(sink.port)
     text += (f'\n[regions.usa.imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\n'
              f'tls = "none"\nuser = "{user}"\npassword = {{ env = "PG_TEST_IMAP_PW" }}\n'
              f"poll_seconds = {poll}\n")
@@ -257,7 +264,7 @@ async def test_a_refused_login_stops_the_start_with_a_clear_error(
     and the error names the server and what to check."""
     user, _ = account
     monkeypatch.setenv("PG_TEST_IMAP_PW", "not-the-password")
-    text = CONFIG.format(relay_port=25, max_bytes=5_000_000, min_free=0, tls="")
+    text = mail_config(25)
     text += (f'\n[regions.usa.imap]\nhost = "127.0.0.1"\nport = {dovecot.port}\n'
              f'tls = "none"\nuser = "{user}"\npassword = {{ env = "PG_TEST_IMAP_PW" }}\n')
     gateway = build_gateway(parse_config(text), "usa", data_dir=tmp_path / "state")

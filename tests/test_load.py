@@ -18,6 +18,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from tests.config_builder import Raw, region_toml
 from tests.dovecot import free_port
 from tests.mail_helpers import (
     INBOUND,
@@ -29,27 +30,13 @@ from tests.mail_helpers import (
     reply_zip,
     rows,
 )
-from tests.test_crash import serve
+from tests.serve_helpers import serve
 
 MESSAGES, SESSIONS, KILLS, OUTAGE = 500, 20, 3, 10.0
-CONFIG = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "var/usa"
-public_base_url = "https://purl.test"
-
-[regions.usa.smtp]
-port = 0
-max_connections_per_ip = 50
-
-[regions.usa.relay]
-host = "127.0.0.1"
-port = {relay_port}
-retry_first_seconds = 0.2
-retry_max_seconds = 2
-operator = "ops@idomoo.example"
-
-[clients.acme]
+CONFIG = region_toml(
+    smtp={"port": 0, "max_connections_per_ip": 50},
+    relay={"host": "127.0.0.1", "port": Raw("{relay_port}"), "retry_first_seconds": 0.2,
+           "retry_max_seconds": 2, "operator": "ops@idomoo.example"}) + """[clients.acme]
 name = "Acme"
 regions = ["usa"]
 senders = ["data-team@acme.example"]

@@ -25,12 +25,13 @@ from tests.mail_helpers import (
     PASSWORD,
     SENDER,
     Sink,
+    T,
     aes_zip,
     client_mail,
     plain_zip,
     rows,
+    start,
 )
-from tests.test_email import T, start
 
 NAME = f"acme_spring_{T}_00.csv"
 

@@ -9,7 +9,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
@@ -26,19 +26,9 @@ from purlgate.channels.relay import relay_sender
 from purlgate.channels.replies import PLACEHOLDER
 from purlgate.config import RelayConfig, SecretRef
 from purlgate.errors import PermanentDeliveryError, TemporaryDeliveryError
-from tests.mail_helpers import Sink
+from tests.mail_helpers import RELAY, Clock, Sink, note
 from tests.tls_helpers import self_signed
-
-RELAY = RelayConfig(retry_first_seconds=60, retry_max_seconds=600, expire_seconds=3600,
-                    operator="ops@idomoo.example")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.waiting import eventually
 
 
 class Script:
@@ -52,15 +42,6 @@ class Script:
         if self.failures:
             raise self.failures.pop(0)
         self.sent.append((data, sender, list(recipients)))
-
-
-def note(subject: str = "hello") -> EmailMessage:
-    m = EmailMessage()
-    m["From"] = "sftp-usa@idomoo.com"
-    m["To"] = "data-team@acme.example"
-    m["Subject"] = subject
-    m.set_content("body")
-    return m
 
 
 def test_retries_with_growing_delays_and_the_same_message_id(tmp_path: Path) -> None:
@@ -152,9 +133,10 @@ async def test_relay_down_then_up(tmp_path: Path) -> None:
     box.enqueue(note("retry me"), sender="s@idomoo.com", recipients=["a@acme.example"], key="r1")
     stop = asyncio.Event()
     task = asyncio.create_task(box.run(stop))
-    await asyncio.sleep(0.5)
+    items = await eventually(lambda: [i for i in box.items() if i.meta["attempts"] >= 1],
+                             "a first attempt on the relay that is down")
     assert (tmp_path / "queue" / "r1.msg").exists()
-    meta = box.items()[0].meta
+    meta = items[0].meta
     assert meta["attempts"] >= 1 and "unreachable" in meta["last_error"]
     up = await Sink().start(port)
     await up.wait_for(1, timeout=10)
@@ -234,13 +216,6 @@ class QuitCounting(Sink):
         return "221 Bye"
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.asyncio
 async def test_relay_connections_are_kept_checked_and_closed() -> None:
     """As Postfix's connection cache: the next message goes over the kept connection
@@ -266,12 +241,12 @@ async def test_relay_connections_are_kept_checked_and_closed() -> None:
         subjects = [m.message["Subject"] for m in sink.messages]
         assert subjects == [f"n{i}" for i in range(6)]  # each once, in order
         assert len(sink.sessions) == 3
-        await until(lambda: sink.open_sessions == 0)  # idle past 0.5 s: QUIT
+        await eventually(lambda: sink.open_sessions == 0, "idle past 0.5 s: QUIT")
         assert sink.quits == 1
         once = relay_sender(relay.model_copy(update={"keep_connections_seconds": 0}))
         for raw in wire[6:]:
             await once(raw, "s@idomoo.com", ["a@acme.example"])
-        await until(lambda: sink.quits == 3)
+        await eventually(lambda: sink.quits == 3, "each one-message connection QUIT")
         assert len(sink.sessions) == 5 and sink.open_sessions == 0
     finally:
         await send.close()
@@ -443,7 +418,7 @@ async def test_the_outbox_leaves_the_sender_it_was_handed_to_its_maker(tmp_path:
         await running
         assert sink.open_sessions == 1 and sink.quits == 0, "still the maker's to close"
         await send.close()
-        await until(lambda: sink.open_sessions == 0)
+        await eventually(lambda: sink.open_sessions == 0, "the maker closed it")
         assert sink.quits == 1
     finally:
         await send.close()

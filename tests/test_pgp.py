@@ -31,6 +31,7 @@ from purlgate.core.pipeline import BatchOutcome, Submission
 from purlgate.errors import ConfigError, ServerError
 from purlgate.pgp import GpgKeyStore
 from purlgate.region import build_region
+from tests.config_builder import region_toml
 from tests.conftest import parse_csv, scratch_data_left
 
 T = "20261127_101500"
@@ -133,21 +134,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keys]:
 
 
 def config_text(k: Keys) -> str:
-    return f"""
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "var/usa"
-public_base_url = "https://purl.test"
-
-[regions.usa.relay]
-operator = "ops@idomoo.example"
-
-[regions.usa.pgp]
-fingerprint = "{k.ours.fpr}"
-private_key = {{ file = "{k.secret_file}" }}
-passphrase = {{ env = "PG_TEST_OUR_PASSPHRASE" }}
-
-[clients.acme]
+    return region_toml(relay={"operator": "ops@idomoo.example"},
+                       pgp={"fingerprint": k.ours.fpr, "private_key": {"file": str(k.secret_file)},
+                            "passphrase": {"env": "PG_TEST_OUR_PASSPHRASE"}}) + f"""[clients.acme]
 name = "Acme"
 regions = ["usa"]
 pgp_public_key = "{k.acme.pub}"
@@ -421,12 +410,7 @@ def test_key_file_must_hold_the_pinned_key(keys: Keys, tmp_path: Path,
                                         f"hold exactly the key {keys.acme.fpr}")
 
 
-NO_PGP_CONFIG = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "var/usa"
-public_base_url = "https://purl.test"
-[clients.acme]
+NO_PGP_CONFIG = region_toml() + """[clients.acme]
 name = "Acme"
 regions = ["usa"]
 [clients.acme.projects.plain]

@@ -22,6 +22,7 @@ from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import BatchOutcome, Submission
 from purlgate.region import build_region
 from purlgate.renderers.storyboard_fake import FakeBehaviour, FakeStoryboardApi
+from tests.config_builder import Raw, region_toml
 from tests.dovecot import free_port
 from tests.mail_helpers import (
     INBOUND,
@@ -36,33 +37,15 @@ from tests.mail_helpers import (
 
 NAME = "acme_spring_20261127_101500_00.csv"
 
-CONFIG = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "{data}"
-public_base_url = "https://purl.test"
-
-[regions.usa.smtp]
-port = {smtp}
-
-[regions.usa.relay]
-port = {relay}
-operator = "ops@idomoo.example"
-retry_first_seconds = 0.2
-
-[regions.usa.storyboard]
-base_url = "{api}"
-username = "purlgate"
-password = {{ env = "PG_TEST_RENDER_PASSWORD" }}
-concurrency = 4
-requests_per_second = {rps}
-timeout_seconds = 5
-max_attempts = {attempts}
-backoff_first_seconds = 0.01
-backoff_max_seconds = 0.05
-poll_seconds = 0.01
-
-[clients.acme]
+CONFIG = region_toml(
+    data_dir="{data}", smtp={"port": Raw("{smtp}")},
+    relay={"port": Raw("{relay}"), "operator": "ops@idomoo.example",
+           "retry_first_seconds": 0.2},
+    storyboard={"base_url": "{api}", "username": "purlgate",
+                "password": Raw('{{ env = "PG_TEST_RENDER_PASSWORD" }}'), "concurrency": 4,
+                "requests_per_second": Raw("{rps}"), "timeout_seconds": 5,
+                "max_attempts": Raw("{attempts}"), "backoff_first_seconds": 0.01,
+                "backoff_max_seconds": 0.05, "poll_seconds": 0.01}) + """[clients.acme]
 name = "Acme"
 regions = ["usa"]
 senders = ["data-team@acme.example"]

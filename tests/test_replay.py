@@ -14,20 +14,11 @@ from purlgate.app import build_gateway, serve
 from purlgate.config import parse_config
 from purlgate.replay import replay
 from tests.dovecot import free_port
+from tests.serve_helpers import config_text
 
 ROOT = Path(__file__).resolve().parents[1]
 EMAILS = ROOT / "fixtures" / "emails"
 BUNDLED = (ROOT / "src" / "purlgate" / "regions.toml").read_text()
-
-
-def config_text(ports: dict[str, int]) -> str:
-    """The bundled configuration with free ports and an absolute demo secret path."""
-    text = BUNDLED
-    for fixed in (2222, 2232, 8443, 8453):  # SFTP and web: any free port
-        text = text.replace(f"port = {fixed}\n", "port = 0\n")
-    for default, port in ports.items():
-        text = text.replace(f"port = {default}\n", f"port = {port}\n")
-    return text.replace('{ file = "fixtures/secrets/', f'{{ file = "{ROOT}/fixtures/secrets/')
 
 
 def test_replay_cli_against_serve(tmp_path: Path) -> None:

@@ -10,15 +10,9 @@ from pathlib import Path
 from purlgate.app import build_gateway
 from purlgate.config import parse_config
 from purlgate.passwords import hash_password
+from tests.config_builder import region_toml
 
-CONFIG = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "{data}"
-public_base_url = "https://purl.test"
-[regions.usa.sftp]
-port = 0
-[clients.acme]
+CONFIG = region_toml(data_dir="{data}", sftp={"port": 0}) + """[clients.acme]
 name = "Acme"
 regions = ["usa"]
 [clients.acme.sftp]

@@ -10,165 +10,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
 import paramiko
 import pytest
-import pytest_asyncio
 
-from purlgate.app import Gateway, build_gateway, serve
-from purlgate.config import parse_config
-from purlgate.passwords import hash_password
-from tests.mail_helpers import Sink, aes_zip, plain_zip
-
-T = "20261127_101500"
-PASSWORD = "acme sftp pass 2026"
-CSV = b"first_name,email\nZo\xc3\xab,z@acme.example\nAda,a@acme.example\n"
-HASH = hash_password(PASSWORD)
-ZIP_PASSWORD = "acme zip 2026"
-
-
-@dataclass
-class Keys:
-    acme: Path
-    globex: Path
-    acme_pub: str
-    globex_pub: str
-    zip_password: Path  # acme's agreed ZIP password, as a secret file
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    root = tmp_path_factory.mktemp("ssh")
-    pubs = {}
-    for name in ("acme", "globex"):
-        key = asyncssh.generate_private_key("ssh-ed25519")
-        (root / name).write_bytes(key.export_private_key())
-        (root / name).chmod(0o600)
-        pubs[name] = key.export_public_key().decode().strip()
-    (root / "acme-zip").write_text(ZIP_PASSWORD + "\n")
-    return Keys(root / "acme", root / "globex", pubs["acme"], pubs["globex"],
-                root / "acme-zip")
-
-
-def config(keys: Keys, relay: int, safelist: str = "", complete_on: str = "close") -> str:
-    return f"""
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "var/usa"
-public_base_url = "https://purl.test"
-[regions.usa.relay]
-port = {relay}
-operator = "ops@idomoo.example"
-[regions.usa.processing]
-retry_seconds = 0.1
-[regions.usa.sftp]
-port = 0
-login_timeout_seconds = 2
-[regions.usa.sftp.defender]
-threshold = 6
-safelist = [{safelist}]
-
-[clients.acme]
-name = "Acme"
-regions = ["usa"]
-zip_password = {{ file = "{keys.zip_password}" }}
-[clients.acme.sftp]
-username = "acme"
-complete_on = "{complete_on}"
-password_hash = "{HASH}"
-authorized_keys = ["{keys.acme_pub}"]
-[clients.acme.projects.spring]
-[clients.acme.projects.autumn]
-
-[clients.globex]
-name = "Globex"
-regions = ["usa"]
-[clients.globex.sftp]
-username = "globex"
-authorized_keys = ["{keys.globex_pub}"]
-flat = true
-[clients.globex.projects.main]
-"""
-
-
-@dataclass
-class Running:
-    gateway: Gateway
-    data_dir: Path
-    stop: asyncio.Event
-    task: asyncio.Task[None]
-    sink: Sink
-
-    @property
-    def port(self) -> int:
-        return self.gateway.sftp_port
-
-    def downloads(self, project: str = "spring") -> Path:
-        return self.data_dir / "sftp" / "acme" / project / "Downloads"
-
-    def uploads(self, project: str = "spring") -> Path:
-        return self.data_dir / "sftp" / "acme" / project / "Uploads"
-
-    async def wait_for(self, path: Path, timeout: float = 30) -> Path:
-        for _ in range(int(timeout * 20)):
-            if path.exists():
-                return path
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{path.name} did not appear")
-
-    def connect(self, user: str = "acme", key: Path | None = None,
-                password: str | None = None) -> object:
-        return asyncssh.connect("127.0.0.1", self.port, username=user, known_hosts=None,
-                                client_keys=[str(key)] if key else None, password=password,
-                                agent_path=None)
-
-    async def shutdown(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 30)
-        await self.sink.stop()
-
-
-async def start(tmp_path: Path, keys: Keys, *, data_dir: Path | None = None,
-                safelist: str = "", complete_on: str = "close") -> Running:
-    sink = await Sink().start()
-    data_dir = data_dir or tmp_path / "state"
-    gateway = build_gateway(parse_config(config(keys, sink.port, safelist, complete_on)), "usa",
-                            data_dir=data_dir)
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve(gateway, stop, lambda _: ready.set()))
-    await asyncio.wait_for(ready.wait(), 10)
-    return Running(gateway, data_dir, stop, task, sink)
-
-
-@pytest_asyncio.fixture
-async def running(tmp_path: Path, keys: Keys) -> AsyncIterator[Running]:
-    r = await start(tmp_path, keys)
-    yield r
-    await r.shutdown()
-
-
-def openssh(r: Running, commands: str, *, key: Path | None = None,
-            password: str | None = None, user: str = "acme") -> subprocess.CompletedProcess[str]:
-    sftp = shutil.which("sftp")
-    assert sftp, "the OpenSSH sftp client is needed (openssh-client)"
-    args = [sftp, "-b", "-", "-P", str(r.port), "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
-    if key is not None:
-        args += ["-i", str(key), "-o", "PasswordAuthentication=no", "-o", "IdentitiesOnly=yes"]
-    else:
-        sshpass = shutil.which("sshpass")
-        assert sshpass, "sshpass is needed"
-        # -b implies BatchMode=yes (no password prompt); an earlier -o wins for ssh.
-        args = [sshpass, "-p", password or "", args[0], "-o", "BatchMode=no", *args[1:],
-                "-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password"]
-    return subprocess.run([*args, f"{user}@127.0.0.1"], input=commands, text=True,
-                          capture_output=True, timeout=60, check=False,
-                          env={**os.environ, "SSH_AUTH_SOCK": ""})
+from tests.mail_helpers import aes_zip, plain_zip
+from tests.sftp_helpers import (
+    CSV,
+    PASSWORD,
+    ZIP_PASSWORD,
+    Keys,
+    Running,
+    T,
+    openssh,
+    start,
+)
+from tests.waiting import eventually
 
 
 @pytest.mark.asyncio
@@ -353,11 +212,9 @@ async def test_a_failed_upload_s_name_can_be_sent_again(running: Running, keys: 
     async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
         async with sftp.open(f"/spring/Uploads/{name}", "wb") as f:
             await f.write(b"first_name,email\n")
-        for _ in range(600):  # until the first batch has failed
-            batches = running.gateway.region.store.recent()
-            if batches and batches[0].state == "Failed":
-                break
-            await asyncio.sleep(0.05)
+        batches = await eventually(
+            lambda: [b for b in running.gateway.region.store.recent() if b.state == "Failed"],
+            "the first batch has failed")
         assert batches[0].error_code == "no-data"
         async with sftp.open(f"/spring/Uploads/{name}", "wb") as f:
             await f.write(CSV)
@@ -381,7 +238,10 @@ async def test_same_name_from_two_sessions_at_once(running: Running, keys: Keys)
     results = await asyncio.gather(upload(), upload())
     assert sorted(r.split(":")[0] for r in results) == ["ok", "refused"]
     await running.wait_for(running.downloads() / f"PURL_race_{T}.csv.flg")
-    await asyncio.sleep(0.5)
+    worker, spool = running.gateway.sftp_worker, running.gateway.sftp_service
+    assert worker is not None and spool is not None
+    await eventually(lambda: worker.queue.idle and not spool.spool.pending(),
+                     "the SFTP queue has nothing left")
     assert len(running.gateway.region.store.recent()) == 1
 
 
@@ -764,7 +624,6 @@ async def test_complete_on_rename_refuses_direct_uploads(tmp_path: Path, keys: K
         await r.wait_for(r.downloads() / f"PURL_ok_{T}.csv.flg")
     finally:
         await r.shutdown()
-
 
 
 @pytest.mark.asyncio

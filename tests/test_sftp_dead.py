@@ -19,8 +19,9 @@ from purlgate.config import DefenderConfig, SftpConfig, parse_config
 from purlgate.errors import StorageError
 from purlgate.region import build_region
 from tests.conftest import TEST_CONFIG
-from tests.test_full_disk import fill, tmpfs
-from tests.test_sftp import CSV, Keys, T, keys, start  # noqa: F401 - keys: the fixture
+from tests.disk_helpers import fill, tmpfs
+from tests.sftp_helpers import CSV, Keys, T, start
+from tests.waiting import eventually
 
 OPS = "ops@idomoo.example"
 
@@ -36,7 +37,7 @@ def plant(data_dir: Path, entry_id: str, meta: str | None, name: str = "x.csv") 
 
 @pytest.mark.asyncio
 async def test_uploads_that_cannot_be_processed_are_dead_lettered(tmp_path: Path,
-                                                                 keys: Keys) -> None:  # noqa: F811
+                                                                 keys: Keys) -> None:
     data_dir = tmp_path / "state"
     plant(data_dir, "00000000000000000001-damaged00001", None)
     # Accepted for a project that a later configuration no longer has: no retry mends it.
@@ -46,10 +47,7 @@ async def test_uploads_that_cannot_be_processed_are_dead_lettered(tmp_path: Path
     r = await start(tmp_path, keys, data_dir=data_dir)
     try:
         dead = data_dir / "sftp-spool" / "dead"
-        for _ in range(400):
-            if len(list(dead.iterdir())) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: len(list(dead.iterdir())) == 2, "both dead-lettered")
         assert sorted(p.name for p in dead.iterdir()) == [
             "00000000000000000001-damaged00001", "00000000000000000002-goneproject1"]
         # The queue moves on: a good upload is processed as usual.
@@ -74,7 +72,7 @@ async def test_uploads_that_cannot_be_processed_are_dead_lettered(tmp_path: Path
 
 @pytest.mark.asyncio
 async def test_a_full_disk_refuses_the_upload_cleanly_and_recovers(
-        tmp_path: Path, keys: Keys) -> None:  # noqa: F811
+        tmp_path: Path, keys: Keys) -> None:
     """On a full disk the client's write fails with an SFTP failure that says why;
     nothing of the upload stays, the name is free, the server goes on, and the same
     upload succeeds once space is back. A real 4 MiB tmpfs (root only)."""
@@ -135,11 +133,7 @@ async def test_a_disk_error_reading_an_upload_is_retried_not_dead_lettered(
     running = asyncio.create_task(worker.run(stop))
     try:
         result = service.downloads("acme", "spring") / f"PURL_{name}"
-        for _ in range(200):
-            if result.exists():
-                break
-            await asyncio.sleep(0.05)
-        assert result.exists(), "processed once the disk reads again"
+        await eventually(result.exists, "processed once the disk reads again")
     finally:
         stop.set()
         await running

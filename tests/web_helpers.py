@@ -17,24 +17,9 @@ from purlgate.app import Gateway, build_gateway, serve
 from purlgate.config import parse_config
 from purlgate.core.pipeline import BatchOutcome, Submission
 from purlgate.renderers.embedded import decode
+from tests.config_builder import region_toml
 
-WEB_CONFIG = """
-[regions.usa]
-inbound_addresses = ["sftp-usa@idomoo.com"]
-data_dir = "{data}"
-public_base_url = "https://purl.test/purl"
-
-[regions.usa.smtp]
-port = 0
-
-[regions.usa.relay]
-port = {relay}
-
-[regions.usa.web]
-port = 0
-{web_extra}
-
-[clients.acme]
+WEB_CLIENTS = """[clients.acme]
 name = "Acme"
 regions = ["usa"]
 senders = ["data@acme.example"]
@@ -103,8 +88,12 @@ class Running:
 
 def make_config(tmp: Path, *, web_extra: str = "", project_extra: str = "",
                 relay: int = 9, tail: str = "") -> str:
-    return WEB_CONFIG.format(data=tmp / "usa", web_extra=web_extra,
-                             project_extra=project_extra, relay=relay) + tail
+    """Region usa (links under /purl) with acme's projects; ``web_extra`` and
+    ``project_extra``: TOML lines for [regions.usa.web] and acme's spring project."""
+    return region_toml(data_dir=str(tmp / "usa"), public_base_url="https://purl.test/purl",
+                       smtp={"port": 0}, relay={"port": relay},
+                       web=f"port = 0\n{web_extra}") + WEB_CLIENTS.format(
+        project_extra=project_extra) + tail
 
 
 @asynccontextmanager

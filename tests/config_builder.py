@@ -1,0 +1,48 @@
+"""One builder for the tests' configurations: the ``[regions.<id>]`` block and its tables,
+written from only what a test changes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+
+class Raw(str):
+    """Written into the TOML as it is: a ``str.format`` placeholder such as
+    ``"{relay_port}"`` where a number goes, filled in later by the test."""
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, Raw):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string (braces kept: format placeholders)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def region_toml(region: str = "usa", *, data_dir: str = "var/usa",
+                public_base_url: str = "https://purl.test",
+                inbound: list[str] | None = None,
+                **tables: Mapping[str, object] | str) -> str:
+    """``[regions.<region>]`` with its addresses, data folder and links, then one table per
+    keyword (``smtp={"port": 0}`` is ``[regions.usa.smtp]``; ``sftp__defender`` is
+    ``[regions.usa.sftp.defender]``; a table given as text is written as it is)."""
+    lines = [f"[regions.{region}]",
+             f"inbound_addresses = {toml_value(inbound or [f'sftp-{region}@idomoo.com'])}",
+             f"data_dir = {toml_value(data_dir)}",
+             f"public_base_url = {toml_value(public_base_url)}"]
+    for name, table in tables.items():
+        lines += ["", f"[regions.{region}.{name.replace('__', '.')}]"]
+        if isinstance(table, str):
+            lines.append(table)
+            continue
+        lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
+    return "\n" + "\n".join(lines) + "\n\n"
