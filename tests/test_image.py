@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from purlgate.cli import _parser
+from purlgate.cli.parser import build_parser
 from purlgate.config import parse_config
 from tests.web_helpers import make_config, running
 
@@ -50,8 +50,8 @@ def test_entrypoint_and_healthcheck_resolve() -> None:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        args = _parser().parse_args(["serve"])
-        health = _parser().parse_args(["healthcheck"])
+        args = build_parser().parse_args(["serve"])
+        health = build_parser().parse_args(["healthcheck"])
     finally:
         for k, v in saved.items():
             if v is None:

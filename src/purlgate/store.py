@@ -4,8 +4,8 @@ The unique index on (client, project, data_name) of batches that have not failed
 the duplicate-name guard: two files of the same name racing from two channels or two
 sessions cannot both claim it, a claim survives restarts, and a batch that fails lets
 its name go in the same transaction that records the failure (the client sends the
-corrected file under the same name). One short-lived connection per call keeps the
-store safe to use from worker threads.
+corrected file under the same name). Each thread keeps its own connection (see
+``_connect``), so the store is safe to use from worker threads.
 
 The schema is versioned (``PRAGMA user_version``): ``MIGRATIONS`` are applied in order
 at open, each in its own transaction, so a data directory of an earlier release is

@@ -71,7 +71,7 @@ class ProjectConfig(Model):
     render: RenderSettings = Field(default_factory=RenderSettings)
     pgp_encrypt_output: bool = False  # PURL (and error) file encrypted to the client's key
     pgp_require_signature: bool = False  # inbound PGP must be signed by the client's key
-    # How long the batch's links, row data and renders live (and, later, its files).
+    # How long the batch's links, row data, renders and SFTP results in Downloads live.
     retention_days: int = Field(default=30, gt=0, le=3650)
 
     @field_validator("notify")

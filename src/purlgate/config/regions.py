@@ -141,7 +141,7 @@ class SftpConfig(Model):
 
 
 class WebConfig(Model):
-    """The region's HTTP side: what the links serve (and, later, operations)."""
+    """The region's HTTP side: what the links serve, and the operations pages."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=0, le=65535)

@@ -96,7 +96,9 @@ class BatchEvent:
 
 
 class BatchStore(Protocol):
-    """Durable batch state. ``claim_name`` is the duplicate-name guard: atomic, forever."""
+    """Durable batch state. ``claim_name`` is the duplicate-name guard: atomic, and held
+    while the batch runs or after it delivered; a batch that fails releases it in the
+    transaction that records the failure."""
 
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
