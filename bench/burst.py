@@ -79,9 +79,6 @@ def write_config(tmp: Path, smtp_port: int, relay_port: int, workers: int,
     text = text.replace("port = 8443\n", "port = 0\n").replace("port = 8453\n", "port = 0\n")
     text = text.replace("[regions.usa.limits]", f"[regions.usa.processing]\nworkers = {workers}"
                         f'\nmode = "{mode}"\n\n[regions.usa.limits]')
-    # All sessions come from 127.0.0.1 here: lift the per-address cap for the burst.
-    text = text.replace("[regions.usa.smtp]\n",
-                        "[regions.usa.smtp]\nmax_connections_per_ip = 100\n", 1)
     text += BETA.format(root=ROOT)
     path = tmp / "regions.toml"
     path.write_text(text)

@@ -200,8 +200,9 @@ async def run_queue(entries: list[Entry], *, workers: int = 1, max_attempts: int
         fair_key=lambda e: e.client, workers=workers, max_attempts=max_attempts,
         retry_seconds=0.05, on_dead=on_dead)
     task = asyncio.create_task(worker.run(stop))
-    await eventually(lambda: worker.idle, "every entry handled or dead-lettered", timeout=10,
-                     every=0.01)
+    # Idle once it has taken the entries in: each one ended (handled or dead-lettered).
+    await eventually(lambda: handled and worker.idle, "every entry handled or dead-lettered",
+                     timeout=10, every=0.01)
     stop.set()
     await task
     return handled, dead
