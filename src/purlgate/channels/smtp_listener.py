@@ -75,41 +75,39 @@ class SmtpHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def begin(self, envelope: Envelope) -> SpoolWriter:
-        """A spool file for the message about to arrive, opened off the event loop
-        (SpoolFullError when the disk is below its floor)."""
+    def begin(self, envelope: Envelope) -> SpoolWriter:
+        """The spool entry of the message about to arrive (its file is made at its first
+        write, off the event loop); SpoolFullError when the disk is below its floor."""
         meta = {"channel": "smtp", "mail_from": (envelope.mail_from or "").lower(),
                 "rcpt_tos": [r.lower() for r in envelope.rcpt_tos]}
-        return await asyncio.get_running_loop().run_in_executor(self.io, self.spool.begin,
-                                                                meta)
+        return self.spool.begin(meta)
 
     async def discard(self, writer: SpoolWriter) -> None:
         await asyncio.get_running_loop().run_in_executor(self.io, writer.discard)
 
-    async def finish(self, envelope: Envelope, writer: SpoolWriter) -> str:
-        """The whole message is in ``writer``: check its From header (read back from
-        disk), commit it and answer, all off the event loop. Never leaves a partial
-        file."""
-        loop = asyncio.get_running_loop()
+    async def finish(self, envelope: Envelope, writer: SpoolWriter, tail: bytes) -> str:
+        """The rest of the message (``tail``: all of a small one) goes to ``writer``, its
+        From header is checked and it is committed, in one trip off the event loop.
+        Never leaves a partial file."""
         sender = (envelope.mail_from or "").lower()
         try:
-            head = await loop.run_in_executor(self.io, writer.headers)
-            if header_addresses(head, "From") != [sender]:
-                log.info("refused a From header that is not the sender's")
-                self.outcomes["refused-from"] += 1
-                refusal = REFUSED_FROM
-            else:
-                entry = await loop.run_in_executor(self.io, writer.commit)
-                self.outcomes["accepted"] += 1
-                log.info("accepted a message from %s as spool entry %s", sender, entry.id)
-                self.on_accepted(entry)
-                return f"250 2.0.0 OK queued as {entry.id}"
+            entry = await asyncio.get_running_loop().run_in_executor(
+                self.io, _accept, writer, tail, sender)
         except SpoolFullError:
             refusal = self.no_space()
         except Exception:
             log.exception("accepting a message failed: answering 451")
             self.outcomes["error"] += 1
             refusal = LOCAL_ERROR
+        else:
+            if entry is not None:
+                self.outcomes["accepted"] += 1
+                log.info("accepted a message from %s as spool entry %s", sender, entry.id)
+                self.on_accepted(entry)
+                return f"250 2.0.0 OK queued as {entry.id}"
+            log.info("refused a From header that is not the sender's")
+            self.outcomes["refused-from"] += 1
+            refusal = REFUSED_FROM
         await self.discard(writer)
         return refusal
 
@@ -121,6 +119,17 @@ class SmtpHandler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %s", type(error).__name__)
         return LOCAL_ERROR
+
+
+def _accept(writer: SpoolWriter, tail: bytes, sender: str) -> SpoolEntry | None:
+    """In a spool thread: the message's last piece written, its From header checked
+    against the envelope sender, and committed; None when the From is not the sender's
+    (the caller discards the file)."""
+    if tail:
+        writer.write(tail)
+    if header_addresses(writer.headers(), "From") != [sender]:
+        return None
+    return writer.commit()
 
 
 def tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
@@ -212,13 +221,14 @@ class LimitedSMTP(SMTP):
             return
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            state = await self._receive(writer)
-            if state is None:
+            received = await self._receive(writer)
+            if received is None:
                 return  # the connection went away: never committed (see finally)
+            state, tail = received
             handler: SmtpHandler = self.event_handler
             assert self.envelope is not None
             if state is DataState.OK:
-                status = await handler.finish(self.envelope, writer)  # commits or discards
+                status = await handler.finish(self.envelope, writer, tail)  # commits or discards
             else:
                 await handler.discard(writer)
                 status = (handler.no_space() if state is DataState.NO_SPACE
@@ -244,18 +254,19 @@ class LimitedSMTP(SMTP):
             return None
         handler: SmtpHandler = self.event_handler
         try:
-            return await handler.begin(self.envelope)
+            return handler.begin(self.envelope)
         except SpoolFullError:
             await self.push(handler.no_space())
         except Exception:
-            log.exception("opening a spool file failed: answering 451")
+            log.exception("starting a spool entry failed: answering 451")
             handler.outcomes["error"] += 1
             await self.push(LOCAL_ERROR)
         return None
 
-    async def _receive(self, writer: SpoolWriter) -> DataState | None:
-        """Read DATA up to the lone dot into ``writer``; the state it ended in (None: the
-        connection went away first). Past a problem the rest is drained, not stored."""
+    async def _receive(self, writer: SpoolWriter) -> tuple[DataState, bytes] | None:
+        """Read DATA up to the lone dot into ``writer``: the state it ended in and the
+        last piece, not written yet (None: the connection went away first). Past a
+        problem the rest is drained, not stored."""
         state = DataState.OK
         pending = bytearray()
         size = 0
@@ -268,9 +279,7 @@ class LimitedSMTP(SMTP):
                 state = DataState.TOO_LONG if state is DataState.OK else state
                 line = await self._reader.read(exc.consumed)
             if not fragments and line == b".\r\n":
-                if state is DataState.OK and pending:
-                    state = await self._write(writer, bytes(pending))
-                return state
+                return state, bytes(pending)
             size += len(line)
             if state is DataState.OK and limit and size > limit:
                 state = DataState.TOO_MUCH

@@ -28,13 +28,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from purlgate.core.files import GroupSync, fsync_dir, start_writeback, write_json
 from purlgate.errors import ServerError, SpoolFullError
 from purlgate.faults import crash_point
 
 WRITEBACK_BYTES = 4 << 20  # a message this big starts going to disk while it arrives
+HEAD_BYTES = 64 << 10  # the body's first bytes kept in memory: the header block, usually
 
 MAGIC = b"PURLGATE-ENVELOPE "
 
@@ -62,7 +63,9 @@ class SpoolEntry:
 class SpoolWriter:
     """One message as it arrives: appended to ``tmp/<id>.msg`` (never held whole in
     memory), then committed (fsync, rename into ``incoming/``, folder sync) or discarded.
-    Every failure leaves nothing behind; a full disk is a SpoolFullError (452)."""
+    The file is made at the first write, so a small message costs its session one trip
+    to the disk (write, check, commit together). Every failure leaves nothing behind;
+    a full disk is a SpoolFullError (452)."""
 
     def __init__(self, spool: Spool, entry_id: str, meta: dict[str, Any]) -> None:
         self.spool = spool
@@ -71,30 +74,45 @@ class SpoolWriter:
         self.tmp = spool.tmp / f"{entry_id}.msg"
         self.size = 0
         self._written_back = 0  # body bytes handed to the kernel's writeback so far
+        self._file: BinaryIO | None = None
+        self._body_at = 0
+        self._head = b""  # the first HEAD_BYTES of the body
+
+    def _open(self) -> BinaryIO:
         try:
             fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self._file = os.fdopen(fd, "wb")
-            self._file.write(MAGIC + json.dumps(meta).encode() + b"\n")
+            self._file.write(MAGIC + json.dumps(self.meta).encode() + b"\n")
             self._body_at = self._file.tell()
         except OSError as exc:
             self.tmp.unlink(missing_ok=True)
             raise _storage(exc) from exc
+        return self._file
 
     def write(self, data: bytes | bytearray) -> None:
+        out = self._file or self._open()
+        if len(self._head) < HEAD_BYTES:
+            self._head += bytes(data[:HEAD_BYTES - len(self._head)])
         try:
-            self._file.write(data)
+            out.write(data)
             if self.size + len(data) - self._written_back >= WRITEBACK_BYTES:
                 # A big message goes to disk as it arrives: the commit's fsync then has
                 # only the tail left, and the final dot's answer does not wait for it.
-                self._file.flush()
-                start_writeback(self._file.fileno(), 0, 0)  # 0: to the end of the file
+                out.flush()
+                start_writeback(out.fileno(), 0, 0)  # 0: to the end of the file
                 self._written_back = self.size + len(data)
         except OSError as exc:
             raise _storage(exc) from exc
         self.size += len(data)
 
     def headers(self, limit: int = 1 << 20) -> bytes:
-        """The message's header block (up to ``limit`` bytes), read back from disk."""
+        """The message's header block (up to ``limit`` bytes): from memory when it ends
+        within the body's first HEAD_BYTES, else read back from disk."""
+        end = self._head.find(b"\r\n\r\n")
+        if end >= 0:
+            return self._head[: end + 4]
+        if self._file is None or self.size <= len(self._head):
+            return self._head  # all of it is header (no blank line)
         try:
             self._file.flush()
             with self.tmp.open("rb") as f:
@@ -106,11 +124,12 @@ class SpoolWriter:
         return head if end < 0 else head[: end + 4]
 
     def commit(self) -> SpoolEntry:
+        out = self._file or self._open()  # an empty message still gets its file
         final = self.spool.incoming / self.tmp.name
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
             self.tmp.rename(final)  # the commit point, made durable by the folder sync
             self.spool.sync()
             crash_point("spool-committed")
@@ -121,8 +140,9 @@ class SpoolWriter:
         return SpoolEntry(self.id, final, {**self.meta, "size": self.size})
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self._file.close()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
         self.tmp.unlink(missing_ok=True)
 
 
