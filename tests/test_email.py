@@ -41,6 +41,7 @@ from tests.mail_helpers import (
     start,
 )
 from tests.tls_helpers import self_signed
+from tests.waiting import eventually
 
 
 @pytest_asyncio.fixture
@@ -466,11 +467,8 @@ async def test_data_streams_to_the_spool_byte_exact(tmp_path: Path, sink: Sink,
         await writer.drain()
         writer.close()  # gone mid-DATA
         tmp = tmp_path / "state" / "spool" / "tmp"
-        for _ in range(100):
-            if not any(tmp.iterdir()):
-                break
-            await asyncio.sleep(0.05)
-        assert list(tmp.iterdir()) == []
+        await eventually(lambda: not any(tmp.iterdir()), "the cut-off message's file gone",
+                         timeout=5)
         assert len(gateway.spool.pending()) == 1
     finally:
         server.close()

@@ -74,11 +74,9 @@ async def test_the_outbox_survives_a_full_disk_and_sends_once_space_is_back(
     stop = asyncio.Event()
     task = asyncio.create_task(box.run(stop))
     try:
-        for _ in range(200):  # until it has tried (and failed to record the try) twice
-            if calls >= 2:
-                break
-            await asyncio.sleep(0.05)
-        assert calls >= 2 and not task.done(), "still running on a full disk"
+        await eventually(lambda: calls >= 2, "tried (and failed to record the try) twice",
+                         timeout=10)
+        assert not task.done(), "still running on a full disk"
         assert [item.id for item in box.items()] == ["r1"], "the entry is kept"
         filler.unlink()
         relay_up.set()
