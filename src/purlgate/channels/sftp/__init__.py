@@ -17,7 +17,8 @@ at open with the time it arrived.
 Its rooms, one job each: ``host_key`` (the region's SSH host key), ``spool`` (completed
 uploads, durable), ``service`` (accounts, homes, names being received), ``session`` (the
 SSH/SFTP protocol: logins, the chrooted tree, completion) and ``worker`` (the batch core
-on spooled uploads, results into Downloads). Nothing here imports another channel.
+on spooled uploads, results into Downloads). It imports no other channel (SMTP, IMAP,
+the mail worker); its operator alerts go out through the shared outbox.
 """
 
 from purlgate.channels.sftp.host_key import load_or_create_host_key
