@@ -382,3 +382,65 @@ def test_the_self_signed_pair_is_made_whole_and_a_damaged_one_is_named(tmp_path:
     assert caught.value.message == (
         f"web TLS: cannot load {cert} / {folder / 'key.pem'}: damaged, or not a matching "
         "certificate and key (delete both to have a new pair made)")
+
+
+@pytest.mark.asyncio
+async def test_every_answer_is_short_header_complete_and_names_no_version(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An encoded NUL in an asset path (once a 500 with a traceback), an unknown path
+    and an unknown token get the same short 404; a wrong method a short 405; every one
+    carries the security headers and a Server header without a version."""
+    async with running(tmp_path) as run:
+        assert run.gateway.links is not None
+        key = run.gateway.links.templates["acme", "spring"].key
+        answers = []
+        for method, path in (("GET", f"/purl/a/{key}/style.css%00.toml"),
+                             ("GET", f"/purl/a/{key}/%00"), ("GET", "/nowhere"),
+                             ("GET", "/purl/p/AAAAAAAAAAAAAAAAAAAAAA"),
+                             ("POST", "/purl/robots.txt"), ("GET", "/purl/robots.txt")):
+            async with run.http.request(method, run.base + path) as resp:
+                answers.append((resp.status, await resp.text(), dict(resp.headers)))
+    assert [(status, text) for status, text, _ in answers] == [
+        (404, "Not found\n"), (404, "Not found\n"), (404, "Not found\n"),
+        (404, "Not found\n"), (405, "Method not allowed\n"),
+        (200, "User-agent: *\nDisallow: /\n")]
+    for _, _, headers in answers:
+        assert headers["Server"] == "purlgate"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "no-referrer"
+        assert headers["X-Robots-Tag"].startswith("noindex")
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert answers[4][2]["Allow"] == "GET, HEAD"
+    assert not [r for r in caplog.records if r.levelno >= 40], "no error logged"
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_request_is_one_warning_without_its_token(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A request line or header too long, too many headers, bad UTF-8: each is refused
+    and logged as one WARNING line naming the peer and the error class: no traceback,
+    no path, no token."""
+    secret = "SECRETTOKEN" * 3
+    bad = [b"GET /purl/p/" + secret.encode() + b"x" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+           b"GET /purl/p/" + secret.encode() + b" HTTP/1.1\r\nX-Long: " + b"y" * 9000
+           + b"\r\n\r\n",
+           b"GET /purl/p/" + secret.encode() + b" HTTP/1.1\r\n"
+           + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+           b"GET /purl/p/" + secret.encode() + b"\xff\xfe HTTP/1.1\r\nHost: \xff\r\n\r\n"]
+    async with running(tmp_path) as run:
+        caplog.clear()
+        with caplog.at_level("DEBUG"):
+            for raw in bad:
+                reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                               run.gateway.web_port)
+                writer.write(raw)
+                await writer.drain()
+                status = await reader.readline()
+                assert status.split()[1] == b"400", status
+                writer.close()
+    server = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(server) == len(bad)
+    for record in server:
+        assert record.levelname == "WARNING" and record.exc_info is None
+        assert record.getMessage().startswith("refused a malformed HTTP request from 127.0.0.1")
+    assert secret not in caplog.text

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import shutil
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from jinja2 import TemplateError
 
 from purlgate.config import WebConfig
@@ -54,6 +55,27 @@ COMMON_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
 }
 NOT_FOUND = "Not found\n"
+SERVER_NAME = "purlgate"  # no version: it only helps an attacker
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a long line, too many headers, bad
+    UTF-8) at ERROR with a traceback and the request line, which can hold a real token:
+    one WARNING line instead, naming the peer and the kind of error only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            peer = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "refused a malformed HTTP request from %s (%s)"
+            record.args = (peer, type(exc).__name__)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_AIOHTTP_SERVER_LOG = logging.getLogger("aiohttp.server")
+_AIOHTTP_SERVER_LOG.addFilter(_MalformedRequests())
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -65,13 +87,39 @@ class _AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse,
             time: float) -> None:
-        kind = request.match_info.route.name if isinstance(request, web.Request) else None
+        kind = None
+        # A request refused before routing (malformed) has no match: aiohttp asserts.
+        with contextlib.suppress(AssertionError, AttributeError):
+            kind = request.match_info.route.name if isinstance(request, web.Request) else None
         self.logger.debug("http %s %s -> %d in %.1f ms", request.method, kind or "-",
                           response.status, time * 1000)
 
 
 def _headers(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**COMMON_HEADERS, **(extra or {})}
+
+
+@web.middleware
+async def _uniform_errors(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+    """What the router answers for itself (no route, a wrong method) is as short as our
+    own answers: an unknown path gets the same 404 as an unknown token."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return LinkServer.not_found()
+    except web.HTTPMethodNotAllowed as exc:
+        return web.Response(status=405, text="Method not allowed\n", headers=_headers({
+            "Allow": ", ".join(sorted(exc.allowed_methods)), "Cache-Control": "no-store"}))
+
+
+async def _harden(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response of the web port (links and operations) carries the security
+    headers (a handler's own CSP and caching stay) and names no software version."""
+    response.headers["Server"] = SERVER_NAME
+    for name, value in COMMON_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 class LinkServer:
@@ -97,7 +145,8 @@ class LinkServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache_dir.chmod(0o700)
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[_uniform_errors])
+        self.app.on_response_prepare.append(_harden)
         p = self.prefix
         self.app.router.add_get(p + "/p/{token}", self.page, name="page")
         self.app.router.add_get(p + "/t/{token}.jpg", self.thumbnail, name="thumbnail")
@@ -233,8 +282,12 @@ class LinkServer:
         if template is None:
             return self.not_found()
         root = template.static.resolve()
-        path = (root / request.match_info["path"]).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        try:
+            path = (root / request.match_info["path"]).resolve()
+            found = path.is_relative_to(root) and path.is_file()
+        except (ValueError, OSError):  # a NUL byte, a name too long: not a file of ours
+            found = False
+        if not found:
             return self.not_found()
         return web.FileResponse(path, headers=_headers(
             {"Cache-Control": "public, max-age=31536000, immutable"}))
