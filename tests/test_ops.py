@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from purlgate.passwords import hash_password
+from purlgate.web.ops import LOGIN_WINDOW, MAX_FAILED_LOGINS, LoginLimiter
 from tests.mail_helpers import Sink
 from tests.web_helpers import data_file, running
 
@@ -15,22 +16,31 @@ NAME = "acme_spring_20261127_101500_00.csv"
 
 
 @pytest.mark.asyncio
-async def test_health_and_readiness_say_what_is_wrong(tmp_path: Path) -> None:
+async def test_health_and_readiness_say_what_is_wrong(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """/healthz is up as long as the process is; /readyz checks listeners, disk and the
-    relay and says which one fails (503), then 200 once the relay answers."""
+    relay and says what it found. A relay that does not answer keeps the instance in
+    the load balancer (200: replies wait durably in the outbox) but is reported, in
+    /readyz, in purlgate_relay_up and in one ERROR log line."""
     sink = await Sink().start()
     try:
         async with running(tmp_path, relay=9) as run:
             async with run.http.get(run.base + "/healthz") as resp:
                 assert (resp.status, await resp.text()) == (200, "ok\n")
-            async with run.http.get(run.base + "/readyz") as resp:
-                body = await resp.json()
-                assert resp.status == 503
-                assert body["ready"] is False
-                assert body["checks"]["listeners"] == {"ok": True, "detail": "all bound"}
-                assert body["checks"]["disk"]["ok"] is True
-                assert body["checks"]["relay"]["ok"] is False
-                assert body["checks"]["relay"]["detail"].startswith("127.0.0.1:9:")
+            for _ in range(2):
+                async with run.http.get(run.base + "/readyz") as resp:
+                    body = await resp.json()
+                    assert resp.status == 200
+                    assert body["ready"] is True
+                    assert body["checks"]["listeners"] == {"ok": True, "detail": "all bound"}
+                    assert body["checks"]["disk"]["ok"] is True
+                    assert body["checks"]["relay"]["ok"] is False
+                    assert body["checks"]["relay"]["detail"].startswith("127.0.0.1:9:")
+            down = [r for r in caplog.records if r.getMessage().startswith(
+                "the relay does not answer (127.0.0.1:9:")]
+            assert len(down) == 1 and down[0].levelname == "ERROR", "logged once"
+            async with run.http.get(run.base + "/metrics") as resp:
+                assert "purlgate_relay_up 0.0" in (await resp.text()).splitlines()
         async with running(tmp_path / "b", relay=sink.port) as run, \
                 run.http.get(run.base + "/readyz") as resp:
             body = await resp.json()
@@ -141,3 +151,33 @@ async def test_batch_view_links_an_sftp_batch_error_file(tmp_path: Path) -> None
                 "row,column,reason", '3,,"has 3 fields, the header has 2"']
         async with run.http.get(run.base + "/ops/batches/2/errors") as resp:
             assert resp.status == 404
+
+
+@pytest.mark.asyncio
+async def test_ops_password_guesses_are_rate_limited_per_address(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Ten wrong ops passwords from one address: the tenth and what follows get 429 with
+    Retry-After, even with the right password, which is not even checked then;
+    the refusal is logged once; the window passing lets it in again."""
+    monkeypatch.setenv("PG_TEST_OPS_PASSWORD", "s3cret")
+    extra = 'ops_networks = []\nops_password = { env = "PG_TEST_OPS_PASSWORD" }'
+    wrong = {"Authorization": "Basic " + base64.b64encode(b"ops:guess").decode()}
+    right = {"Authorization": "Basic " + base64.b64encode(b"ops:s3cret").decode()}
+    async with running(tmp_path, web_extra=extra) as run:
+        assert run.gateway.ops is not None
+        now = [1000.0]
+        run.gateway.ops.logins = LoginLimiter(lambda: now[0])
+        statuses = []
+        for _ in range(MAX_FAILED_LOGINS):
+            async with run.http.get(run.base + "/metrics", headers=wrong) as resp:
+                statuses.append(resp.status)
+        assert statuses == [401] * (MAX_FAILED_LOGINS - 1) + [429]
+        async with run.http.get(run.base + "/metrics", headers=right) as resp:
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == str(int(LOGIN_WINDOW) + 1)
+            assert await resp.text() == "Too many failed logins; try again later\n"
+        now[0] += LOGIN_WINDOW + 1
+        async with run.http.get(run.base + "/metrics", headers=right) as resp:
+            assert resp.status == 200
+    refusals = [r for r in caplog.records if "ops logins from 127.0.0.1 refused" in r.getMessage()]
+    assert len(refusals) == 1 and "s3cret" not in caplog.text and "guess" not in caplog.text

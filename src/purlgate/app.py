@@ -42,6 +42,7 @@ from purlgate.config import ClientConfig, Config
 from purlgate.errors import ConfigError
 from purlgate.mail_side import MailSide, MailSideFactory
 from purlgate.operations import (
+    RelayWatch,
     RetentionSweep,
     channel_families,
     disk_check,
@@ -49,13 +50,12 @@ from purlgate.operations import (
     listeners_check,
     mail_families,
     ops_access,
-    relay_check,
     render_families,
     sftp_families,
 )
 from purlgate.region import Region, utc_now
 from purlgate.web.links import BatchIndex
-from purlgate.web.ops import OpsRoutes
+from purlgate.web.ops import OpsRoutes, ReadyCheck
 from purlgate.web.render_pool import RenderPool
 from purlgate.web.server import LinkServer, retention_of, start_web
 from purlgate.web.templates import Template, default_template_dir
@@ -171,9 +171,11 @@ def _build_ops(gateway: Gateway) -> OpsRoutes:
     region, links, service = gateway.region, gateway.links, gateway.sftp_service
     web_cfg = region.config.web
     assert web_cfg is not None and links is not None
-    checks = {"listeners": listeners_check(gateway.bound),
-              "disk": disk_check(region.data_dir, region.config.smtp.min_free_bytes),
-              "relay": relay_check(region.config.relay.host, region.config.relay.port)}
+    relay = RelayWatch(region.config.relay.host, region.config.relay.port)
+    checks: dict[str, ReadyCheck] = {
+        "listeners": listeners_check(gateway.bound),
+        "disk": disk_check(region.data_dir, region.config.smtp.min_free_bytes),
+        "relay": relay}
     channels: dict[str, tuple[Callable[[], int], QueueWorker[Any]]] = {
         "mail": (lambda: len(gateway.spool.dead_entries()), gateway.worker.queue)}
     if service is not None and gateway.sftp_worker is not None:
@@ -182,11 +184,13 @@ def _build_ops(gateway: Gateway) -> OpsRoutes:
 
     def families() -> list[Any]:
         found = [*mail_families(gateway.handler.outcomes, gateway.outbox, gateway.spool),
-                 *channel_families(channels), *render_families(lambda: links.pool.depth)]
+                 *channel_families(channels), *render_families(lambda: links.pool.depth),
+                 *relay.families()]
         return found + (list(sftp_families(service)) if service is not None else [])
 
     return OpsRoutes(links.app, region=region.id, store=region.store, checks=checks,
                      families=families, access=ops_access(web_cfg),
+                     advisory=frozenset({"relay"}),
                      error_file=(downloads_error_file(service) if service is not None
                                  else lambda batch: None))
 

@@ -65,14 +65,34 @@ def disk_check(folder: Path, min_free: int) -> ReadyCheck:
     return check
 
 
-def relay_check(host: str, port: int) -> ReadyCheck:
-    def check() -> tuple[bool, str]:
+class RelayWatch:
+    """Whether the relay answers, for /readyz (reported, never a 503: replies wait
+    durably in the outbox) and the ``purlgate_relay_up`` gauge; the moment it stops
+    answering is logged at ERROR (once, until it answers again) for the log's alerting."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.up: bool | None = None  # not looked at yet
+
+    def __call__(self) -> tuple[bool, str]:
         try:
-            with socket.create_connection((host, port), timeout=3):
-                return True, f"{host}:{port} answers"
+            with socket.create_connection((self.host, self.port), timeout=3):
+                ok, detail = True, f"{self.host}:{self.port} answers"
         except OSError as exc:
-            return False, f"{host}:{port}: {exc.strerror or exc}"
-    return check
+            ok, detail = False, f"{self.host}:{self.port}: {exc.strerror or exc}"
+        if ok != self.up:
+            if ok:
+                log.info("the relay answers again (%s)", detail)
+            else:
+                log.error("the relay does not answer (%s); replies and notifications wait "
+                          "in the outbox", detail)
+        self.up = ok
+        return ok, detail
+
+    def families(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("purlgate_relay_up",
+                                "1 if the relay answered when last asked, 0 if not",
+                                value=1 if self()[0] else 0)
 
 
 def downloads_error_file(service: SftpService) -> Callable[[BatchRecord], Path | None]:

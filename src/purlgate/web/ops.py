@@ -20,6 +20,8 @@ import base64
 import hmac
 import ipaddress
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,47 @@ class OpsAccess:
     networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
     user: str
     password: str | None  # None: only from ops_networks
+
+
+MAX_FAILED_LOGINS = 10  # failed ops logins from one address within LOGIN_WINDOW ...
+LOGIN_WINDOW = 300.0  # ... and it gets 429 until the window has passed
+
+
+class LoginLimiter:
+    """Failed ops logins per address: past MAX_FAILED_LOGINS in LOGIN_WINDOW seconds the
+    address is refused (429) without its password being looked at, until the oldest
+    failure leaves the window. Touched on the event loop only."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, peer: str) -> deque[float]:
+        times = self._failures.get(peer, deque())
+        cutoff = self._clock() - LOGIN_WINDOW
+        while times and times[0] <= cutoff:
+            times.popleft()
+        if not times:
+            self._failures.pop(peer, None)
+        return times
+
+    def failed(self, peer: str) -> None:
+        times = self._recent(peer)
+        times.append(self._clock())
+        self._failures[peer] = times
+        if len(times) == MAX_FAILED_LOGINS:
+            log.warning("ops logins from %s refused for up to %.0f s after %d failures",
+                        peer, LOGIN_WINDOW, MAX_FAILED_LOGINS)
+
+    def blocked(self, peer: str) -> bool:
+        return len(self._recent(peer)) >= MAX_FAILED_LOGINS
+
+    def wait(self, peer: str) -> float:
+        """Seconds until ``peer`` may try again (0: it may now)."""
+        times = self._recent(peer)
+        if len(times) < MAX_FAILED_LOGINS:
+            return 0.0
+        return max(0.0, times[0] + LOGIN_WINDOW - self._clock())
 
 
 class _Families(Collector):
@@ -129,11 +172,17 @@ class OpsRoutes:
     def __init__(self, app: web.Application, *, region: str, store: SqliteBatchStore,
                  checks: Mapping[str, ReadyCheck], families: Callable[[], Iterable[Metric]],
                  access: OpsAccess, error_file: Callable[[BatchRecord], Path | None],
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 advisory: frozenset[str] = frozenset(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.region = region
         self.store = store
         self.checks = checks
+        # Reported by /readyz but never a 503: what does not stop intake (the relay:
+        # replies wait durably in the outbox).
+        self.advisory = advisory
         self.access = access
+        self.logins = LoginLimiter(clock)
         self.error_file = error_file
         self.registry = registry or CollectorRegistry()
         self.registry.register(_Families(families))
@@ -159,14 +208,24 @@ class OpsRoutes:
         header = request.headers.get("Authorization", "")
         if self.access.password is None or not header.startswith("Basic "):
             return False
+        if self.logins.blocked(peer):
+            return False  # not even checked: a guess costs nothing but is never right
         try:
             user, _, password = base64.b64decode(header[6:]).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
-        return (hmac.compare_digest(user, self.access.user)
-                and hmac.compare_digest(password, self.access.password))
+            user, password = "", ""
+        ok = (hmac.compare_digest(user.encode(), self.access.user.encode())
+              and hmac.compare_digest(password.encode(), self.access.password.encode()))
+        if not ok:
+            self.logins.failed(peer)
+        return ok
 
-    def _refuse(self) -> web.Response:
+    def _refuse(self, request: web.Request | None = None) -> web.Response:
+        wait = self.logins.wait(request.remote or "") if request is not None else 0
+        if wait:
+            return web.Response(status=429, text="Too many failed logins; try again later\n",
+                                headers={"Cache-Control": "no-store",
+                                         "Retry-After": str(int(wait) + 1)})
         headers = {"Cache-Control": "no-store"}
         if self.access.password is not None:
             headers["WWW-Authenticate"] = f'Basic realm="purlgate {self.region}"'
@@ -179,19 +238,19 @@ class OpsRoutes:
 
     async def readyz(self, request: web.Request) -> web.Response:
         if not self._allowed(request):
-            return self._refuse()
+            return self._refuse(request)
         results = {}
         for name, check in self.checks.items():
             ok, detail = await asyncio.to_thread(check)
             results[name] = {"ok": ok, "detail": detail}
-        ready = all(r["ok"] for r in results.values())
+        ready = all(r["ok"] for name, r in results.items() if name not in self.advisory)
         return web.json_response({"ready": ready, "checks": results},
                                  status=200 if ready else 503,
                                  headers={"Cache-Control": "no-store"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         if not self._allowed(request):
-            return self._refuse()
+            return self._refuse(request)
         body = await asyncio.to_thread(generate_latest, self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST,
                                                 "Cache-Control": "no-store"})
@@ -218,7 +277,7 @@ class OpsRoutes:
 
     async def errors_file(self, request: web.Request) -> web.StreamResponse:
         if not self._allowed(request):
-            return self._refuse()
+            return self._refuse(request)
         try:
             record = await asyncio.to_thread(self.store.get, int(request.match_info["id"]))
         except StorageError:
@@ -232,7 +291,7 @@ class OpsRoutes:
 
     async def batches_page(self, request: web.Request) -> web.Response:
         if not self._allowed(request):
-            return self._refuse()
+            return self._refuse(request)
         f, batches = await self._list(request)
         html = PAGE.render(region=self.region, f=f, states=STATES, batches=batches)
         return web.Response(text=html, content_type="text/html", headers={
@@ -241,7 +300,7 @@ class OpsRoutes:
 
     async def batches_json(self, request: web.Request) -> web.Response:
         if not self._allowed(request):
-            return self._refuse()
+            return self._refuse(request)
         _, batches = await self._list(request)
         return web.json_response({"region": self.region, "batches": batches},
                                  headers={"Cache-Control": "no-store"})
