@@ -9,6 +9,7 @@ import signal
 import ssl
 import statistics
 import time
+from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,9 +21,14 @@ from PIL import Image
 
 from purlgate.config import WebConfig
 from purlgate.core.lifecycle import BatchState
-from purlgate.errors import ConfigError
+from purlgate.errors import ConfigError, RenderTimeoutError
 from purlgate.renderers.embedded import decode, tokens
+from purlgate.web.media import MAX_DRAWN_CHARS, Canvas, Text, _fit, _font, render_thumbnail
+from purlgate.web.render_pool import RenderPool
+from purlgate.web.templates import default_template_dir
 from purlgate.web.tls import tls_context
+from tests.slow_draw import draw_forever
+from tests.waiting import eventually
 from tests.web_helpers import NAMES, Running, data_file, purl_rows, running
 
 NAME = "acme_spring_20261127_101500_00.csv"
@@ -444,3 +450,45 @@ async def test_a_malformed_request_is_one_warning_without_its_token(
         assert record.levelname == "WARNING" and record.exc_info is None
         assert record.getMessage().startswith("refused a malformed HTTP request from 127.0.0.1")
     assert secret not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_render_past_its_time_limit_is_stopped_and_its_worker_replaced(
+        tmp_path: Path) -> None:
+    """A render that runs on is stopped at its time limit: its viewers get the 503
+    error, its worker process is killed and replaced, the next render works; and
+    closing the pool while a render runs returns at once (a stop never waits for it)."""
+    pool = RenderPool(1, 10, timeout=1.0)
+    canvas = Canvas(320, 180, "#000000", "#ffffff", (Text("x" * 10_000, 24, "#ffffff", 10, 10),))
+    try:
+        started = time.monotonic()
+        with pytest.raises(RenderTimeoutError):
+            await pool.render(draw_forever, canvas, tmp_path / "a.jpg")
+        assert time.monotonic() - started < 5
+        drawn = await pool.render(render_thumbnail, canvas, tmp_path / "b.jpg")
+        with Image.open(drawn) as image:
+            assert image.size == (320, 180), "the 10 KB value drew, cut short"
+        hung = asyncio.create_task(pool.render(draw_forever, canvas, tmp_path / "c.jpg"))
+        await eventually(lambda: pool.depth == 1, "a render running")
+    finally:
+        started = time.monotonic()
+        await asyncio.to_thread(pool.close)
+        assert time.monotonic() - started < 5, "close waited for a render"
+    with pytest.raises((BrokenProcessPool, asyncio.CancelledError)):
+        await hung
+
+
+def test_a_long_value_is_measured_a_dozen_times_not_once_a_character() -> None:
+    """A 10 KB value is cut to what a line can show before it is measured, and the fit
+    is found by halving: a few measurements, where it took one per character."""
+    font = _font(str(default_template_dir() / "fonts" / "DejaVuSans.ttf"), 28)
+    calls = []
+
+    class Counting:
+        def getlength(self, text: str) -> float:
+            calls.append(len(text))
+            return float(font.getlength(text))
+
+    fitted = _fit("Ø" * 10_000, Counting(), 600)  # type: ignore[arg-type]
+    assert fitted.endswith("…") and font.getlength(fitted) <= 600
+    assert len(calls) <= 12 and max(calls) <= MAX_DRAWN_CHARS + 1

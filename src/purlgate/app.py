@@ -218,7 +218,8 @@ def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> Li
         public_base_url=region.config.public_base_url, index=index, rows=region.rows,
         templates=templates, pregenerate=pregenerate,
         cache_dir=web_cfg.cache_dir or region.data_dir / "renders",
-        pool=RenderPool(web_cfg.render_workers, web_cfg.render_queue), clock=utc_now,
+        pool=RenderPool(web_cfg.render_workers, web_cfg.render_queue,
+                        web_cfg.render_timeout_seconds), clock=utc_now,
     )
 
 

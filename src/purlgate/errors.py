@@ -30,6 +30,7 @@ Signals between our own parts, never shown to a client as they are:
     ├── TemporaryDeliveryError      4xx, timeout, refused connection: retried
     └── PermanentDeliveryError      5xx: moved to outbox/failed, operator alerted
     RenderBusyError                 more first views wait than the render queue holds (503)
+    └── RenderTimeoutError          a render ran past its time limit (503, worker replaced)
     InvalidUtf8Error                a file whose head was UTF-8 is not, further on: read
                                     it again as Windows-1252
     TransitionError                 a programming error: a move the lifecycle table forbids
@@ -182,6 +183,10 @@ class PermanentDeliveryError(DeliveryError):
 
 class RenderBusyError(Exception):
     """More first views are waiting than the configured queue allows."""
+
+
+class RenderTimeoutError(RenderBusyError):
+    """A render ran past its time limit; its worker was replaced."""
 
 
 class InvalidUtf8Error(Exception):

@@ -151,6 +151,8 @@ class WebConfig(Model):
     self_signed: bool = False
     render_workers: int = Field(default=1, ge=1, le=64)  # processes drawing media
     render_queue: int = Field(default=256, ge=1)  # first views waiting; beyond: 503
+    # One thumbnail or video may take this long; past it, its worker is replaced (503).
+    render_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
     cache_dir: Path | None = None  # rendered media; default: <data_dir>/renders
     # /readyz, /metrics and the batch view: from these networks, or with the password.
     ops_networks: Networks = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])

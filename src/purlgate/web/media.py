@@ -48,13 +48,26 @@ def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.Ima
     return ImageFont.load_default(size=size)
 
 
+# No line of a picture shows more characters than this, so a longer value is cut
+# before it is measured: a 10 KB first name costs what a short one does.
+MAX_DRAWN_CHARS = 256
+
+
 def _fit(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, room: int) -> str:
-    """Cut a long value with an ellipsis so that it stays inside the picture."""
+    """Cut a long value with an ellipsis so that it stays inside the picture: the
+    longest start of it that fits beside the ellipsis, found by halving (a dozen
+    measurements, not one per character)."""
+    text = text[:MAX_DRAWN_CHARS]
     if font.getlength(text) <= room:
         return text
-    while text and font.getlength(text + "…") > room:
-        text = text[:-1]
-    return text + "…"
+    fits, too_long = 0, len(text)  # text[:fits] + "…" fits; text[:too_long] + "…" may not
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if font.getlength(text[:middle] + "…") <= room:
+            fits = middle
+        else:
+            too_long = middle
+    return text[:fits] + "…"
 
 
 def _draw_frame(canvas: Canvas, at: float | None) -> Image.Image:

@@ -1,5 +1,8 @@
 """The render pool: thumbnails and videos drawn in worker processes, never on the event
-loop; one render per file however many viewers ask at once; over the queue, busy."""
+loop; one render per file however many viewers ask at once; over the queue, busy. A
+render that takes longer than its time limit has its worker killed and replaced (its
+viewers get a 503 with Retry-After), and closing the pool kills what is still drawing,
+so a stop never waits for a render."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from purlgate.errors import RenderBusyError
+from purlgate.errors import RenderBusyError, RenderTimeoutError
 from purlgate.web.media import Canvas, warm_up
 
 log = logging.getLogger("purlgate.web")
@@ -20,9 +23,10 @@ log = logging.getLogger("purlgate.web")
 class RenderPool:
     """Draws media in worker processes; one render per file however many ask at once."""
 
-    def __init__(self, workers: int, limit: int) -> None:
+    def __init__(self, workers: int, limit: int, timeout: float = 30.0) -> None:
         self._limit = limit
         self._workers = workers
+        self._timeout = timeout
         self._executor = self._new_executor()
         self._inflight: dict[Path, asyncio.Future[Path]] = {}
 
@@ -58,8 +62,39 @@ class RenderPool:
                     self._executor, draw, canvas, target)
             self._inflight[target] = future
             future.add_done_callback(lambda _: self._inflight.pop(target, None))
+            future.add_done_callback(_retrieve)
         # A viewer who leaves does not cancel a render others may be waiting for.
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._timeout)
+        except TimeoutError:
+            if not future.done():
+                log.warning("a render took longer than %.0f s; its worker is replaced",
+                            self._timeout)
+                self._replace()
+            raise RenderTimeoutError from None
+
+    def _replace(self) -> None:
+        """Kill the workers (a render that runs on holds one forever) and start anew; the
+        renders they held fail, and their viewers get a 503."""
+        old = self._executor
+        _kill(old)
+        old.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
 
     def close(self) -> None:
+        """Stop at once: what is still drawing is killed, nothing waits for it."""
+        _kill(self._executor)
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill(executor: ProcessPoolExecutor) -> None:
+    # The executor keeps its processes here; there is no public way to stop a task.
+    for process in list(getattr(executor, "_processes", {}).values()):
+        process.kill()
+
+
+def _retrieve(future: asyncio.Future[Path]) -> None:
+    """A render nobody waits for any more (timed out, pool replaced) still ends: read its
+    outcome so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

@@ -33,7 +33,7 @@ from jinja2 import TemplateError
 
 from purlgate.config import WebConfig
 from purlgate.core.lifecycle import BatchEvent, BatchState
-from purlgate.errors import RenderBusyError
+from purlgate.errors import RenderBusyError, RenderTimeoutError
 from purlgate.rowstore import ArrowRowStore
 from purlgate.store import BatchSummary
 from purlgate.web.hot_cache import HOT_BYTES, HOT_SECONDS, Hot, HotCache
@@ -327,17 +327,24 @@ class LinkServer:
             link = Link(batch, ordinal)
             for kind in kinds:
                 suffix = ".jpg" if kind == "thumbnail" else ".mp4"
-                if self.cache_path(link, template, suffix).is_file():
-                    continue
-                while True:
-                    try:
-                        await self.render(link, template, kind)
-                        break
-                    except RenderBusyError:
-                        await asyncio.sleep(1.0)  # first views have the queue; wait a turn
-                done += 1
+                if not self.cache_path(link, template, suffix).is_file():
+                    done += await self._draw_ahead(link, template, kind)
         log.info("batch %d: %d media drawn ahead", batch_id, done)
         return done
+
+    async def _draw_ahead(self, link: Link, template: Template, kind: str) -> int:
+        """One row's media drawn ahead, waiting its turn while first views fill the
+        queue; 0 when it cannot be drawn in time (a first view will try again)."""
+        while True:
+            try:
+                await self.render(link, template, kind)
+            except (RenderTimeoutError, BrokenProcessPool):
+                log.warning("batch %d: a %s could not be drawn ahead", link.batch.id, kind)
+                return 0
+            except RenderBusyError:
+                await asyncio.sleep(1.0)  # first views have the queue; wait a turn
+            else:
+                return 1
 
     def sweep(self) -> tuple[int, int]:
         """Delete the row data and renders of batches past retention (or never served)."""
