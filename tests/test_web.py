@@ -492,3 +492,39 @@ def test_a_long_value_is_measured_a_dozen_times_not_once_a_character() -> None:
     fitted = _fit("Ø" * 10_000, Counting(), 600)  # type: ignore[arg-type]
     assert fitted.endswith("…") and font.getlength(fitted) <= 600
     assert len(calls) <= 12 and max(calls) <= MAX_DRAWN_CHARS + 1
+
+
+@pytest.mark.asyncio
+async def test_slow_and_idle_connections_are_closed(tmp_path: Path) -> None:
+    """Connections that send a header byte at a time, and a keep-alive connection left
+    idle after its answer, are closed by the server once idle_timeout_seconds pass."""
+    async with running(tmp_path, web_extra="idle_timeout_seconds = 1") as run:
+        async def slow() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", run.gateway.web_port)
+            try:
+                for byte in b"GET /purl/robots.txt HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+                    writer.write(bytes([byte]))  # one byte each 0.2 s: 20 s for the head
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+                    if reader.at_eof():
+                        return b"closed"
+            except ConnectionError:
+                return b"closed"
+            finally:
+                writer.close()
+            return b"still open after 20 s"
+
+        async def idle() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", run.gateway.web_port)
+            writer.write(b"GET /purl/robots.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            started = time.monotonic()
+            rest = await asyncio.wait_for(reader.read(), 10)  # EOF: the server closed it
+            writer.close()
+            return b"closed" if rest == b"" and time.monotonic() - started < 5 else rest
+
+        results = await asyncio.gather(*(slow() for _ in range(20)), idle())
+    assert results == [b"closed"] * 21

@@ -153,6 +153,9 @@ class WebConfig(Model):
     render_queue: int = Field(default=256, ge=1)  # first views waiting; beyond: 503
     # One thumbnail or video may take this long; past it, its worker is replaced (503).
     render_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # A connection that does not finish a request's headers this long after it opened
+    # or after its last answer (a slow sender, an idle keep-alive) is closed.
+    idle_timeout_seconds: float = Field(default=15.0, gt=0, le=600)
     cache_dir: Path | None = None  # rendered media; default: <data_dir>/renders
     # /readyz, /metrics and the batch view: from these networks, or with the password.
     ops_networks: Networks = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])

@@ -407,9 +407,11 @@ async def start_web(server: LinkServer, config: WebConfig,
     """Bind the HTTP listener; returns the runner (to clean up) and the bound port."""
     server.bind_loop(asyncio.get_running_loop())
     server.pool.warm()
+    # keepalive_timeout also runs from a connection's start, and closes a connection whose
+    # next request's headers are not complete by then (one byte every few seconds).
     runner = web.AppRunner(server.app, access_log_class=_AccessLogger,
                            access_log=logging.getLogger("purlgate.web.access"),
-                           shutdown_timeout=5.0)
+                           shutdown_timeout=5.0, keepalive_timeout=config.idle_timeout_seconds)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
     await site.start()
