@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
-import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -40,22 +38,11 @@ from purlgate.channels.spool import SpoolEntry
 from purlgate.core.lifecycle import BatchEvent
 from purlgate.core.pipeline import Subscriber
 from purlgate.errors import ServerError, StorageError, is_storage_fault
-
-PR_SET_PDEATHSIG = 1
+from purlgate.lifeline import die_with_parent
 
 # In a worker process: its mail worker, and the events of the entry in hand.
 _handler: MailWorker | None = None
 _events: list[BatchEvent] = []
-
-
-def _die_with(parent: int) -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux/glibc: the pipe's EOF still ends us
-        pass
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
 
 
 # Builds a worker process's mail worker; handed each batch event to pass back.
@@ -78,7 +65,7 @@ def _start(setup: _Setup) -> None:
     """Nothing here may fail (a failing initializer breaks the pool, and why is lost):
     the worker itself is built at the first entry, and its errors reach the parent."""
     global _setup  # noqa: PLW0603 - one worker per process
-    _die_with(setup.parent)
+    die_with_parent(setup.parent)
     os.environ.update(setup.env)
     from purlgate.logs import setup_logging  # noqa: PLC0415
 

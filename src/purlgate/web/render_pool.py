@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from purlgate.errors import RenderBusyError, RenderTimeoutError
+from purlgate.lifeline import die_with_parent
 from purlgate.web.media import Canvas, warm_up
 
 log = logging.getLogger("purlgate.web")
@@ -31,9 +33,12 @@ class RenderPool:
         self._inflight: dict[Path, asyncio.Future[Path]] = {}
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        # forkserver: the workers do not inherit the server's sockets, threads or locks.
+        # spawn: the workers inherit none of the server's sockets, threads or locks, and
+        # are its own children, made from the event loop thread, so each dies with it
+        # (the initializer); a forkserver between them outlived a kill -9 of serve.
         return ProcessPoolExecutor(max_workers=self._workers,
-                                   mp_context=multiprocessing.get_context("forkserver"))
+                                   mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
 
     @property
     def depth(self) -> int:
