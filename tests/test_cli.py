@@ -15,6 +15,7 @@ from purlgate.channels.outbox import Outbox
 from purlgate.config import RelayConfig
 from purlgate.passwords import verify_password
 from tests.conftest import DATA, read_csv
+from tests.mail_helpers import mail_config
 
 DEMO = "acme_spring_20261127_101500_00.csv"
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,3 +356,38 @@ def test_a_damaged_ssh_host_key_stops_serve_with_one_line(tmp_path: Path) -> Non
     assert line.endswith("restore it from a backup (a new key makes every client warn of "
                          "a changed host key)")
     assert key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl")
+
+
+def test_json_logs_are_json_from_the_first_line(tmp_path: Path) -> None:
+    """With --log-format json every line is JSON: serve's start-up banner too (event
+    "ready", its ports as keys), and a batch's lines carry their facts as keys (event,
+    batch, client, project, channel, state, rows, errors, seconds, instance), never row
+    data."""
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text(mail_config(9))
+    env = {**os.environ, "PG_TEST_ACME_ZIP": "x", "PURLGATE_INSTANCE": "usa-1"}
+    exe = str(Path(sys.executable).with_name("purlgate"))
+    server = subprocess.Popen([exe, "serve", "--region", "usa", "--config", str(cfg),
+                               "--data-dir", str(tmp_path / "d"), "--log-format", "json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert server.stdout is not None
+        banner = json.loads(server.stdout.readline())
+        assert banner["event"] == "ready" and banner["instance"] == "usa-1"
+        assert "accepting mail" in banner["message"] and banner["smtp_port"] > 0
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert all(json.loads(line) for line in err.splitlines()), err
+    source = tmp_path / "acme_spring_20261127_101500_00.csv"
+    source.write_bytes(b"first_name,email\nZo\xc3\xab,z@acme.example\n")
+    done = purlgate("process", str(source), "--config", str(cfg), "--data-dir",
+                    str(tmp_path / "p"), "--out", str(tmp_path / "out"), "-v",
+                    "--log-format", "json", cwd=tmp_path, env=env)
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    [finished] = [line for line in lines if line.get("event") == "batch-finished"]
+    assert {k: finished[k] for k in ("batch", "client", "project", "channel", "state",
+                                     "rows", "errors", "instance")} == {
+        "batch": 1, "client": "acme", "project": "spring", "channel": "cli",
+        "state": "Done", "rows": 1, "errors": 0, "instance": "usa-1"}
+    assert finished["seconds"] >= 0 and "Zoë" not in done.stderr

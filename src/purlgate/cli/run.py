@@ -30,6 +30,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from purlgate.app import build_gateway, serve
     from purlgate.config import load_config, secret_refs
+    from purlgate.logs import announce
 
     config = load_config(args.config)
     config.region(args.region)
@@ -54,10 +55,12 @@ def serve(args: argparse.Namespace) -> int:
         smtp = gw.region.config.smtp
         sftp = (f"; SFTP on {gw.region.config.sftp.host}:{gw.sftp_port}"
                 if gw.region.config.sftp is not None and gw.sftp is not None else "")
-        print(f"purlgate {__version__}: region {args.region} accepting mail for "
-              f"{', '.join(gw.region.config.inbound_addresses)} on "
-              f"{smtp.host}:{gw.smtp_port}{sftp}; relay {gw.region.config.relay.host}:"
-              f"{gw.region.config.relay.port}", flush=True)
+        announce(f"purlgate {__version__}: region {args.region} accepting mail for "
+                 f"{', '.join(gw.region.config.inbound_addresses)} on "
+                 f"{smtp.host}:{gw.smtp_port}{sftp}; relay {gw.region.config.relay.host}:"
+                 f"{gw.region.config.relay.port}", event="ready", region=args.region,
+                 smtp_port=gw.smtp_port, sftp_port=gw.sftp_port if gw.sftp else None,
+                 web_port=gw.web_port or None)
 
     async def main() -> None:
         stop = asyncio.Event()

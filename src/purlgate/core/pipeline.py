@@ -224,6 +224,7 @@ class BatchProcessor:
             batch_id, target, at=self.clock(), reason=reason, error_code=error_code,
             counts=counts, outputs=outputs,
         )
+        facts = _facts(record)
         if target in TERMINAL:
             seconds = (record.updated_at - record.created_at).total_seconds()
             log.info(
@@ -233,10 +234,13 @@ class BatchProcessor:
                 record.data_name or record.received_name, record.counts.rows_total,
                 record.counts.rows_ok, record.counts.rows_error, seconds,
                 f" code={record.error_code}" if record.error_code else "",
+                extra={"facts": {**facts, "event": "batch-finished",
+                                 "seconds": round(seconds, 3)}},
             )
         else:
             log.info("batch %d %s: client=%s project=%s", record.id, record.state,
-                     record.client, record.project)
+                     record.client, record.project,
+                     extra={"facts": {**facts, "event": "batch-state"}})
         event = BatchEvent(EVENT_OF_STATE[target], record)
         for subscriber in self.subscribers:
             try:
@@ -312,7 +316,8 @@ class BatchProcessor:
             sha256=submission.sha256, at=self.clock(), intake_id=submission.intake_id,
         )
         log.info("batch %d received: client=%s channel=%s file=%s", record.id, client_id,
-                 submission.channel, submission.received_name)
+                 submission.channel, submission.received_name,
+                 extra={"facts": {**_facts(record), "event": "batch-received"}})
         return record, False
 
     def _prepare(self, submission: Submission, client_id: str, record: BatchRecord, *,
@@ -511,6 +516,14 @@ class BatchProcessor:
         return transform(job.path, dialect, plan, delimiter=job.project.output_delimiter,
                          encoding=job.project.output_encoding, target=target,
                          errors=job.errors, progress=job.progress)
+
+
+def _facts(record: BatchRecord) -> dict[str, object]:
+    """A batch's facts for a structured log line (``--log-format json``): no row data."""
+    c = record.counts
+    return {"batch": record.id, "client": record.client, "project": record.project,
+            "channel": record.channel, "state": str(record.state), "rows": c.rows_total,
+            "rows_ok": c.rows_ok, "errors": c.rows_error, "code": record.error_code}
 
 
 def _recorded_outcome(batch: BatchRecord, out_dir: Path) -> BatchOutcome:
