@@ -189,7 +189,9 @@ async def test_openssh_put_interrupted_is_refused_as_cut_off(running: Running, k
 
 @pytest.mark.asyncio
 async def test_same_name_again_is_refused_at_open(running: Running, keys: Keys) -> None:
-    """The second upload of a name is refused at open, with when it first arrived."""
+    """The second upload of a name is refused at open, with when it first arrived; as
+    OpenSSH sftp, curl and rclone do not print the status text, the reason is also left
+    in Downloads as <name>_refused.txt (and the earlier results are untouched)."""
     async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
         async with sftp.open(f"/spring/Uploads/dup_{T}.csv", "wb") as f:
             await f.write(CSV)
@@ -198,6 +200,18 @@ async def test_same_name_again_is_refused_at_open(running: Running, keys: Keys) 
             await sftp.open(f"/spring/Uploads/dup_{T}.csv", "wb")
         assert f"a file named dup_{T}.csv was received at " in err.value.reason
         assert err.value.reason.endswith("; upload it under a new name")
+        with pytest.raises(asyncssh.SFTPError):
+            await sftp.open(f"/spring/Uploads/dup_{T}.xlsx", "wb")
+        note = await sftp.open(f"/spring/Downloads/dup_{T}.csv_refused.txt", "rb")
+        text = (await note.read()).decode()
+        await note.close()
+    assert text == (f"dup_{T}.csv was refused when it was uploaded: {err.value.reason}.\n"
+                    "Nothing of it was kept or processed.\n")
+    assert (running.downloads() / f"dup_{T}.xlsx_refused.txt").read_text().startswith(
+        f"dup_{T}.xlsx was refused when it was uploaded: dup_{T}.xlsx is not a data file")
+    assert sorted(p.name for p in running.downloads().iterdir()) == [
+        f"PURL_dup_{T}.csv", f"PURL_dup_{T}.csv.flg", f"dup_{T}.csv_refused.txt",
+        f"dup_{T}.xlsx_refused.txt"]
     assert len(running.gateway.region.store.recent()) == 1
 
 

@@ -160,6 +160,7 @@ def _add_sftp(gateway: Gateway, mail: MailSide, clients: Mapping[str, ClientConf
     worker = SftpWorker(service, region.processor, processing=region.config.processing,
                         alerts=mail.alerts)
     service.on_upload = worker.submit
+    service.on_refused = worker.note_refusal
     gateway.sftp_service, gateway.sftp_worker = service, worker
     gateway.retention.sftp = service
     gateway.host_key = load_or_create_host_key(

@@ -44,6 +44,7 @@ from purlgate.core.lifecycle import (
 )
 from purlgate.core.naming import (
     DataName,
+    check_safe_name,
     client_from_name,
     error_name,
     error_name_of_received,
@@ -404,6 +405,32 @@ class BatchProcessor:
         plain = note.publish(work / "errors-plain.csv", replace=True, mode=0o600)
         try:
             return self._encrypt_file(plain, final, client.pgp_fingerprint, replace=True)
+        finally:
+            plain.unlink(missing_ok=True)
+
+    def write_refusal_note(self, out_dir: Path, client_id: str, project_id: str,
+                           received_name: str, reason: str) -> Path | None:
+        """``<name>_refused.txt`` in ``out_dir``, saying why a file was refused before
+        it was taken in (SFTP at open: OpenSSH sftp, curl and rclone do not print the
+        status text); encrypted (``.txt.gpg``) for a project that encrypts its results.
+        None for a name that cannot be a file of ours (it is in the status text only)."""
+        project = self.clients[client_id].projects[project_id]
+        name = f"{received_name}_refused.txt"
+        try:
+            check_safe_name(name)
+        except FileNameError:
+            return None
+        text = (f"{received_name} was refused when it was uploaded: {reason}.\n"
+                "Nothing of it was kept or processed.\n").encode()
+        if not project.pgp_encrypt_output:
+            with AtomicFile(out_dir / name, no_clobber=False, mode=self.result_mode) as out:
+                out.file.write(text)
+                return out.commit()
+        plain = thread_scratch(self.work_root) / "refused-plain.txt"
+        plain.write_bytes(text)
+        try:
+            return self._encrypt_file(plain, out_dir / f"{name}.gpg",
+                                      self.clients[client_id].pgp_fingerprint, replace=True)
         finally:
             plain.unlink(missing_ok=True)
 

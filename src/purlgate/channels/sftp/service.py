@@ -80,6 +80,9 @@ class SftpService:
         self.defender = defender
         # Set by the wiring once the worker exists (the worker needs the service too).
         self.on_upload: Callable[[Upload], None] = on_upload or (lambda upload: None)
+        # (client, project, name, reason) of an upload refused at open: a note in
+        # Downloads, since many clients do not print the SFTP status text.
+        self.on_refused: Callable[[str, str, str, str], None] = lambda *refusal: None
         self.accounts: dict[str, Account] = {}
         for client_id, client in clients.items():
             if client.sftp is None:

@@ -235,6 +235,8 @@ class ClientSftp(asyncssh.SFTPServer):
         except SFTPError as exc:
             log.info("refused upload of %r for client %s project %s: %s", name, client_id,
                      project, exc.reason)
+            await asyncio.to_thread(self.service.on_refused, client_id, project, name,
+                                    exc.reason)
             raise
 
     def _check_name(self, project: str, name: str) -> None:

@@ -93,6 +93,16 @@ class SftpWorker:
             "error": type(exc).__name__, "attempts": attempts, "channel": "sftp",
             "client": client, "alerted": alerted, "at": time.time()})
 
+    def note_refusal(self, client_id: str, project_id: str, name: str, reason: str) -> None:
+        """An upload refused at open: why, in a note in Downloads (see
+        ``BatchProcessor.write_refusal_note``). Never fails the refusal itself."""
+        try:
+            self.processor.write_refusal_note(self.service.downloads(client_id, project_id),
+                                              client_id, project_id, name, reason)
+        except Exception as exc:  # noqa: BLE001 - the status text still says why
+            log.warning("no refusal note for an upload of client %s project %s (%s)",
+                        client_id, project_id, type(exc).__name__)
+
     def _error_file(self, client_id: str, project_id: str, received: str,
                     reason: str) -> None:
         """The core's error file for ``received``, in the project's Downloads (none if
