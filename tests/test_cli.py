@@ -13,7 +13,7 @@ from pathlib import Path
 
 from purlgate.channels.outbox import Outbox
 from purlgate.config import RelayConfig
-from purlgate.passwords import verify_password
+from purlgate.passwords import hash_password, verify_password
 from tests.conftest import DATA, read_csv
 from tests.mail_helpers import mail_config
 
@@ -391,3 +391,23 @@ def test_json_logs_are_json_from_the_first_line(tmp_path: Path) -> None:
         "batch": 1, "client": "acme", "project": "spring", "channel": "cli",
         "state": "Done", "rows": 1, "errors": 0, "instance": "usa-1"}
     assert finished["seconds"] >= 0 and "Zoë" not in done.stderr
+
+
+def test_check_config_checks_the_e2e_password_against_the_account(tmp_path: Path) -> None:
+    """An SFTP e2e_password that the account's password_hash does not accept is a
+    problem check-config names (e2e would fail its login); the right one is fine."""
+    (tmp_path / "pw").write_text("right one\n")
+    text = ('[regions.usa]\ninbound_addresses=["a@b.example"]\ndata_dir="v"\n'
+            'public_base_url="https://x.example"\n'
+            '[clients.acme]\nname="A"\nregions=["usa"]\n'
+            '[clients.acme.sftp]\nusername="acme"\npassword_hash="HASH"\n'
+            'e2e_password={ file = "pw" }\n[clients.acme.projects.spring]\n')
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(text.replace("HASH", hash_password("another one")))
+    wrong = purlgate("check-config", "--config", str(cfg), cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines()[-1] == (
+        "  client acme, field sftp.e2e_password: the account's password_hash does not "
+        "accept it")
+    cfg.write_text(text.replace("HASH", hash_password("right one")))
+    assert purlgate("check-config", "--config", str(cfg), cwd=tmp_path).returncode == 0

@@ -69,3 +69,36 @@ def test_e2e_by_email_and_sftp_against_serve(tmp_path: Path) -> None:
         server.wait(30)
         if server.stdout is not None:
             server.stdout.close()
+
+
+def test_e2e_needs_no_flag_beyond_client_project_and_channel(tmp_path: Path) -> None:
+    """Against serve with the bundled configuration (here on free ports), `purlgate e2e`
+    needs only --client, --project and --channel: purl-usa.localhost resolves to the
+    loopback address, serve's self-signed certificate is trusted (not ignored), and
+    the SFTP login is the account's e2e_password."""
+    smtp, relay, sftp, web = free_port(), free_port(), free_port(), free_port()
+    text = config_text({"2525": smtp, "2526": relay})
+    text = text.replace("[regions.usa.sftp]\nhost = \"127.0.0.1\"\nport = 0\n",
+                        f"[regions.usa.sftp]\nhost = \"127.0.0.1\"\nport = {sftp}\n")
+    text = text.replace('host = "127.0.0.1"\nport = 0\nself_signed = true',
+                        f'host = "127.0.0.1"\nport = {web}\nself_signed = true', 1)
+    text = text.replace("https://purl-usa.localhost:8443", f"https://purl-usa.localhost:{web}")
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text(text)
+    exe = str(Path(sys.executable).with_name("purlgate"))
+    server = subprocess.Popen([exe, "serve", "--region", "usa", "--config", str(cfg)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              cwd=tmp_path)
+    try:
+        assert server.stdout is not None
+        assert "accepting mail" in server.stdout.readline()
+        for channel in ("email", "sftp"):
+            run = e2e("--channel", channel, "--config", str(cfg), cwd=tmp_path)
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert run.stdout.splitlines()[-1] == "e2e passed"
+            assert any(line.startswith("PASS  links") for line in run.stdout.splitlines())
+    finally:
+        server.terminate()
+        server.wait(30)
+        if server.stdout is not None:
+            server.stdout.close()

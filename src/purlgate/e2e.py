@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ from email.utils import make_msgid
 from pathlib import Path
 
 import aiohttp
+import aiohttp.abc
 import aiosmtplib
 import asyncssh
+from aiohttp.abc import ResolveResult
 from aiosmtpd.smtp import SMTP
 
 from purlgate.config import ClientConfig, Config, ProjectConfig, RegionConfig
@@ -62,6 +65,7 @@ class Target:
     sftp_key: Path | None = None
     links_base: str | None = None  # fetch links here instead of the public base URL
     insecure: bool = False  # accept a self-signed certificate on the links
+    trust: Path | None = None  # a certificate to trust on the links (serve's self-signed)
     timeout: float = 120.0
 
 
@@ -70,10 +74,15 @@ def _local(host: str) -> str:
 
 
 def default_target(region: RegionConfig, **given: object) -> Target:
+    """Where the region's config says serve listens; a region whose web side makes its
+    own certificate has that certificate trusted for the links (no --insecure)."""
     sftp = (_local(region.sftp.host), region.sftp.port) if region.sftp is not None else None
+    trust = (region.data_dir / "web-tls" / "cert.pem"
+             if region.web is not None and region.web.self_signed else None)
     values: dict[str, object] = {
         "smtp": (_local(region.smtp.host), region.smtp.port),
-        "capture": (_local(region.relay.host), region.relay.port), "sftp": sftp}
+        "capture": (_local(region.relay.host), region.relay.port), "sftp": sftp,
+        "trust": trust}
     values.update({k: v for k, v in given.items() if v is not None})
     return Target(**values)  # type: ignore[arg-type]
 
@@ -276,8 +285,12 @@ async def _check_purl(content: bytes, header: list[str], rows: list[list[str]],
     context: ssl.SSLContext | bool = True
     if target.insecure:
         context = False
+    elif target.trust is not None and target.trust.is_file():
+        context = ssl.create_default_context(cafile=str(target.trust))
     failures: list[str] = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+    connector = aiohttp.TCPConnector(resolver=LoopbackResolver())
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
+                                     connector=connector) as http:
         for row in got_rows:
             thumb, page = row[-2], row[-1]
             if target.links_base:
@@ -297,6 +310,26 @@ async def _check_purl(content: bytes, header: list[str], rows: list[list[str]],
                         f"thumbnails (JPEG) answer" if not failures else
                         f"{len(failures)} failed; first: {failures[0]}"))
     return checks
+
+
+class LoopbackResolver(aiohttp.abc.AbstractResolver):
+    """``localhost`` and every ``*.localhost`` name (the bundled ``purl-usa.localhost``)
+    resolve to the loopback address, as browsers do and RFC 6761 lets applications do;
+    other names as the system resolves them."""
+
+    def __init__(self) -> None:
+        self._system = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        name = host.lower().rstrip(".")
+        if name == "localhost" or name.endswith(".localhost"):
+            return [{"hostname": host, "host": "127.0.0.1", "port": port,
+                     "family": socket.AF_INET, "proto": 0, "flags": socket.AI_NUMERICHOST}]
+        return await self._system.resolve(host, port, family)
+
+    async def close(self) -> None:
+        await self._system.close()
 
 
 def report(checks: Sequence[Check]) -> str:

@@ -28,6 +28,10 @@ def e2e(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"--sftp-password-file {args.sftp_password_file}: "
                               f"{exc.strerror}") from exc
+    account = config.clients[args.client].sftp if args.client in config.clients else None
+    if password is None and args.sftp_key is None and account is not None \
+            and account.e2e_password is not None:
+        password = account.e2e_password.reveal().decode()  # the account's own, for QA
     target = default_target(
         region, smtp=args.smtp, capture=args.capture, sftp=args.sftp,
         sftp_password=password, sftp_key=args.sftp_key, links_base=args.links_base,

@@ -235,7 +235,25 @@ def _file_problems(config: Config) -> list[str]:
         if client.pgp_public_key is not None and not client.pgp_public_key.is_file():
             problems.append(f"  client {client_id}, field pgp_public_key: no file "
                             f"{client.pgp_public_key}")
+        problems += _e2e_password_problems(client_id, client)
     return problems
+
+
+def _e2e_password_problems(client_id: str, client: Any) -> list[str]:
+    """An SFTP e2e_password that the account's password_hash does not accept."""
+    from purlgate.passwords import verify_password
+
+    account = client.sftp
+    if account is None or account.e2e_password is None or account.password_hash is None:
+        return []
+    try:
+        password = account.e2e_password.reveal().decode("utf-8", "replace")
+    except ConfigError:
+        return []  # reported with every unreadable secret
+    if verify_password(password, account.password_hash):
+        return []
+    return [f"  client {client_id}, field sftp.e2e_password: the account's password_hash "
+            "does not accept it"]
 
 
 def _key_report(config: Config, region_id: str) -> list[tuple[bool, str]]:

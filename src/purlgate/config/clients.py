@@ -107,11 +107,16 @@ class ClientSftpConfig(Model):
     # "close": an upload is complete when its file is closed (or a temporary name is
     # renamed); "rename": only a temporary name renamed to the final one counts.
     complete_on: Literal["close", "rename"] = "close"
+    # The password `purlgate e2e` logs in with (a QA or demo account's), by secret
+    # reference; check-config checks it against password_hash.
+    e2e_password: SecretRef | None = None
 
     @model_validator(mode="after")
     def _some_way_in(self) -> Self:
         if self.password_hash is None and not self.authorized_keys:
             raise ValueError("give a password_hash, authorized_keys, or both")
+        if self.e2e_password is not None and self.password_hash is None:
+            raise ValueError("e2e_password needs the account's password_hash")
         if self.password_hash is not None and not self.password_hash.startswith("scrypt$"):
             raise ValueError("password_hash must come from `purlgate hash-password`")
         return self
