@@ -23,7 +23,7 @@ from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.outbox_files import write_message
 from purlgate.channels.relay import relay_sender
-from purlgate.channels.replies import PLACEHOLDER
+from purlgate.channels.replies import PLACEHOLDER, attach
 from purlgate.config import RelayConfig, SecretRef
 from purlgate.errors import PermanentDeliveryError, TemporaryDeliveryError
 from tests.mail_helpers import RELAY, Clock, Sink, note
@@ -433,3 +433,50 @@ def test_the_outbox_judges_ages_on_the_clock_it_is_given(tmp_path: Path) -> None
     (tmp_path / "queue" / ".x.msg.part").write_bytes(b"half a message")
     assert box.items() == []
     assert not (tmp_path / "queue" / ".x.msg.part").exists()
+
+
+class Overlap:
+    """A relay that takes a while per message and notes how many bytes it held at once."""
+
+    def __init__(self) -> None:
+        self.held = self.at_once = 0
+        self.most = self.most_at_once = 0
+        self.sent = 0
+
+    async def __call__(self, data: bytes, sender: str, recipients: Sequence[str]) -> None:
+        self.held += len(data)
+        self.at_once += 1
+        self.most = max(self.most, self.held)
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        await asyncio.sleep(0.05)  # the relay's time: others may start meanwhile
+        self.held -= len(data)
+        self.at_once -= 1
+        self.sent += 1
+
+
+@pytest.mark.asyncio
+async def test_big_messages_wait_for_the_byte_budget_not_only_a_connection(
+        tmp_path: Path) -> None:
+    """With eight connections but a 1 MiB budget for message bytes in memory, six
+    700 kB replies go one after another (never two of them held at once), while small
+    notifications still go several at a time; all are delivered."""
+    relay = RELAY.model_copy(update={"max_inflight_bytes": 1 << 20, "max_connections": 8})
+    big, small = Overlap(), Overlap()
+    for sender, name, attachment in ((big, "big", os.urandom(700_000)), (small, "small", b"")):
+        box = Outbox(tmp_path / name, relay, sender=sender)
+        payload = tmp_path / f"{name}.bin"
+        payload.write_bytes(attachment)
+        for i in range(6):
+            message = note(f"{name} {i}")
+            if attachment:
+                attach(message, PLACEHOLDER, maintype="application", subtype="zip",
+                       filename="reply.zip")
+            box.enqueue(message, sender="s@idomoo.com", recipients=["a@acme.example"],
+                        key=f"{name}-{i}", attachment=payload if attachment else None)
+        stop = asyncio.Event()
+        task = asyncio.create_task(box.run(stop))
+        await eventually(lambda sender=sender: sender.sent == 6, f"the {name} messages sent")
+        stop.set()
+        await task
+    assert big.most_at_once == 1 and 900_000 < big.most < (1 << 20), "one at a time"
+    assert small.most_at_once > 1, "small ones still go together"

@@ -35,6 +35,7 @@ from purlgate.channels.outbox_files import (
     write_state,
 )
 from purlgate.channels.outbox_legacy import convert_folder
+from purlgate.channels.queue_worker import give_back_memory
 from purlgate.channels.relay import Sender
 from purlgate.config import RelayConfig
 from purlgate.core.files import GroupSync, fsync_dir
@@ -352,12 +353,39 @@ async def _first_of(wake: asyncio.Event, stop: asyncio.Event, timeout: float) ->
         w.cancel()
 
 
+class ByteBudget:
+    """Bytes of messages held in memory for delivery at once: an attempt takes its
+    message's size (at most the whole budget) before it reads it, and gives it back
+    when it ends. Touched on the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    async def take(self, size: int) -> int:
+        size = min(size, self.limit)  # a message past the budget goes alone
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.used + size <= self.limit)
+            self.used += size
+        return size
+
+    async def give_back(self, size: int) -> None:
+        async with self._freed:
+            self.used -= size
+            self._freed.notify_all()
+
+
+BIG_MESSAGE = 1 << 20  # past this, the heap an attempt used is handed back to the system
+
+
 class _Rounds:
     """The state of ``Outbox.run``: the queue in memory, the attempts in flight."""
 
     def __init__(self, outbox: Outbox, slots: asyncio.Semaphore, wake: asyncio.Event) -> None:
         self.outbox = outbox
         self.slots = slots
+        self.budget = ByteBudget(outbox.relay.max_inflight_bytes)
         self.wake = wake
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.index: dict[str, Item] = {}
@@ -395,10 +423,11 @@ class _Rounds:
                 wait = float(item.meta["next_at"]) - clock()
                 return wait if next_due is None else min(next_due, wait)
             await self.slots.acquire()  # a free connection: one in flight ended
-            self.in_flight[item.id] = asyncio.create_task(self.attempt(item))
+            size = await self.budget.take(_size(item))  # memory for its bytes
+            self.in_flight[item.id] = asyncio.create_task(self.attempt(item, size))
         return next_due
 
-    async def attempt(self, item: Item) -> None:
+    async def attempt(self, item: Item, size: int) -> None:
         box = self.outbox
         try:
             if await box._attempt(item) != "deferred":
@@ -414,10 +443,22 @@ class _Rounds:
         finally:
             self.in_flight.pop(item.id, None)
             self.slots.release()
+            await self.budget.give_back(size)
+            if size >= BIG_MESSAGE:
+                # The message and the relay client's copies of it were freed: hand the
+                # heap back to the system, or a burst of big replies leaves it at its peak.
+                await asyncio.to_thread(give_back_memory)
 
     async def finish(self) -> None:
         if self.in_flight:
             await asyncio.gather(*self.in_flight.values(), return_exceptions=True)
+
+
+def _size(item: Item) -> int:
+    try:
+        return item.path.stat().st_size
+    except OSError:
+        return 0  # gone or unreadable: the attempt finds out
 
 
 def _storage_fault(exc: BaseException) -> None:
