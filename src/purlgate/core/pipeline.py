@@ -44,10 +44,8 @@ from purlgate.core.lifecycle import (
 )
 from purlgate.core.naming import (
     DataName,
-    check_safe_name,
     client_from_name,
     error_name,
-    error_name_of_received,
     flag_name,
     parse_data_name,
     purl_name,
@@ -383,57 +381,6 @@ class BatchProcessor:
                             error_code=error.code)
         return BatchOutcome(failed, error=error)
 
-    def write_error_note(self, out_dir: Path, client_id: str, project_id: str,
-                         received_name: str, reason: str) -> Path | None:
-        """An error file holding one batch-level ``reason`` for a file as received, for a
-        channel that must leave the reason where results appear though no batch wrote
-        one (it failed before, or was dead-lettered). Named and encrypted as the batch's
-        own would be; None when the project has no error file. A ServerError when a PGP
-        project's key cannot be encrypted to: never a plaintext file instead."""
-        client = self.clients[client_id]
-        project = client.projects[project_id]
-        if not project.error_file:
-            return None
-        encrypt = project.pgp_encrypt_output
-        final = out_dir / error_name_of_received(received_name, project.purl_prefix,
-                                                 project.purl_suffix, encrypted=encrypt)
-        work = thread_scratch(self.work_root)
-        note = ErrorLog(work / "row-errors.csv")
-        note.batch_errors.append(reason)
-        if not encrypt:
-            return note.publish(final, replace=True, mode=self.result_mode)
-        plain = note.publish(work / "errors-plain.csv", replace=True, mode=0o600)
-        try:
-            return self._encrypt_file(plain, final, client.pgp_fingerprint, replace=True)
-        finally:
-            plain.unlink(missing_ok=True)
-
-    def write_refusal_note(self, out_dir: Path, client_id: str, project_id: str,
-                           received_name: str, reason: str) -> Path | None:
-        """``<name>_refused.txt`` in ``out_dir``, saying why a file was refused before
-        it was taken in (SFTP at open: OpenSSH sftp, curl and rclone do not print the
-        status text); encrypted (``.txt.gpg``) for a project that encrypts its results.
-        None for a name that cannot be a file of ours (it is in the status text only)."""
-        project = self.clients[client_id].projects[project_id]
-        name = f"{received_name}_refused.txt"
-        try:
-            check_safe_name(name)
-        except FileNameError:
-            return None
-        text = (f"{received_name} was refused when it was uploaded: {reason}.\n"
-                "Nothing of it was kept or processed.\n").encode()
-        if not project.pgp_encrypt_output:
-            with AtomicFile(out_dir / name, no_clobber=False, mode=self.result_mode) as out:
-                out.file.write(text)
-                return out.commit()
-        plain = thread_scratch(self.work_root) / "refused-plain.txt"
-        plain.write_bytes(text)
-        try:
-            return self._encrypt_file(plain, out_dir / f"{name}.gpg",
-                                      self.clients[client_id].pgp_fingerprint, replace=True)
-        finally:
-            plain.unlink(missing_ok=True)
-
     def _drop_rows(self, batch_id: int) -> None:
         """A failed batch serves no links: its row data (if published) goes."""
         if self.rows is not None:
@@ -474,11 +421,12 @@ class BatchProcessor:
 
     def _encrypt_to(self, source: Path, final: Path, job: _Job, *,
                     replace: bool = False) -> Path:
-        return self._encrypt_file(source, final, job.client.pgp_fingerprint,
+        return self.encrypt_file(source, final, job.client.pgp_fingerprint,
                                   replace=job.restarted or replace)
 
-    def _encrypt_file(self, source: Path, final: Path, recipient: str | None, *,
-                      replace: bool) -> Path:
+    def encrypt_file(self, source: Path, final: Path, recipient: str | None, *,
+                     replace: bool) -> Path:
+        """``source`` encrypted to ``recipient`` (PGP) as the result file ``final``."""
         if self.crypto is None or recipient is None:
             raise ServerError("the project encrypts its results but PGP is not set up")
         with AtomicFile(final, no_clobber=not replace, mode=self.result_mode) as out:

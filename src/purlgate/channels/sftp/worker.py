@@ -17,6 +17,7 @@ from purlgate.channels.sftp.service import SftpService
 from purlgate.channels.sftp.spool import Upload
 from purlgate.config import ProcessingConfig
 from purlgate.core.lifecycle import BatchState
+from purlgate.core.notes import write_error_note, write_refusal_note
 from purlgate.core.pipeline import BatchProcessor, Submission
 from purlgate.errors import DamagedEntryError, ServerError
 
@@ -95,10 +96,11 @@ class SftpWorker:
 
     def note_refusal(self, client_id: str, project_id: str, name: str, reason: str) -> None:
         """An upload refused at open: why, in a note in Downloads (see
-        ``BatchProcessor.write_refusal_note``). Never fails the refusal itself."""
+        ``core.notes.write_refusal_note``). Never fails the refusal itself."""
         try:
-            self.processor.write_refusal_note(self.service.downloads(client_id, project_id),
-                                              client_id, project_id, name, reason)
+            write_refusal_note(self.processor, self.service.downloads(client_id, project_id),
+                               client_id=client_id, project_id=project_id,
+                               received_name=name, reason=reason)
         except Exception as exc:  # noqa: BLE001 - the status text still says why
             log.warning("no refusal note for an upload of client %s project %s (%s)",
                         client_id, project_id, type(exc).__name__)
@@ -109,9 +111,9 @@ class SftpWorker:
         the project has no error file; none at all rather than a plaintext one when a
         PGP project's key cannot be encrypted to)."""
         try:
-            self.processor.write_error_note(
-                self.service.downloads(client_id, project_id), client_id, project_id,
-                received, reason)
+            write_error_note(self.processor, self.service.downloads(client_id, project_id),
+                             client_id=client_id, project_id=project_id,
+                             received_name=received, reason=reason)
         except ServerError as exc:
             log.warning("no error file for an upload of client %s project %s: %s",
                         client_id, project_id, exc.message)
