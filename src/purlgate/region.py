@@ -2,7 +2,7 @@
 
 What ``purlgate process`` and every channel share, and nothing more: no channel, no
 server and no web library is imported here, so the core's commands start fast and small.
-``app.py`` builds the channels and the web side around it.
+``mail_side.py`` builds the email side around it and ``app.py`` the rest (listeners, web).
 """
 
 from __future__ import annotations
