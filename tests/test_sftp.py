@@ -27,7 +27,7 @@ from tests.sftp_helpers import (
     openssh,
     start,
 )
-from tests.waiting import eventually
+from tests.waiting import eventually, eventually_blocking
 
 
 @pytest.mark.asyncio
@@ -148,10 +148,8 @@ def interrupted_put(running: Running, keys: Keys, source: Path, target: str) -> 
     proc.stdin.write(f"put {source} {target}\n".encode())
     proc.stdin.close()
     partial = running.uploads() / Path(target).name
-    deadline = time.monotonic() + 30
-    while not (partial.exists() and partial.stat().st_size > 20_000):
-        assert time.monotonic() < deadline, "the upload never started"
-        time.sleep(0.02)
+    eventually_blocking(lambda: partial.exists() and partial.stat().st_size > 20_000,
+                        "20 kB of the upload arrived", timeout=30, every=0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0, "sftp exits 0 after an interrupted put"
 
