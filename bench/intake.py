@@ -1,6 +1,6 @@
 """Benchmark: big messages in parallel, memory and the final dot's answer.
 
-    python bench/intake.py [--sessions 30] [--megabytes 20]
+    python bench/intake.py [--sessions 30] [--megabytes 20] [--replies]
 
 A `purlgate serve` subprocess receives S messages of M MB (text, no ZIP: each is
 spooled, then answered by a worker with a failure reply) at once over S SMTP sessions.
@@ -8,6 +8,12 @@ Printed: the memory (PSS) of the gateway and its worker processes together (samp
 at idle, at its peak until every 250 was said and until every message was answered,
 and after, as ratios to idle; the time from the final
 dot to the 250, p50/p99, beside the same for one message alone (the baseline, same run).
+
+With ``--replies`` each message is a real data file instead (an AES ZIP of a CSV of
+about M MB, values that hardly compress), so each is processed and answered with a
+reply of about the same size, taken by a relay sink in this process: the memory is then
+that of the whole answer path too (intake, batches, replies through the outbox), until
+the last reply has arrived, and 10 s after it.
 """
 
 from __future__ import annotations
@@ -54,6 +60,28 @@ class Peak:
         while True:
             self.value = max(self.value, await asyncio.to_thread(rss, self.pid))
             await asyncio.sleep(0.05)
+
+
+def data_message(i: int, megabytes: int, password: bytes) -> bytes:
+    """An AES ZIP of an acme CSV of about ``megabytes`` MB (random hex: it hardly
+    compresses, so the reply's ZIP is about as big), as the demo client mails it."""
+    from email.message import EmailMessage
+    from email.policy import SMTP as SMTP_POLICY
+
+    from purlgate.core.archive import aes_zip
+
+    row_bytes = 60
+    rows = megabytes * 1024 * 1024 // row_bytes
+    body = "first_name,email,code\n" + "".join(
+        f"N{j},u{j}@acme.example,{os.urandom(16).hex()}\n" for j in range(rows))
+    name = f"acme_spring_20261127_1200{i // 60 % 60:02d}_{i % 60:02d}"
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = SENDER, INBOUND, f"big {i}"
+    message["Message-ID"] = f"<big-reply-{i}@acme.example>"
+    message.set_content("file attached")
+    message.add_attachment(aes_zip({f"{name}.csv": body.encode()}, password),
+                           maintype="application", subtype="zip", filename=f"{name}.zip")
+    return message.as_bytes(policy=SMTP_POLICY).removesuffix(b"\r\n")
 
 
 def big_message(i: int, megabytes: int) -> bytes:
@@ -131,12 +159,61 @@ async def run(sessions: int, megabytes: int) -> None:
           f"one message alone {min(alone):.3f} s (p99/alone {q[98] / min(alone):.1f}x)")
 
 
+async def run_replies(sessions: int, megabytes: int) -> None:
+    """As ``run``, through the answer path: data files in, replies of their size out."""
+    from aiosmtpd.smtp import SMTP
+    from bench.burst import Relay
+
+    smtp_port, relay = free_port(), Relay()
+    sink = await asyncio.get_running_loop().create_server(
+        lambda: SMTP(relay, data_size_limit=(megabytes * 3 + 10) << 20), "127.0.0.1", 0)
+    relay_port = sink.sockets[0].getsockname()[1]
+    password = (Path(__file__).resolve().parents[1] / "fixtures" / "secrets"
+                / "acme-zip-password").read_bytes().strip()
+    messages = [data_message(i, megabytes, password) for i in range(sessions + 1)]
+    with tempfile.TemporaryDirectory() as tmp_name:
+        config = write_config(Path(tmp_name), smtp_port, relay_port, 2)
+        config.write_text(config.read_text().replace(
+            "max_message_bytes = 26_214_400", f"max_message_bytes = {(megabytes * 2 + 2) << 20}"))
+        child = await start_serve(config, smtp_port)
+        try:
+            await asyncio.sleep(1.0)
+            await send_timed(smtp_port, messages[0])  # warm up: one answered alone
+            while len(relay.arrived) < 1:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2.0)
+            idle = rss(child.pid)
+            peak = Peak(child.pid)
+            started = time.perf_counter()
+            dots = await asyncio.gather(*(send_timed(smtp_port, m) for m in messages[1:]))
+            while len(relay.arrived) < sessions + 1:
+                await asyncio.sleep(0.2)
+            answered = time.perf_counter() - started
+            peak.task.cancel()
+            await asyncio.sleep(10.0)
+            after = rss(child.pid)
+        finally:
+            stop_serve(child)
+            sink.close()
+    twice = sum(1 for n in relay.count.values() if n > 1)
+    print(f"machine: {os.cpu_count()} cores; {sessions} data files of about {megabytes} MB "
+          f"(AES ZIPs of CSV) at once, each answered with a reply of its size")
+    print(f"  memory (PSS) of serve and its processes: idle {idle} MB; peak until every "
+          f"reply arrived ({answered:.1f} s) {peak.value} MB ({peak.value / idle:.2f}x idle; "
+          f"goal < 400 MB); 10 s later {after} MB ({after / idle:.2f}x idle; goal <= 1.2x)")
+    print(f"  final dot -> 250: p50 {statistics.median(dots):.3f} s; replies arrived "
+          f"{len(relay.arrived)} (twice: {twice})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=30)
     parser.add_argument("--megabytes", type=int, default=20)
+    parser.add_argument("--replies", action="store_true",
+                        help="data files, processed and answered: the answer path too")
     args = parser.parse_args()
-    asyncio.run(run(args.sessions, args.megabytes))
+    asyncio.run(run_replies(args.sessions, args.megabytes) if args.replies
+                else run(args.sessions, args.megabytes))
 
 
 if __name__ == "__main__":

@@ -354,9 +354,9 @@ async def _first_of(wake: asyncio.Event, stop: asyncio.Event, timeout: float) ->
 
 
 class ByteBudget:
-    """Bytes of messages held in memory for delivery at once: an attempt takes its
-    message's size (at most the whole budget) before it reads it, and gives it back
-    when it ends. Touched on the event loop only."""
+    """Memory for messages being delivered at once: an attempt takes what its message
+    will cost (MEMORY_PER_BYTE times its size, at most the whole budget) before it reads
+    it, and gives it back when it ends. Touched on the event loop only."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -377,6 +377,9 @@ class ByteBudget:
 
 
 BIG_MESSAGE = 1 << 20  # past this, the heap an attempt used is handed back to the system
+# What one byte of a message costs in memory while it is delivered: read from its file,
+# then copied about three times by the SMTP client (line ends, dot-stuffing, the send).
+MEMORY_PER_BYTE = 4
 
 
 class _Rounds:
@@ -423,7 +426,7 @@ class _Rounds:
                 wait = float(item.meta["next_at"]) - clock()
                 return wait if next_due is None else min(next_due, wait)
             await self.slots.acquire()  # a free connection: one in flight ended
-            size = await self.budget.take(_size(item))  # memory for its bytes
+            size = await self.budget.take(_size(item) * MEMORY_PER_BYTE)  # its memory
             self.in_flight[item.id] = asyncio.create_task(self.attempt(item, size))
         return next_due
 
@@ -444,7 +447,7 @@ class _Rounds:
             self.in_flight.pop(item.id, None)
             self.slots.release()
             await self.budget.give_back(size)
-            if size >= BIG_MESSAGE:
+            if size >= BIG_MESSAGE * MEMORY_PER_BYTE:
                 # The message and the relay client's copies of it were freed: hand the
                 # heap back to the system, or a burst of big replies leaves it at its peak.
                 await asyncio.to_thread(give_back_memory)

@@ -89,9 +89,10 @@ class RelayConfig(Model):
     # Messages handed to the relay at once, each on its own connection (Postfix's
     # default_destination_concurrency_limit is 20).
     max_connections: int = Field(default=8, ge=1, le=100)
-    # Message bytes read into memory for delivery at once, whatever the connections:
-    # large replies wait their turn instead of multiplying with max_connections (a
-    # message larger than this goes alone).
+    # Memory for messages being delivered at once, whatever the connections (a message
+    # costs about four times its size: read, then copied by the SMTP client): large
+    # replies wait their turn instead of multiplying with max_connections (one that
+    # needs more than this goes alone).
     max_inflight_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
     # A connection is kept open this long after a delivery for the next one (checked
     # with RSET first, as Postfix's connection cache does; its time limit is 2 s), and
