@@ -83,7 +83,8 @@ class SmtpHandler:
         return self.spool.begin(meta)
 
     async def discard(self, writer: SpoolWriter) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.io, writer.discard)
+        if writer.started:  # else there is no file: no trip off the loop for nothing
+            await asyncio.get_running_loop().run_in_executor(self.io, writer.discard)
 
     async def finish(self, envelope: Envelope, writer: SpoolWriter, tail: bytes) -> str:
         """The rest of the message (``tail``: all of a small one) goes to ``writer``, its

@@ -78,6 +78,11 @@ class SpoolWriter:
         self._body_at = 0
         self._head = b""  # the first HEAD_BYTES of the body
 
+    @property
+    def started(self) -> bool:
+        """Whether its file was made (at the first write)."""
+        return self._file is not None
+
     def _open(self) -> BinaryIO:
         try:
             fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

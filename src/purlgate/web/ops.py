@@ -220,8 +220,8 @@ class OpsRoutes:
             self.logins.failed(peer)
         return ok
 
-    def _refuse(self, request: web.Request | None = None) -> web.Response:
-        wait = self.logins.wait(request.remote or "") if request is not None else 0
+    def _refuse(self, request: web.Request) -> web.Response:
+        wait = self.logins.wait(request.remote or "")
         if wait:
             return web.Response(status=429, text="Too many failed logins; try again later\n",
                                 headers={"Cache-Control": "no-store",
