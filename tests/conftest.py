@@ -33,7 +33,7 @@ def _umask_kept() -> Iterator[None]:
 
 
 # Fixtures shared by several test modules live with their helpers.
-pytest_plugins = ["tests.sftp_helpers"]
+pytest_plugins = ["tests.sftp_helpers", "tests.pg_helpers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fixtures" / "data"

@@ -250,10 +250,10 @@ def test_batches_lists_and_filters(tmp_path: Path) -> None:
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["ID", "STATUS", "CLIENT", "PROJECT", "CHANNEL", "ROWS", "OK",
-                                "ERR", "RECEIVED", "(UTC)", "FILE"]
+                                "ERR", "RECEIVED", "(UTC)", "INSTANCE", "FILE"]
     assert lines[1].split()[:3] == ["2", "Failed", "acme"]
     assert lines[2].split()[:8] == ["1", "Done", "acme", "spring", "cli", "20", "20", "0"]
-    assert lines[2].endswith(DEMO)
+    assert lines[2].split()[-2:] == [socket.gethostname(), DEMO]  # the instance that ran it
     only = purlgate("batches", "--status", "Done", "--json", cwd=tmp_path)
     batches = json.loads(only.stdout)["batches"]
     assert [b["id"] for b in batches] == [1]

@@ -42,6 +42,7 @@ from purlgate.config import ClientConfig, Config
 from purlgate.errors import ConfigError
 from purlgate.mail_side import MailSide, MailSideFactory
 from purlgate.operations import (
+    LeaseKeeper,
     RelayWatch,
     RetentionSweep,
     channel_families,
@@ -75,6 +76,7 @@ class Gateway:
     worker: MailWorker
     handler: SmtpHandler
     retention: RetentionSweep
+    keeper: LeaseKeeper
     relay: RelayConnections | None = None  # made here, so closed here
     imap: ImapPoller | None = None
     sftp_service: SftpService | None = None
@@ -122,8 +124,10 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     clients = config.clients_of(region_id)
     handler = SmtpHandler(inbound=set(region_cfg.inbound_addresses), clients=clients,
                           spool=mail.spool, on_accepted=mail.worker.submit)
+    keeper = LeaseKeeper(mail.region.backend)
+    handler.paused = lambda: keeper.down
     gateway = Gateway(mail.region, mail.spool, mail.outbox, mail.worker, handler,
-                      RetentionSweep(clients=clients, outbox=mail.outbox, sftp=None),
+                      RetentionSweep(clients=clients, outbox=mail.outbox, sftp=None), keeper,
                       relay=relay, imap=_imap(mail, clients))
     if region_cfg.sftp is not None:
         _add_sftp(gateway, mail, clients)
@@ -153,12 +157,18 @@ def _add_sftp(gateway: Gateway, mail: MailSide, clients: Mapping[str, ClientConf
     region = mail.region
     sftp_cfg = region.config.sftp
     assert sftp_cfg is not None
+    backend = region.backend
+    spool = SftpSpool(region.data_dir / "sftp-spool",
+                      tmp=backend.scratch(region.data_dir / "sftp-spool" / "tmp"))
     service = SftpService(
         config=sftp_cfg, root=region.data_dir / "sftp", clients=clients, store=region.store,
-        spool=SftpSpool(region.data_dir / "sftp-spool"), defender=Defender(sftp_cfg.defender),
+        spool=spool, defender=Defender(sftp_cfg.defender),
     )
     worker = SftpWorker(service, region.processor, processing=region.config.processing,
                         alerts=mail.alerts)
+    if backend.shared:
+        service.share(backend.leases)
+        worker.queue.share(backend.leases, lambda upload: (spool.incoming / upload.id).exists())
     service.on_upload = worker.submit
     service.on_refused = worker.note_refusal
     gateway.sftp_service, gateway.sftp_worker = service, worker
@@ -177,6 +187,9 @@ def _build_ops(gateway: Gateway) -> OpsRoutes:
         "listeners": listeners_check(gateway.bound),
         "disk": disk_check(region.data_dir, region.config.smtp.min_free_bytes),
         "relay": relay}
+    shared = region.backend.shared
+    if shared:
+        checks["database"] = gateway.keeper.check
     channels: dict[str, tuple[Callable[[], int], QueueWorker[Any]]] = {
         "mail": (lambda: len(gateway.spool.dead_entries()), gateway.worker.queue)}
     if service is not None and gateway.sftp_worker is not None:
@@ -186,12 +199,13 @@ def _build_ops(gateway: Gateway) -> OpsRoutes:
     def families() -> list[Any]:
         found = [*mail_families(gateway.handler.outcomes, gateway.outbox, gateway.spool),
                  *channel_families(channels), *render_families(lambda: links.pool.depth),
-                 *relay.families()]
+                 *relay.families(), *(gateway.keeper.families() if shared else ())]
         return found + (list(sftp_families(service)) if service is not None else [])
 
     return OpsRoutes(links.app, region=region.id, store=region.store, checks=checks,
                      families=families, access=ops_access(web_cfg),
                      advisory=frozenset({"relay"}),
+                     leases=region.backend.leases if shared else None,
                      error_file=(downloads_error_file(service) if service is not None
                                  else lambda batch: None))
 
@@ -280,6 +294,8 @@ async def _run(gateway: Gateway, stop: asyncio.Event, imap_stop: threading.Event
         if gateway.links is not None:
             tasks.create_task(gateway.links.run_sweeper(stop))
         tasks.create_task(gateway.retention.run(stop))
+        if gateway.region.backend.shared:
+            tasks.create_task(gateway.keeper.run(stop))
         await stop.wait()
         if gateway.smtp is not None:
             gateway.smtp.close()

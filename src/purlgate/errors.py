@@ -144,6 +144,13 @@ class StorageError(ServerError):
     code = "storage"
 
 
+class DatabaseUnavailableError(StorageError):
+    """The region's database cannot be reached (or refused us): work waits for it, as
+    for a full disk, and goes on by itself once it is back."""
+
+    code = "database"
+
+
 class DamagedEntryError(ServerError):
     code = "damaged-entry"
 

@@ -18,6 +18,18 @@ current: tuple[str, str] = ("WARNING", "text")
 INSTANCE = os.environ.get("PURLGATE_INSTANCE") or socket.gethostname()
 
 
+def set_instance(name: str) -> None:
+    """Name this instance (``serve --instance``): in every log line, lease and batch,
+    and in the worker processes it starts (they read the environment)."""
+    global INSTANCE  # noqa: PLW0603 - one process-wide name
+    INSTANCE = name
+    os.environ["PURLGATE_INSTANCE"] = name
+
+
+def instance_name() -> str:
+    return INSTANCE
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, instance, message, and the facts
     a line carries as keys (``extra={"facts": {...}}``: event, batch, client, project,

@@ -59,13 +59,18 @@ class MailSideFactory:
         notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox, alerts=alerts)
         region = build_region(self.config, self.region_id, data_dir=self.data_dir,
                               subscribers=[notifier, *subscribers])
+        backend = region.backend
         spool = Spool(self.data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes,
-                      owner=owner)
+                      owner=owner, tmp=backend.scratch(self.data_dir / "spool" / "tmp"))
         worker = MailWorker(region=region_cfg, clients=clients, processor=region.processor,
                             spool=spool, outbox=outbox,
-                            ledger=MailLedger(self.data_dir / "mail.sqlite3"),
-                            work_root=self.data_dir / "mail-work", alerts=alerts,
-                            processes=processes)
+                            ledger=backend.mail_ledger or MailLedger(
+                                self.data_dir / "mail.sqlite3"),
+                            work_root=backend.scratch(self.data_dir / "mail-work"),
+                            alerts=alerts, processes=processes)
+        if backend.shared:
+            worker.queue.share(backend.leases, lambda entry: entry.path.exists())
+            outbox.share(backend.leases)
         return MailSide(region, outbox, alerts, spool, worker)
 
     def __call__(self, on_event: Subscriber) -> MailWorker:

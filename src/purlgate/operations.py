@@ -3,7 +3,8 @@
 Readiness checks and metric families are built here from the pieces they read (an
 outbox, a spool, a queue, the SFTP service), each passed in by ``app.py``; the web side
 gets them as plain callables (``web/ops.py`` imports no channel). ``RetentionSweep``
-deletes results in Downloads and sent mail past their retention.
+deletes results in Downloads and sent mail past their retention. ``LeaseKeeper`` keeps
+this instance's leases and watches the region's database.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.sftp import SftpService
 from purlgate.channels.spool import Spool
 from purlgate.config import ClientConfig, WebConfig
+from purlgate.core.leases import InstanceSeen
 from purlgate.core.lifecycle import BatchRecord
+from purlgate.region import Backend
 from purlgate.web.ops import OpsAccess, ReadyCheck
 
 log = logging.getLogger("purlgate.operations")
@@ -193,3 +196,60 @@ class RetentionSweep:
             await asyncio.to_thread(self.sweep)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), RETENTION_SWEEP_SECONDS)
+
+
+class LeaseKeeper:
+    """This instance's life line to the others: renews all of its leases every third of
+    their time (which also says it is alive), and watches the database. While the
+    database cannot be reached, ``down`` is true: intake answers "try again later"
+    (SMTP 451, an SFTP failure), /readyz answers 503, and it is tried again every
+    couple of seconds; the leases ran out meanwhile only if it stayed away for longer
+    than their time (then another instance may take the work over, which every step
+    allows). Also keeps, for /metrics, how the region's instances were last seen."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.down = False
+        self.detail = "reachable"
+        self.seen: list[InstanceSeen] = []
+
+    def _renew(self) -> list[InstanceSeen]:
+        self.backend.leases.renew()
+        return self.backend.leases.instances()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        every = self.backend.leases.seconds / 3
+        while not stop.is_set():
+            try:
+                self.seen = await asyncio.to_thread(self._renew)
+            except Exception as exc:  # noqa: BLE001 - the database away: said and retried
+                detail = getattr(exc, "message", None) or type(exc).__name__
+                if not self.down:
+                    log.error("%s: intake answers 'try again later' until it is back",  # noqa: TRY400 - expected, no trace
+                              detail)
+                self.down, self.detail = True, detail
+            else:
+                if self.down:
+                    log.warning("the database is reachable again: intake resumes")
+                self.down, self.detail = False, "reachable"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(every, 2.0) if self.down else every)
+
+    def check(self) -> tuple[bool, str]:
+        return not self.down, self.detail
+
+    def families(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("purlgate_database_up",
+                                "Whether this instance reaches the region's database",
+                                value=0 if self.down else 1)
+        leases = GaugeMetricFamily("purlgate_instance_leases",
+                                   "Live leases (work in hand) of each instance of the region",
+                                   labels=["instance"])
+        seen = GaugeMetricFamily("purlgate_instance_seen_seconds",
+                                 "Seconds since each instance last renewed its leases",
+                                 labels=["instance"])
+        for instance in self.seen:
+            leases.add_metric([instance.name], instance.leases)
+            seen.add_metric([instance.name], instance.seen_ago)
+        yield leases
+        yield seen

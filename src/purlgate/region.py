@@ -18,16 +18,19 @@ import pyarrow as pa
 
 from purlgate.config import Config, RegionConfig
 from purlgate.core.archive import UnwrapLimits
+from purlgate.core.leases import Leases, LocalLeases
+from purlgate.core.lifecycle import RegionStore
 from purlgate.core.pipeline import BatchProcessor, Subscriber
-from purlgate.core.render import Renderer
+from purlgate.core.render import Renderer, RenderLedgerPort
 from purlgate.errors import ConfigError
+from purlgate.logs import instance_name
 from purlgate.pgp import GpgKeyStore
 from purlgate.renderers.embedded import EmbeddedRenderer, load_or_create_key, parse_key
 from purlgate.rowstore import ArrowRowStore
 from purlgate.store import SqliteBatchStore
 
 if TYPE_CHECKING:
-    from purlgate.renderers.storyboard import RenderLedger
+    from purlgate.postgres import PgDatabase, PgMailLedger
 
 
 def use_jemalloc() -> None:
@@ -44,16 +47,72 @@ def utc_now() -> datetime:
 
 
 @dataclass(frozen=True)
+class Backend:
+    """Where a region keeps what its instances agree on: SQLite in ``data_dir`` (one
+    instance, the embedded default) or the region's PostgreSQL (``[database]``, any
+    number of instances sharing ``data_dir``)."""
+
+    store: RegionStore
+    leases: Leases
+    database: PgDatabase | None = None  # None: embedded
+    mail_ledger: PgMailLedger | None = None  # None: the mail worker's SQLite one
+    render_ledger: RenderLedgerPort | None = None  # None: the renderer's SQLite one
+
+    @property
+    def shared(self) -> bool:
+        """Other instances may work in the same ``data_dir``."""
+        return self.database is not None
+
+    def scratch(self, folder: Path) -> Path:
+        """This instance's own part of a scratch or staging ``folder``: the folder
+        itself when it is the only instance, else a subfolder named after it (what one
+        instance sweeps at start must never be another's work in progress)."""
+        return folder / self.leases.instance if self.shared else folder
+
+    def ping(self) -> None:
+        """Raise DatabaseUnavailableError while the database cannot be reached."""
+        if self.database is not None:
+            self.database.ping()
+
+    def close(self) -> None:
+        if self.database is not None:
+            self.database.close()
+
+
+def open_backend(region_id: str, region: RegionConfig, data_dir: Path, *,
+                 migrate: bool = True) -> Backend:
+    instance = instance_name()
+    if region.database is None:
+        return Backend(SqliteBatchStore(data_dir / "batches.sqlite3", instance=instance),
+                       LocalLeases(instance))
+    # psycopg loads only in regions that have a database.
+    from purlgate.postgres import (  # noqa: PLC0415
+        PgBatchStore,
+        PgDatabase,
+        PgLeases,
+        PgMailLedger,
+        PgRenderLedger,
+    )
+    settings = region.database
+    db = PgDatabase(settings.url.reveal().decode(), region=region_id, instance=instance,
+                    pool_size=settings.pool_size,
+                    connect_timeout=settings.connect_timeout_seconds, migrate_schema=migrate)
+    return Backend(PgBatchStore(db), PgLeases(db, settings.lease_seconds), db,
+                   PgMailLedger(db), PgRenderLedger(db))
+
+
+@dataclass(frozen=True)
 class Region:
     id: str
     config: RegionConfig
     data_dir: Path
-    store: SqliteBatchStore
+    store: RegionStore
     processor: BatchProcessor
     rows: ArrowRowStore
     token_key: bytes
+    backend: Backend
     keys: GpgKeyStore | None = None
-    ledger: RenderLedger | None = None
+    ledger: RenderLedgerPort | None = None
 
     def close(self) -> None:
         self.rows.close()
@@ -61,6 +120,7 @@ class Region:
             self.ledger.close()
         if self.keys is not None:
             self.keys.close()
+        self.backend.close()
 
 
 def token_key(region: RegionConfig, data_dir: Path) -> bytes:
@@ -81,7 +141,8 @@ def build_region(
     data_dir = data_dir or region.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)  # client data lives here: spools, rows, keys, results
-    store = SqliteBatchStore(data_dir / "batches.sqlite3")
+    backend = open_backend(region_id, region, data_dir)
+    store = backend.store
     key = token_key(region, data_dir)
     embedded = EmbeddedRenderer(key, region.public_base_url)
     rows = ArrowRowStore(data_dir / "rows")
@@ -94,7 +155,8 @@ def build_region(
             StoryboardRenderer,
             build_storyboard_renderers,
         )
-        api = build_storyboard_renderers(region.storyboard, region_id, data_dir)
+        api = build_storyboard_renderers(region.storyboard, region_id, data_dir,
+                                         backend.render_ledger)
     made: dict[tuple[str, str], Renderer] = {}
 
     def renderer_for(client_id: str, project_id: str) -> Renderer:
@@ -121,9 +183,10 @@ def build_region(
         keys = GpgKeyStore.open(region.pgp, data_dir, config.client_keys(region_id))
     processor = BatchProcessor(
         region_id=region_id, clients=clients, limits=limits, store=store,
-        renderer_for=renderer_for, clock=utc_now, work_root=data_dir / "work",
+        renderer_for=renderer_for, clock=utc_now,
+        work_root=backend.scratch(data_dir / "work"),
         subscribers=subscribers, crypto=keys, rows=rows,
         result_mode=int(region.results_mode, 8),
     )
-    return Region(region_id, region, data_dir, store, processor, rows, key, keys,
+    return Region(region_id, region, data_dir, store, processor, rows, key, backend, keys,
                   api[0] if api is not None else None)

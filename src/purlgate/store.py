@@ -19,7 +19,6 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from purlgate.core.lifecycle import (
     TERMINAL,
     BatchRecord,
     BatchState,
+    BatchSummary,
     Counts,
     check_transition,
 )
@@ -64,17 +64,6 @@ CREATE INDEX IF NOT EXISTS transitions_batch ON transitions (batch_id);
 """
 
 
-@dataclass(frozen=True)
-class BatchSummary:
-    """What the web side needs of a batch that delivered links."""
-
-    id: int
-    client: str
-    project: str
-    created_at: datetime
-    updated_at: datetime
-
-
 # Version n of the schema is MIGRATIONS[n - 1] applied to version n - 1.
 MIGRATIONS: tuple[str, ...] = (
     SCHEMA,  # 1: the first release (its tables may already exist: IF NOT EXISTS)
@@ -84,6 +73,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX batches_claimed_name ON batches (client, project, data_name)
         WHERE data_name IS NOT NULL AND state != 'Failed';
     """,
+    # 3: the instance that last moved a batch (the batch view; see postgres.py)
+    "ALTER TABLE batches ADD COLUMN instance TEXT;",
 )
 
 
@@ -92,8 +83,9 @@ def _ts(at: datetime) -> str:
 
 
 class SqliteBatchStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, instance: str | None = None) -> None:
         self.path = path
+        self.instance = instance
         self._local = threading.local()
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
@@ -157,9 +149,10 @@ class SqliteBatchStore:
             db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
                 "INSERT INTO batches (region, client, project, channel, received_name, sha256,"
-                " state, created_at, updated_at, intake_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " state, created_at, updated_at, intake_id, instance)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (region, client, project, channel, received_name, sha256,
-                 BatchState.INITIALIZING.value, _ts(at), _ts(at), intake_id),
+                 BatchState.INITIALIZING.value, _ts(at), _ts(at), intake_id, self.instance),
             )
             batch_id = int(cur.lastrowid or 0)
             db.execute(
@@ -210,9 +203,10 @@ class SqliteBatchStore:
             db.execute(
                 "UPDATE batches SET state = ?, reason = COALESCE(?, reason),"
                 " error_code = COALESCE(?, error_code), rows_total = ?, rows_ok = ?,"
-                " rows_error = ?, outputs = ?, updated_at = ? WHERE id = ?",
+                " rows_error = ?, outputs = ?, updated_at = ?,"
+                " instance = COALESCE(?, instance) WHERE id = ?",
                 (target.value, reason, error_code, c.rows_total, c.rows_ok, c.rows_error,
-                 json.dumps(list(outputs)), _ts(at), batch_id),
+                 json.dumps(list(outputs)), _ts(at), self.instance, batch_id),
             )
             db.execute(
                 "INSERT INTO transitions (batch_id, state, at) VALUES (?,?,?)",
@@ -239,7 +233,7 @@ class SqliteBatchStore:
             created_at=datetime.fromisoformat(row["created_at"]),
             updated_at=datetime.fromisoformat(row["updated_at"]),
             history=history,
-            intake_id=row["intake_id"],
+            intake_id=row["intake_id"], instance=row["instance"],
         )
 
     def get(self, batch_id: int) -> BatchRecord:

@@ -74,6 +74,12 @@ class MailLedger:
         return str(row[0])
 
 
+class Ledger(Protocol):
+    """The mail ledger: ``MailLedger`` here, ``postgres.PgMailLedger`` region-wide."""
+
+    def claim(self, key: str, intake_id: str) -> str: ...
+
+
 class Elsewhere(Protocol):
     """Where entries are handled when not in this process (``mail_process.py``)."""
 
@@ -88,7 +94,7 @@ class Elsewhere(Protocol):
 
 class MailWorker:
     def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
-                 processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: MailLedger,
+                 processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: Ledger,
                  work_root: Path, alerts: OperatorAlerts | None = None,
                  processes: Elsewhere | None = None) -> None:
         self.region = region

@@ -11,6 +11,12 @@ the entry moves to ``sent/`` (the record: never sent again); concurrent deliveri
 share the folder fsync that makes the move durable. The previous release's layout is
 converted at the first listing (``outbox_legacy.py``). Delivery goes through the
 ``Sender`` it is handed (``relay.py``); whoever made that sender closes it.
+
+Several instances may share the folders (``leases`` set): each attempt is leased first
+and reads the entry afresh, so an entry is tried by one instance at a time and one
+another instance sent or deferred meanwhile is left as that one left it; the whole
+folder is read more often, so that an instance that died has its queue delivered by
+another soon after its leases run out.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from purlgate.channels.queue_worker import give_back_memory
 from purlgate.channels.relay import Sender
 from purlgate.config import RelayConfig
 from purlgate.core.files import GroupSync, fsync_dir
+from purlgate.core.leases import Leases
 from purlgate.errors import PermanentDeliveryError, StorageError, TemporaryDeliveryError
 from purlgate.faults import crash_point
 
@@ -76,6 +83,26 @@ class Outbox:
         self.enqueued: list[str] | None = None
         self._rescan = False
         self._upgraded = False
+        self.leases: Leases | None = None  # set when other instances share the folders
+        self.rescan_seconds = RESCAN_SECONDS
+
+    def share(self, leases: Leases) -> None:
+        """Other instances deliver from the same folders (see the module docstring)."""
+        self.leases = leases
+        self.rescan_seconds = min(RESCAN_SECONDS, leases.seconds / 2)
+
+    def _take(self, item: Item) -> Item | None:
+        """Lease ``item`` for one attempt and read it afresh: None if another instance
+        holds it, or sent, dropped or deferred it since it was listed (its lease then
+        let go)."""
+        assert self.leases is not None
+        if not self.leases.claim("outbox", item.id):
+            return None
+        fresh = read_item(item.id, self.queue)
+        if fresh is None or fresh.meta["next_at"] > self._clock():
+            self.leases.release("outbox", item.id)
+            return None
+        return fresh
 
     # -- enqueue (any thread) -------------------------------------------------------
 
@@ -340,8 +367,10 @@ class Outbox:
             self._wake.clear()
             next_due = await rounds.refresh()
             next_due = await rounds.start_due(stop, next_due)
-            # At most 30 s asleep: `purlgate outbox --retry-now` edits files from outside.
-            timeout = min(next_due, RESCAN_SECONDS) if next_due is not None else RESCAN_SECONDS
+            # At most 30 s asleep: `purlgate outbox --retry-now` edits files from outside
+            # (less with other instances: see the module docstring).
+            most = self.rescan_seconds
+            timeout = min(next_due, most) if next_due is not None else most
             await _first_of(self._wake, stop, timeout)
         await rounds.finish()
 
@@ -401,7 +430,7 @@ class _Rounds:
         with box._lock:
             fresh, box._fresh = box._fresh, []
         try:
-            if box._rescan or time.monotonic() - self.scanned >= RESCAN_SECONDS:
+            if box._rescan or time.monotonic() - self.scanned >= box.rescan_seconds:
                 box._rescan = False
                 self.index = {item.id: item for item in await asyncio.to_thread(box.items)}
                 self.scanned = time.monotonic()
@@ -432,9 +461,18 @@ class _Rounds:
 
     async def attempt(self, item: Item, size: int) -> None:
         box = self.outbox
+        leased = False
         try:
+            if box.leases is not None:
+                taken = await asyncio.to_thread(box._take, item)
+                if taken is None:  # another instance's now; a later full read shows it
+                    self.index.pop(item.id, None)
+                    return
+                item, leased = taken, True
             if await box._attempt(item) != "deferred":
                 self.index.pop(item.id, None)
+            elif leased:
+                self.index[item.id] = item  # as read afresh, with its new next try
         except (OSError, StorageError) as exc:
             # A full or failing disk: the entry stays as it is on disk (read again),
             # tried again soon; never let it end the process.
@@ -447,6 +485,8 @@ class _Rounds:
             self.in_flight.pop(item.id, None)
             self.slots.release()
             await self.budget.give_back(size)
+            if leased:
+                await _release(box, item)
             if size >= BIG_MESSAGE * MEMORY_PER_BYTE:
                 # The message and the relay client's copies of it were freed: hand the
                 # heap back to the system, or a burst of big replies leaves it at its peak.
@@ -455,6 +495,15 @@ class _Rounds:
     async def finish(self) -> None:
         if self.in_flight:
             await asyncio.gather(*self.in_flight.values(), return_exceptions=True)
+
+
+async def _release(box: Outbox, item: Item) -> None:
+    assert box.leases is not None
+    try:
+        await asyncio.to_thread(box.leases.release, "outbox", item.id)
+    except (OSError, StorageError) as exc:  # it then runs out by itself
+        log.warning("outbox %s: could not release its lease (%s)", item.id,
+                    getattr(exc, "message", None) or exc)
 
 
 def _size(item: Item) -> int:

@@ -18,6 +18,11 @@ What goes wrong decides what happens next:
 
 Entries a previous run left (``pending``) are queued first, and the spool is looked at
 again every ``RESCAN_SECONDS`` (what ``purlgate dead-letters --requeue`` put back).
+
+With several instances sharing the spool (``share``), each entry is leased before it is
+handled: an entry another instance holds is passed over (it is not ours to do), and
+the spool is looked at more often, so that the entries of an instance that died are
+taken over soon after their leases run out.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
+from purlgate.core.leases import Leases
 from purlgate.errors import ConfigError, DamagedEntryError, is_storage_fault
 
 T = TypeVar("T")
@@ -92,6 +98,17 @@ class QueueWorker(Generic[T]):
         self._pause = STORAGE_PAUSE_FIRST
         self.running = 0
         self.dead_letters = 0  # moved to the dead-letter folder by this process
+        self._leases: Leases | None = None
+        self._exists: Callable[[T], bool] = lambda item: True
+        self.rescan_seconds = RESCAN_SECONDS
+
+    def share(self, leases: Leases, exists: Callable[[T], bool]) -> None:
+        """Other instances work on the same spool: lease each entry before handling it,
+        and handle it only if it is still there (``exists``: another instance may have
+        finished it since this one listed it)."""
+        self._leases = leases
+        self._exists = exists
+        self.rescan_seconds = min(RESCAN_SECONDS, leases.seconds / 2)
 
     def _handle_here(self, item: T) -> None:
         try:
@@ -163,7 +180,7 @@ class QueueWorker(Generic[T]):
     async def _rescan(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RESCAN_SECONDS)
+                await asyncio.wait_for(stop.wait(), self.rescan_seconds)
             if stop.is_set():
                 return
             await self._look()
@@ -204,6 +221,8 @@ class QueueWorker(Generic[T]):
         assert self._loop is not None
         while (item := await self._next(stop)) is not None:
             ident = self._ident(item)
+            if not await self._lease(item, ident):
+                continue
             self.running += 1
             try:
                 await self._run(item)
@@ -214,6 +233,34 @@ class QueueWorker(Generic[T]):
                 self._pause = STORAGE_PAUSE_FIRST
             finally:
                 self.running -= 1
+                await self._let_go(ident)
+
+    async def _lease(self, item: T, ident: str) -> bool:
+        """Whether this instance is to handle ``item`` now (always, alone)."""
+        leases = self._leases
+        if leases is None:
+            return True
+        try:
+            mine = await asyncio.to_thread(leases.claim, self.name, ident)
+            if mine and not await asyncio.to_thread(self._exists, item):
+                await asyncio.to_thread(leases.release, self.name, ident)
+                mine = False  # finished by another instance since we listed it
+        except Exception as exc:  # noqa: BLE001 - sorted like a handling failure
+            await self._failed(item, ident, exc)
+            return False
+        if not mine:
+            log.debug("%s: entry %s is another instance's", self.name, ident)
+            self._done(ident)  # a later look brings it back if that instance dies
+        return mine
+
+    async def _let_go(self, ident: str) -> None:
+        if self._leases is None:
+            return
+        try:
+            await asyncio.to_thread(self._leases.release, self.name, ident)
+        except Exception as exc:  # noqa: BLE001 - the lease then simply runs out
+            log.warning("%s: could not release the lease on %s (%s); it runs out by "
+                        "itself", self.name, ident, getattr(exc, "message", None) or exc)
 
     def _done(self, ident: str) -> None:
         self._known.discard(ident)

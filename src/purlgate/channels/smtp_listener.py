@@ -40,6 +40,7 @@ REFUSED_RCPT = "550 5.7.1 Relaying denied: this server accepts mail for its own 
 REFUSED_FROM = "550 5.7.1 From header must be the authorized sender of the envelope"
 LOCAL_ERROR = "451 4.3.0 Local error in processing; please try again later"
 NO_SPACE = "452 4.3.1 Insufficient system storage; please try again later"
+PAUSED = "451 4.3.0 Temporarily unable to accept mail (database unreachable); try again later"
 
 
 class SmtpHandler:
@@ -53,6 +54,9 @@ class SmtpHandler:
         # (cores + 4) let concurrent sessions share journal commits.
         self.io = ThreadPoolExecutor(max_workers=SPOOL_THREADS, thread_name_prefix="spool")
         self.outcomes: Counter[str] = Counter()  # messages by outcome, for the metrics
+        # True while the region's database cannot be reached (several instances): mail
+        # is not taken then, the sending server keeps it and tries again.
+        self.paused: Callable[[], bool] = lambda: False
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
                           address: str, mail_options: list[str]) -> str:
@@ -60,6 +64,9 @@ class SmtpHandler:
             log.info("refused sender from %s", session.peer[0] if session.peer else "?")
             self.outcomes["refused-sender"] += 1
             return REFUSED_SENDER
+        if self.paused():
+            self.outcomes["paused"] += 1
+            return PAUSED
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"

@@ -158,10 +158,13 @@ def _storage(exc: OSError) -> ServerError:
 
 
 class Spool:
-    def __init__(self, root: Path, *, min_free_bytes: int = 0, owner: bool = True) -> None:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0, owner: bool = True,
+                 tmp: Path | None = None) -> None:
+        """``tmp``: where messages arrive (default ``root/tmp``); with other instances
+        sharing the spool, this instance's own (what it clears at start is its own)."""
         self.root = root
         self.incoming = root / "incoming"
-        self.tmp = root / "tmp"
+        self.tmp = tmp or root / "tmp"
         self.dead = root / "dead"
         self.min_free_bytes = min_free_bytes
         for folder in (self.incoming, self.tmp, self.dead):

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from purlgate.cli.common import EXIT_FAILED, EXIT_USAGE
 from purlgate.cli.parser import build_parser
 from purlgate.errors import ConfigError, PurlgateError
-from purlgate.logs import setup_logging
+from purlgate.logs import set_instance, setup_logging
 
 # command -> (module, function): imported only for the command that runs.
 COMMANDS = {
@@ -58,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     args = build_parser().parse_args(argv)
     default = "INFO" if args.command == "serve" else "WARNING"
+    if getattr(args, "instance", None):
+        set_instance(args.instance)
     setup_logging(getattr(args, "log_level", default), getattr(args, "log_format", "text"))
     try:
         return _command(args.command)(args)

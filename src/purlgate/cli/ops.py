@@ -19,27 +19,39 @@ from purlgate.errors import ConfigError
 
 
 def batches(args: argparse.Namespace) -> int:
-    from purlgate.store import SqliteBatchStore
-    from purlgate.web.ops import batch_view
+    from purlgate.region import open_backend
+    from purlgate.web.ops import batch_view, instances_view
 
-    region_id, data_dir, _ = region_dir(args)
-    if not (data_dir / "batches.sqlite3").exists():
+    region_id, data_dir, config = region_dir(args)
+    region = config.region(region_id)
+    if region.database is None and not (data_dir / "batches.sqlite3").exists():
         print(f"purlgate: no batches yet in {data_dir} (region {region_id})", file=sys.stderr)
         return EXIT_OK
-    store = SqliteBatchStore(data_dir / "batches.sqlite3")
-    found = [batch_view(b) for b in store.search(client=args.client, project=args.project,
-                                                 status=args.status, limit=args.limit)]
+    backend = open_backend(region_id, region, data_dir)
+    try:
+        found = [batch_view(b) for b in backend.store.search(
+            client=args.client, project=args.project, status=args.status, limit=args.limit)]
+        instances = instances_view(backend.leases) if backend.shared else []
+    finally:
+        backend.close()
     if args.json:
-        print(json.dumps({"region": region_id, "batches": found}, indent=2))
+        print(json.dumps({"region": region_id, "batches": found, "instances": instances},
+                         indent=2))
         return EXIT_OK
     print(f"{'ID':>5}  {'STATUS':<16} {'CLIENT':<10} {'PROJECT':<10} {'CHANNEL':<7} "
-          f"{'ROWS':>7} {'OK':>7} {'ERR':>5}  {'RECEIVED (UTC)':<19}  FILE")
+          f"{'ROWS':>7} {'OK':>7} {'ERR':>5}  {'RECEIVED (UTC)':<19}  {'INSTANCE':<12} FILE")
     for b in found:
         print(f"{b['id']:>5}  {b['status']:<16} {b['client']:<10} {b['project'] or '-':<10} "
               f"{b['channel']:<7} {b['rows']:>7} {b['rows_ok']:>7} {b['rows_error']:>5}  "
-              f"{b['received_at'][:19].replace('T', ' '):<19}  {b['file']}")
+              f"{b['received_at'][:19].replace('T', ' '):<19}  {b['instance'] or '-':<12} "
+              f"{b['file']}")
     if not found:
         print("(no batches match)")
+    if instances:
+        print(f"\n{'INSTANCE':<20} {'LAST SEEN':>10} {'LEASES':>7}  WORKING ON")
+        for i in instances:
+            print(f"{i['name']:<20} {i['seen_seconds_ago']:>9.0f}s {len(i['leases']):>7}  "
+                  f"{', '.join(f'{k}:{v}' for k, v in i['leases'][:4]) or '-'}")
     return EXIT_OK
 
 

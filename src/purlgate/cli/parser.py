@@ -59,6 +59,9 @@ def _serve(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="regions.toml (default: $PURLGATE_CONFIG, else the bundled one)")
     s.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
     s.add_argument("--smtp-port", type=port, help="override the listener port (0: any free)")
+    s.add_argument("--instance", default=os.environ.get("PURLGATE_INSTANCE"),
+                   help="this instance's name in logs, leases and the batch view, unique "
+                        "in its region (default: $PURLGATE_INSTANCE, else the host name)")
 
 
 def _process(sub: Any, common: argparse.ArgumentParser) -> None:

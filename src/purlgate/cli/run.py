@@ -188,7 +188,8 @@ def check_config(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     if not problems:  # the keys themselves: each one opened, pinned and dated
         for region_id in config.regions:
-            for fatal, message in _key_report(config, region_id):
+            for fatal, message in [*_key_report(config, region_id),
+                                   *_database_report(config, region_id)]:
                 (problems if fatal else warnings).append(f"  region {region_id}: {message}")
     for warning in warnings:
         print(f"warning:{warning}")
@@ -201,6 +202,27 @@ def check_config(args: argparse.Namespace) -> int:
               + ", ".join(f"{cid} ({', '.join(c.projects)})" for cid, c in clients.items()))
     print("configuration OK" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return EXIT_OK
+
+
+def _database_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
+    """The region's database reached once: (fatal, what is wrong) if anything is."""
+    settings = config.region(region_id).database
+    if settings is None:
+        return []
+    from purlgate.errors import StorageError
+    from purlgate.postgres import MIGRATIONS, probe
+
+    try:
+        version = probe(settings.url.reveal().decode(), settings.connect_timeout_seconds)
+    except StorageError as exc:
+        return [(True, f"field database.url: {exc.message}")]
+    if version > len(MIGRATIONS):
+        return [(True, f"field database.url: the database is of schema {version}, newer "
+                       f"than this release ({len(MIGRATIONS)}): run the newer release")]
+    if version < len(MIGRATIONS):
+        return [(False, f"field database.url: the database is of schema {version}; the "
+                        f"first instance to start brings it to {len(MIGRATIONS)}")]
+    return []
 
 
 def _secret_problems(config: Config) -> list[str]:

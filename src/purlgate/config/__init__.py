@@ -31,6 +31,7 @@ from purlgate.config.clients import (
 from purlgate.config.loading import load_config, parse_config, secret_refs
 from purlgate.config.regions import (
     Config,
+    DatabaseConfig,
     DefenderConfig,
     ImapConfig,
     LimitsConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "ClientSftpConfig",
     "ColumnSpec",
     "Config",
+    "DatabaseConfig",
     "DefenderConfig",
     "Delimiter",
     "Encoding",

@@ -200,6 +200,16 @@ class StoryboardConfig(Model):
         return value.rstrip("/")
 
 
+class DatabaseConfig(Model):
+    """The region's shared database (PostgreSQL): what several instances agree on. Absent:
+    SQLite in ``data_dir``, one instance."""
+
+    url: SecretRef  # postgresql://user:password@host/db: a secret, it holds a password
+    lease_seconds: float = Field(default=30.0, ge=2, le=3600)  # a dead instance's work
+    pool_size: int = Field(default=8, ge=2, le=100)  # connections per process, at most
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+
+
 class RegionConfig(Model):
     inbound_addresses: list[str] = Field(min_length=1)
     data_dir: Path
@@ -214,6 +224,7 @@ class RegionConfig(Model):
     sftp: SftpConfig | None = None
     web: WebConfig | None = None
     storyboard: StoryboardConfig | None = None
+    database: DatabaseConfig | None = None
     # Mode of PURL, flag and error files (octal): the owner writes, its group may read.
     results_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0640"
 

@@ -313,3 +313,27 @@ class GroupSync:
                     self._running = False
                     self._cond.notify_all()
                 self._completed = max(self._completed, covers)
+
+
+def publish_once(path: Path, data: bytes, mode: int = 0o600) -> bytes:
+    """Write ``data`` to ``path`` unless it exists; what ``path`` holds in the end.
+
+    For what an instance makes on its first start (the token key, the SSH host key):
+    with several instances sharing a folder and starting together, exactly one file is
+    published (a private temporary name, fsynced, linked into place) and every instance
+    reads that one, never a half-written file."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.part")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return path.read_bytes()  # another instance (or process) was first
+        fsync_dir(path.parent)
+        return data
+    finally:
+        temp.unlink(missing_ok=True)

@@ -87,6 +87,18 @@ class BatchRecord:
     updated_at: datetime
     history: tuple[tuple[BatchState, datetime], ...] = field(default=())
     intake_id: str | None = None  # the channel's id of the received file (its spool id)
+    instance: str | None = None  # the instance that last moved it
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """What the web side needs of a batch that delivered links."""
+
+    id: int
+    client: str
+    project: str
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -120,3 +132,20 @@ class BatchStore(Protocol):
     def get(self, batch_id: int) -> BatchRecord: ...
 
     def find_by_name(self, client: str, project: str, data_name: str) -> BatchRecord | None: ...
+
+
+class RegionStore(BatchStore, Protocol):
+    """The batch store as the channels, the web side and the commands see it too
+    (``store.SqliteBatchStore``, ``postgres.PgBatchStore``)."""
+
+    @property
+    def instance(self) -> str | None: ...
+
+    def held_since(self, client: str, project: str, name: str) -> datetime | None: ...
+
+    def finished_since(self, since: datetime | None) -> list[BatchSummary]: ...
+
+    def search(self, *, client: str | None = None, project: str | None = None,
+               status: str | None = None, limit: int = 200) -> list[BatchRecord]: ...
+
+    def recent(self, limit: int = 50) -> list[BatchRecord]: ...

@@ -40,6 +40,30 @@ class Renderer(Protocol):
     def render(self, request: RenderRequest) -> RenderResult: ...
 
 
+@dataclass(frozen=True)
+class RowState:
+    """A paid render's progress for one row (the render API's ledger)."""
+
+    state: str  # "requested", "done", "failed"
+    check_url: str | None
+    thumbnail: str | None
+    landing_page: str | None
+    reason: str | None
+
+
+class RenderLedgerPort(Protocol):
+    """What a paid renderer asked and was answered, per (batch, ordinal): kept where
+    every instance of the region finds it, so a row is paid for once."""
+
+    def load(self, batch_id: int, first: int, count: int) -> dict[int, RowState]: ...
+
+    def record(self, batch_id: int, ordinal: int, row: RowState) -> None: ...
+
+    def forget(self, batch_id: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RowSink(Protocol):
     """Takes one batch's rendered rows in ordinal order; published with the PURL file."""
 

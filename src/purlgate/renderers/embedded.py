@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from purlgate.core.files import publish_once
 from purlgate.core.render import RenderRequest, RenderResult
 from purlgate.errors import ConfigError
 
@@ -34,14 +35,9 @@ def load_or_create_key(path: Path) -> bytes:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(KEY_BYTES)
-    try:
-        with path.open("x", encoding="ascii") as f:
-            path.chmod(0o600)
-            f.write(key.hex() + "\n")
-    except FileExistsError:  # another process won the race; use its key
-        return parse_key(path.read_bytes())
-    return key
+    # Instances starting together on a shared data_dir: one key is published, all use it.
+    fresh = (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode()
+    return parse_key(publish_once(path, fresh))
 
 
 def parse_key(raw: bytes) -> bytes:

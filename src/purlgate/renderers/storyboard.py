@@ -41,7 +41,7 @@ import aiohttp
 import pyarrow as pa
 
 from purlgate.config import StoryboardConfig
-from purlgate.core.render import RenderRequest, RenderResult
+from purlgate.core.render import RenderLedgerPort, RenderRequest, RenderResult, RowState
 from purlgate.errors import RenderAuthError
 
 log = logging.getLogger("purlgate.render.api")
@@ -49,15 +49,6 @@ log = logging.getLogger("purlgate.render.api")
 READY = frozenset({"VIDEO_AVAILABLE", "DONE", "READY", "COMPLETED"})
 FAILED = frozenset({"ERROR", "FAILED"})
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-
-
-@dataclass(frozen=True)
-class RowState:
-    state: str  # "requested", "done", "failed"
-    check_url: str | None
-    thumbnail: str | None
-    landing_page: str | None
-    reason: str | None
 
 
 class RenderLedger:
@@ -166,7 +157,7 @@ class StoryboardRenderer:
     paid = True
 
     def __init__(self, *, config: StoryboardConfig, password: str, storyboard_id: str,
-                 fields: Mapping[str, str], region: str, ledger: RenderLedger,
+                 fields: Mapping[str, str], region: str, ledger: RenderLedgerPort,
                  limiter: RateLimiter, ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         token = base64.b64encode(f"{config.username}:{password}".encode()).decode("ascii")
@@ -316,11 +307,13 @@ class StoryboardRenderer:
 
 def build_storyboard_renderers(
     config: StoryboardConfig, region: str, data_dir: Path,
-) -> tuple[RenderLedger, RateLimiter, str, ssl.SSLContext | None]:
-    """The region's shared pieces: ledger, rate limit, password, TLS trust."""
+    ledger: RenderLedgerPort | None = None,
+) -> tuple[RenderLedgerPort, RateLimiter, str, ssl.SSLContext | None]:
+    """The region's shared pieces: ledger (the database's, else SQLite in ``data_dir``),
+    rate limit, password, TLS trust."""
     password = config.password.reveal().decode("utf-8")
     context = None
     if config.ca_file is not None:
         context = ssl.create_default_context(cafile=str(config.ca_file))
-    return (RenderLedger(data_dir / "render-ledger.sqlite3"),
+    return (ledger or RenderLedger(data_dir / "render-ledger.sqlite3"),
             RateLimiter(config.requests_per_second), password, context)

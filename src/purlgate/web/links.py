@@ -16,11 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from purlgate.core.lifecycle import BatchSummary, RegionStore
 from purlgate.renderers.embedded import decode
-from purlgate.store import BatchSummary, SqliteBatchStore
 
 TOKEN = re.compile(r"^[0-9a-f]{32}$")
 REFRESH_SECONDS = 2.0  # at most one store query per this long for unknown batch ids
+# Each refresh looks back this far past the newest batch it saw: a batch another
+# instance (or thread) finished a moment before that one may be committed after it.
+OVERLAP = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Link:
 class BatchIndex:
     """The batches whose links answer, in memory; filled from the store and events."""
 
-    def __init__(self, store: SqliteBatchStore, retention: Callable[[str, str], timedelta],
+    def __init__(self, store: RegionStore, retention: Callable[[str, str], timedelta],
                  key: bytes, clock: Callable[[], datetime]) -> None:
         self._store = store
         self._retention = retention
@@ -63,12 +66,14 @@ class BatchIndex:
         self._add(summary)
 
     def refresh(self, *, force: bool = False) -> None:
-        """Pick up batches finished by another process (``purlgate process``)."""
+        """Pick up batches finished by another process (another instance, ``purlgate
+        process``)."""
         now = time.monotonic()
         if not force and now < self._next_refresh:
             return
         self._next_refresh = now + REFRESH_SECONDS
-        for summary in self._store.finished_since(self._seen_until):
+        since = self._seen_until - OVERLAP if self._seen_until is not None else None
+        for summary in self._store.finished_since(since):
             self._add(summary)
             if self._seen_until is None or summary.updated_at > self._seen_until:
                 self._seen_until = summary.updated_at

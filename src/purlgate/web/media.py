@@ -104,7 +104,8 @@ def _blend(a: str, b: str, t: float) -> str:
 
 
 def _temp_for(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}.part")
+    # Unique across instances sharing the cache folder too (containers' pids repeat).
+    return target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}.part")
 
 
 def render_thumbnail(canvas: Canvas, target: Path) -> Path:

@@ -34,9 +34,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from purlgate.core.lifecycle import TERMINAL, BatchEvent, BatchRecord, BatchState
+from purlgate.core.leases import Leases
+from purlgate.core.lifecycle import TERMINAL, BatchEvent, BatchRecord, BatchState, RegionStore
 from purlgate.errors import StorageError
-from purlgate.store import SqliteBatchStore
 
 log = logging.getLogger("purlgate.ops")
 
@@ -161,21 +161,34 @@ def batch_view(batch: BatchRecord) -> dict[str, Any]:
         "error_code": batch.error_code, "reason": batch.reason,
         "received_at": batch.created_at.isoformat(), "updated_at": batch.updated_at.isoformat(),
         "seconds": (batch.updated_at - batch.created_at).total_seconds(),
-        "outputs": list(batch.outputs),
+        "outputs": list(batch.outputs), "instance": batch.instance,
         "history": [{"status": s.value, "at": at.isoformat()} for s, at in batch.history],
     }
+
+
+def instances_view(leases: Leases) -> list[dict[str, Any]]:
+    """The region's instances as the others see them, each with what it holds."""
+    held: dict[str, list[tuple[str, str]]] = {}
+    for lease in leases.held():
+        if lease.expires_in >= 0:
+            held.setdefault(lease.owner, []).append((lease.kind, lease.key))
+    return [{"name": i.name, "seen_seconds_ago": round(i.seen_ago, 1),
+             "started_at": i.started_at, "leases": held.get(i.name, [])}
+            for i in leases.instances()]
 
 
 class OpsRoutes:
     """Adds the operations routes to an aiohttp application."""
 
-    def __init__(self, app: web.Application, *, region: str, store: SqliteBatchStore,
+    def __init__(self, app: web.Application, *, region: str, store: RegionStore,
                  checks: Mapping[str, ReadyCheck], families: Callable[[], Iterable[Metric]],
                  access: OpsAccess, error_file: Callable[[BatchRecord], Path | None],
                  registry: CollectorRegistry | None = None,
                  advisory: frozenset[str] = frozenset(),
+                 leases: Leases | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.region = region
+        self.leases = leases  # several instances: the batch view shows them
         self.store = store
         self.checks = checks
         # Reported by /readyz but never a 503: what does not stop intake (the relay:
@@ -302,5 +315,8 @@ class OpsRoutes:
         if not self._allowed(request):
             return self._refuse(request)
         _, batches = await self._list(request)
-        return web.json_response({"region": self.region, "batches": batches},
+        instances = (await asyncio.to_thread(instances_view, self.leases)
+                     if self.leases is not None else [])
+        return web.json_response({"region": self.region, "batches": batches,
+                                  "instances": instances},
                                  headers={"Cache-Control": "no-store"})

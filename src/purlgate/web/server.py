@@ -32,10 +32,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from jinja2 import TemplateError
 
 from purlgate.config import WebConfig
-from purlgate.core.lifecycle import BatchEvent, BatchState
+from purlgate.core.lifecycle import BatchEvent, BatchState, BatchSummary
 from purlgate.errors import RenderBusyError, RenderTimeoutError
 from purlgate.rowstore import ArrowRowStore
-from purlgate.store import BatchSummary
 from purlgate.web.hot_cache import HOT_BYTES, HOT_SECONDS, Hot, HotCache
 from purlgate.web.links import BatchIndex, Link
 from purlgate.web.media import render_thumbnail, render_video

@@ -1,13 +1,17 @@
 """TLS for the web side: the configured pair, or a self-signed one made once (demos).
 
-The self-signed pair is written atomically (hidden name, fsync, link into place), so a
-crash mid-write leaves no truncated file for every later start to trust; a damaged
+The self-signed pair is made in a private folder renamed into place, so a crash
+mid-write leaves no truncated file for every later start to trust, and instances
+starting together on a shared data_dir all load the one pair published first; a damaged
 certificate or key found at start is one line naming the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import shutil
 import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,8 +50,7 @@ def self_signed_pair(folder: Path, host: str | None) -> tuple[Path, Path]:
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     if cert_path.is_file() and key_path.is_file():
         return cert_path, key_path
-    folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o700)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName("localhost"),
                                      x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
@@ -64,13 +67,24 @@ def self_signed_pair(folder: Path, host: str | None) -> tuple[Path, Path]:
             .not_valid_after(now + timedelta(days=825))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(key, hashes.SHA256()))
-    # The key first: a pair is only taken as made once its certificate is there.
-    for path, data, mode in (
-            (key_path, key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()), 0o600),
-            (cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)):
-        with AtomicFile(path, mode=mode, no_clobber=False) as out:
-            out.file.write(data)
-            out.commit()
+    # Made in a private folder renamed into place: instances starting together on a
+    # shared data_dir publish one pair (a rename onto a folder with files fails), and
+    # every one of them loads that pair.
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    staging.mkdir(mode=0o700)
+    try:
+        for name, data, mode in (
+                (key_path.name, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()), 0o600),
+                (cert_path.name, cert.public_bytes(serialization.Encoding.PEM), 0o644)):
+            with AtomicFile(staging / name, mode=mode) as out:
+                out.file.write(data)
+                out.commit()
+        if folder.exists() and not (cert_path.is_file() and key_path.is_file()):
+            shutil.rmtree(folder)  # a pair an older release never finished: ours replaces it
+        with contextlib.suppress(OSError):  # EEXIST / ENOTEMPTY: another was first
+            staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return cert_path, key_path

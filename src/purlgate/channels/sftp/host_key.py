@@ -10,13 +10,14 @@ from pathlib import Path
 
 import asyncssh
 
-from purlgate.core.files import AtomicFile
+from purlgate.core.files import publish_once
 from purlgate.errors import ConfigError
 
 
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
-    """The key in ``path``, or a new ed25519 key written there (hidden name, fsync,
-    link into place: a crash leaves no truncated key). A file that holds no key is a
+    """The key in ``path``, or a new ed25519 key written there (private name, fsync,
+    link into place: a crash leaves no truncated key, and of instances starting together
+    every one takes the key the first published). A file that holds no key is a
     ConfigError naming it."""
     if path.exists():
         try:
@@ -27,7 +28,5 @@ def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
                 "a backup (a new key makes every client warn of a changed host key)") from exc
     key = asyncssh.generate_private_key("ssh-ed25519")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFile(path, mode=0o600) as out:
-        out.file.write(key.export_private_key())
-        out.commit()
-    return key
+    # Instances starting together on a shared data_dir: one key is published, all use it.
+    return asyncssh.import_private_key(publish_once(path, key.export_private_key()))

@@ -4,10 +4,16 @@ A name moves through ``NameState``: RECEIVING (a session is writing it; another 
 is refused) -> SPOOLED (complete, waiting for its batch; every session is refused, and
 the name still answers stat) -> released when its batch ends (or the upload failed).
 A name a batch holds in the store is refused with the time it arrived.
+
+With several instances (``share``), a name being received is also leased in the
+region's database, so that two instances never write one file of a shared Uploads
+folder at once; a spooled name is then guarded by its spool entry and the batch's name
+claim, which every instance sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import stat
 import threading
@@ -22,8 +28,10 @@ from asyncssh import SFTPError
 from purlgate.channels.defender import Defender
 from purlgate.channels.sftp.spool import SftpSpool, Upload
 from purlgate.config import ClientConfig, ProjectConfig, SftpConfig
+from purlgate.core.leases import Leases
+from purlgate.core.lifecycle import RegionStore
+from purlgate.errors import StorageError
 from purlgate.passwords import hash_password
-from purlgate.store import SqliteBatchStore
 
 # Temporary names that clients upload to and then rename: WinSCP ".filepart", rclone
 # ".<8 hex>.partial", FileZilla/others ".part" and ".tmp"; lftp's ".in.<name>." and any
@@ -47,12 +55,15 @@ REFUSALS: Mapping[NameState, str] = {
     NameState.SPOOLED: "a file named {name} was received and is being processed; if it "
                        "fails you may send it again under this name, else use a new name",
 }
+UNAVAILABLE = ("the gateway cannot take uploads right now (its database is unreachable); "
+               "nothing was stored: please upload the file again in a few minutes")
 
 
 @dataclass(frozen=True)
 class _Hold:
     state: NameState
     session: str | None  # the session receiving it (RECEIVING only)
+    entry: Path | None = None  # its spool entry (SPOOLED only)
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ class SftpService:
     """What every SFTP session shares: accounts, homes, names in flight, the spool."""
 
     def __init__(self, *, config: SftpConfig, root: Path, clients: Mapping[str, ClientConfig],
-                 store: SqliteBatchStore, spool: SftpSpool, defender: Defender,
+                 store: RegionStore, spool: SftpSpool, defender: Defender,
                  on_upload: Callable[[Upload], None] | None = None) -> None:
         self.config = config
         self.root = root
@@ -101,7 +112,12 @@ class SftpService:
             m = upload.meta
             if not m.get("damaged"):  # a damaged entry holds no name: it is dead-lettered
                 self._in_flight[(m["client"], m["project"], m["name"])] = _Hold(
-                    NameState.SPOOLED, None)
+                    NameState.SPOOLED, None, upload.path.parent)
+        self.leases: Leases | None = None
+
+    def share(self, leases: Leases) -> None:
+        """Other instances serve the same homes (see the module docstring)."""
+        self.leases = leases
 
     def home(self, client_id: str) -> Path:
         return self.root / client_id
@@ -148,27 +164,45 @@ class SftpService:
 
     def reserve(self, client_id: str, project: str, name: str, owner: str) -> None:
         """Refuse a name a batch holds or that is being received; else hold it."""
-        first = self.store.held_since(client_id, project, name)
+        try:
+            first = self.store.held_since(client_id, project, name)
+        except StorageError as exc:
+            raise SFTPError(asyncssh.FX_FAILURE, UNAVAILABLE) from exc
         if first is not None:
             when = first.strftime("%Y-%m-%d %H:%M:%S UTC")
             raise SFTPError(asyncssh.FX_FAILURE,
                             f"a file named {name} was received at {when}; "
                             "upload it under a new name")
+        key = (client_id, project, name)
         with self._lock:
-            hold = self._in_flight.get((client_id, project, name))
+            hold = self._in_flight.get(key)
+            if hold is not None and hold.entry is not None and not hold.entry.exists():
+                hold = None  # its batch ran on another instance, which let it go there
             if hold is not None and hold.session != owner:
                 raise SFTPError(asyncssh.FX_FAILURE, REFUSALS[hold.state].format(name=name))
-            self._in_flight[(client_id, project, name)] = _Hold(NameState.RECEIVING, owner)
+            self._in_flight[key] = _Hold(NameState.RECEIVING, owner)
+        if self.leases is None:
+            return
+        try:
+            mine = self.leases.claim("upload", "/".join(key))
+        except StorageError as exc:
+            self.release(client_id, project, name, owner)
+            raise SFTPError(asyncssh.FX_FAILURE, UNAVAILABLE) from exc
+        if not mine:  # another instance is receiving it
+            self.release(client_id, project, name, owner)
+            raise SFTPError(asyncssh.FX_FAILURE,
+                            REFUSALS[NameState.RECEIVING].format(name=name))
 
     def spooled(self, client_id: str, project: str, name: str,
-                attrs: asyncssh.SFTPAttrs) -> None:
+                attrs: asyncssh.SFTPAttrs, entry: Path | None = None) -> None:
         """The upload is complete and waits for its batch: nobody may send the name again,
         not even the session that sent it, until the batch has ended; meanwhile the name
         still answers stat with what was uploaded (rclone stats and sets the time of what
         it just wrote)."""
         with self._lock:
-            self._in_flight[(client_id, project, name)] = _Hold(NameState.SPOOLED, None)
+            self._in_flight[(client_id, project, name)] = _Hold(NameState.SPOOLED, None, entry)
             self.ghosts[(client_id, project, name)] = attrs
+        self._let_go(client_id, project, name)
 
     def ghost(self, client_id: str, project: str, name: str) -> asyncssh.SFTPAttrs | None:
         with self._lock:
@@ -182,8 +216,18 @@ class SftpService:
     def release(self, client_id: str, project: str, name: str, owner: str) -> None:
         with self._lock:
             hold = self._in_flight.get((client_id, project, name))
-            if hold is not None and hold.state is NameState.RECEIVING and hold.session == owner:
-                del self._in_flight[(client_id, project, name)]
+            if hold is None or hold.state is not NameState.RECEIVING or hold.session != owner:
+                return
+            del self._in_flight[(client_id, project, name)]
+        self._let_go(client_id, project, name)
+
+    def _let_go(self, client_id: str, project: str, name: str) -> None:
+        """Give the name's lease back (other instances may receive it again); a lease
+        that cannot be given back now runs out by itself."""
+        if self.leases is None:
+            return
+        with contextlib.suppress(StorageError):
+            self.leases.release("upload", f"{client_id}/{project}/{name}")
 
     def done(self, client_id: str, project: str, name: str) -> None:
         with self._lock:

@@ -280,16 +280,16 @@ class ClientSftp(asyncssh.SFTPServer):
             # Nothing half-written stays, and the name is free for the upload again.
             file_obj.real.unlink(missing_ok=True)
             if file_obj.project is not None:
-                self.service.release(self.account.client_id, file_obj.project, file_obj.name,
-                                     self.session)
+                await asyncio.to_thread(self.service.release, self.account.client_id,
+                                        file_obj.project, file_obj.name, self.session)
             raise SFTPError(asyncssh.FX_FAILURE, STORAGE_REFUSAL)
         if self.channel.is_closing():
             # The connection dropped with the file open: a cut-off transfer.
             log.info("cut-off upload of %s discarded", file_obj.name)
             file_obj.real.unlink(missing_ok=True)
             if file_obj.project is not None:
-                self.service.release(self.account.client_id, file_obj.project, file_obj.name,
-                                     self.session)
+                await asyncio.to_thread(self.service.release, self.account.client_id,
+                                        file_obj.project, file_obj.name, self.session)
             return
         if not is_temp(file_obj.name):
             await self._complete(file_obj.real, file_obj.project or "", file_obj.name)
@@ -302,11 +302,13 @@ class ClientSftp(asyncssh.SFTPServer):
         except OSError as exc:
             log.exception("could not spool upload %s", name)
             real.unlink(missing_ok=True)
-            self.service.release(self.account.client_id, project, name, self.session)
+            await asyncio.to_thread(self.service.release, self.account.client_id, project,
+                                    name, self.session)
             raise SFTPError(asyncssh.FX_FAILURE,
                             STORAGE_REFUSAL if exc.errno in STORAGE_ERRNOS else
                             "the upload could not be stored; please upload it again") from exc
-        self.service.spooled(self.account.client_id, project, name, attrs)
+        await asyncio.to_thread(self.service.spooled, self.account.client_id, project, name,
+                                attrs, upload.path.parent)
         self.service.on_upload(upload)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:

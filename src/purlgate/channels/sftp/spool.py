@@ -37,8 +37,9 @@ class SftpSpool:
     """See the module docstring. ``owner``: this process may clear ``tmp/`` (a command
     beside a running gateway must not)."""
 
-    def __init__(self, root: Path, *, owner: bool = True) -> None:
-        self.incoming, self.tmp, self.dead = root / "incoming", root / "tmp", root / "dead"
+    def __init__(self, root: Path, *, owner: bool = True, tmp: Path | None = None) -> None:
+        self.incoming, self.dead = root / "incoming", root / "dead"
+        self.tmp = tmp or root / "tmp"  # this instance's own when others share the spool
         for folder in (self.incoming, self.tmp, self.dead):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         for leftover in self.tmp.iterdir() if owner else ():
