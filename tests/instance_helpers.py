@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,26 @@ INBOUND = "sftp-usa@idomoo.com"
 
 
 def config(relay_port: int, acme_key: str, *, lease_seconds: float = 3,
-           tail: str = "") -> str:
+           render_api: str | None = None) -> str:
     """Region usa on the database of $PURLGATE_DATABASE_URL: mail and SFTP for acme, the
-    links' web side, and short leases (a dead instance's work is taken over in seconds)."""
+    links' web side, and short leases (a dead instance's work is taken over in seconds).
+    ``render_api``: acme's project renders with the (fake) render API at this URL."""
+    tables: dict[str, Any] = {}
+    project = ""
+    if render_api is not None:
+        tables["storyboard"] = {
+            "base_url": render_api, "username": "purlgate",
+            "password": {"env": "PG_TEST_RENDER_PASSWORD"}, "concurrency": 4,
+            "requests_per_second": 500, "timeout_seconds": 5, "poll_seconds": 0.01,
+            "backoff_first_seconds": 0.01, "backoff_max_seconds": 0.05}
+        project = ('render.backend = "storyboard-api"\nrender.storyboard_id = "8801"\n'
+                   'render.fields = { first_name = "FirstName", email = "Email" }\n')
     return region_toml(
         smtp={"port": 0}, relay={"host": "127.0.0.1", "port": relay_port,
                                  "retry_first_seconds": 0.2, "operator": "ops@idomoo.example"},
         processing={"retry_seconds": 0.2}, sftp={"port": 0}, web={"port": 0},
         database={"url": {"env": "PURLGATE_DATABASE_URL"}, "lease_seconds": lease_seconds},
+        **tables,
     ) + f"""[clients.acme]
 name = "Acme"
 regions = ["usa"]
@@ -44,7 +56,7 @@ zip_password = {{ env = "PG_TEST_ACME_ZIP" }}
 username = "acme"
 authorized_keys = ["{acme_key}"]
 [clients.acme.projects.spring]
-""" + tail
+{project}"""
 
 
 @dataclass
@@ -53,10 +65,10 @@ class Instance:
 
     name: str
     proc: subprocess.Popen[str]
+    log: Path  # its stderr (a file: a pipe nobody reads would block it once full)
     smtp: int = 0
     sftp: int = 0
     web: int = 0
-    log: list[str] = field(default_factory=list)
 
     @classmethod
     async def start(cls, name: str, cfg: Path, data: Path, database_url: str,
@@ -65,29 +77,34 @@ class Instance:
         environ = {**os.environ, "PG_TEST_ACME_ZIP": PASSWORD.decode(),
                    "PURLGATE_DATABASE_URL": database_url, **env}
         environ.pop("PURLGATE_CRASH_AT", None)
-        proc = subprocess.Popen(
-            [exe, "serve", "--region", "usa", "--config", str(cfg), "--data-dir", str(data),
-             "--smtp-port", str(free_port()), "--instance", name, "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+        log = cfg.with_name(f"{name}.log")
+        with log.open("a") as err:
+            proc = subprocess.Popen(
+                [exe, "serve", "--region", "usa", "--config", str(cfg), "--data-dir",
+                 str(data), "--smtp-port", str(free_port()), "--instance", name,
+                 "--log-format", "json"],
+                stdout=subprocess.PIPE, stderr=err, text=True, env=environ)
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
-        assert line, f"instance {name} did not start: " + (proc.stderr.read()
-                                                            if proc.stderr else "")
+        assert line, f"instance {name} did not start: {log.read_text()}"
         banner = json.loads(line)
         assert banner["event"] == "ready", banner
-        return cls(name, proc, banner["smtp_port"], banner["sftp_port"], banner["web_port"])
+        return cls(name, proc, log, banner["smtp_port"], banner["sftp_port"],
+                   banner["web_port"])
 
     def kill(self) -> None:
         """kill -9, as a power cut or the OOM killer would (its children follow it)."""
         self.proc.kill()
         self.proc.wait(30)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     async def stop(self) -> str:
         """SIGTERM, and its log (stderr)."""
         if self.proc.poll() is None:
             self.proc.terminate()
-        _, err = await asyncio.to_thread(self.proc.communicate, None, 60)
-        return err or ""
+        await asyncio.to_thread(self.proc.communicate, None, 60)
+        return self.log.read_text()
 
 
 def replies_by_parent(sink: Sink) -> dict[str, set[str]]:

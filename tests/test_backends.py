@@ -214,6 +214,7 @@ def test_the_render_ledger_keeps_each_row(backend: Backend) -> None:
 
 def test_leases_of_one_instance(backend: Backend) -> None:
     leases = backend.leases("box-1")
+    leases.join()
     assert leases.claim("mail", "e1")
     assert leases.claim("mail", "e1")  # ours already: claiming again is fine
     assert leases.claim("outbox", "r1")
@@ -225,6 +226,8 @@ def test_leases_of_one_instance(backend: Backend) -> None:
     leases.release("mail", "e1")
     assert leases.holder("mail", "e1") is None
     assert [(i.name, i.leases) for i in leases.instances()] == [("box-1", 1)]
+    leases.leave()  # a clean stop
+    assert leases.held() == []
 
 
 # -- what only a shared database has ------------------------------------------------------
@@ -236,6 +239,8 @@ def test_a_lease_is_one_instance_s_until_it_runs_out(pg_url: str) -> None:
     lease alone."""
     a = PgLeases(PgDatabase(pg_url, region="usa", instance="a"), seconds=1.5)
     b = PgLeases(PgDatabase(pg_url, region="usa", instance="b"), seconds=1.5)
+    a.join()
+    b.join()
     assert a.claim("mail", "e1")
     assert not b.claim("mail", "e1")
     assert b.holder("mail", "e1") == "a"

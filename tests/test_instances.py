@@ -5,9 +5,15 @@ and upload is answered once, by whichever instance is left."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import aiosmtplib
+import asyncssh
+import psycopg
 import pytest
 
 from tests.instance_helpers import (
@@ -21,11 +27,35 @@ from tests.instance_helpers import (
     replies_by_parent,
     upload,
 )
-from tests.mail_helpers import Sink, good_mail, queues_empty
+from purlgate.renderers.storyboard_fake import FakeBehaviour, FakeStoryboardApi
+from tests.mail_helpers import (
+    Sink,
+    aes_zip,
+    client_mail,
+    good_mail,
+    queues_empty,
+    reply_zip,
+    rows,
+)
+from tests.pg_helpers import PgCluster
 from tests.sftp_helpers import CSV, Keys
 from tests.waiting import eventually
 
 MAILS, TWICE, UPLOADS = 300, 50, 20
+BIG, BIG_ROWS = "acme_spring_20261127_120000_00", 300_000
+
+
+def big_mail(name: str) -> bytes:
+    return client_mail([(f"{name}.zip", aes_zip({f"{name}.csv": rows(BIG_ROWS)}),
+                         "application/zip")])
+
+
+def _running_on(url: str, name: str) -> str | None:
+    """The instance running the batch of ``name`` now, if it is running."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT state, instance FROM batches WHERE data_name = %s",
+                           (f"{name}.csv",)).fetchone()
+    return str(row[1]) if row and row[0] == "In Progress" else None
 
 
 def _name(n: int) -> str:
@@ -52,6 +82,7 @@ async def test_two_instances_lose_one_and_nothing_else(tmp_path: Path, pg_url: s
     data = tmp_path / "shared"
     a, b = await asyncio.gather(Instance.start("box-a", cfg, data, pg_url),
                                 Instance.start("box-b", cfg, data, pg_url))
+    dead, alive = a, b
     try:
         distinct = MAILS - TWICE
         mails = [good_mail(_name(n)) for n in range(distinct)]
@@ -65,28 +96,43 @@ async def test_two_instances_lose_one_and_nothing_else(tmp_path: Path, pg_url: s
         await sink.wait_to(SENDER, 20, timeout=120)
         early = links_of(sink.to(SENDER)[0])[0]
         assert {await answers(a.web, early), await answers(b.web, early)} == {200}
-        a.kill()
+        # Last, a big file (to a; b may take it from the shared spool): the instance
+        # running its batch dies mid-batch.
+        await _send(a.smtp, big_mail(BIG))
+        runner = await eventually(lambda: _running_on(pg_url, BIG),
+                                  "the big batch runs", timeout=60, every=0.01)
+        dead, alive = (a, b) if runner == a.name else (b, a)
+        dead.kill()
         replies = await eventually(
-            lambda: (found := replies_by_parent(sink)) and len(found) >= distinct and found,
+            lambda: (found := replies_by_parent(sink)) and len(found) > distinct and found,
             "every message answered", timeout=300)
         downloads = data / "sftp" / "acme" / "spring" / "Downloads"
-        await eventually(lambda: len(list(downloads.glob("PURL_*"))) >= UPLOADS,
+        await eventually(lambda: len(list(downloads.glob("PURL_*.csv"))) >= UPLOADS,
                          "every upload answered", timeout=120)
         await queues_empty(data, timeout=120)
         assert not list((data / "sftp-spool" / "incoming").iterdir())
+        view = batches(cfg, data, pg_url)
     finally:
-        a.kill()
-        log = await b.stop()
+        for each in (a, b):
+            if each.proc.poll() is None and each is not alive:
+                each.kill()
+        log = await alive.stop()
         await sink.stop()
-    assert len(replies) == distinct, "one reply per distinct message"
+    assert len(replies) == distinct + 1, "one reply per distinct message"
     assert all(len(ids) == 1 for ids in replies.values()), "never two different replies"
-    assert len(list(downloads.glob("PURL_*"))) == UPLOADS
-    view = batches(cfg, data, pg_url)
+    assert len(list(downloads.glob("PURL_*.csv"))) == UPLOADS
     done = [v for v in view["batches"] if v["status"] == "Done"]
-    assert len(done) == distinct + UPLOADS, "one batch per message and upload"
+    assert len(done) == distinct + 1 + UPLOADS, "one batch per message and upload"
     assert len({v["file"] for v in done}) == len(done), "no name claimed twice"
     assert {v["instance"] for v in done} == {"box-a", "box-b"}
-    assert {i["name"] for i in view["instances"]} == {"box-a", "box-b"}
+    big = next(v for v in done if v["file"] == f"{BIG}.csv")
+    assert (big["instance"], big["rows_ok"]) == (alive.name, BIG_ROWS), "taken over"
+    assert [h["status"] for h in big["history"]] == [
+        "Initializing", "In Progress", "Initializing", "In Progress", "Done"]
+    seen = {i["name"]: i for i in view["instances"]}
+    assert set(seen) == {"box-a", "box-b"}
+    assert seen[dead.name]["leases"] == [], "the dead one's leases were all taken over"
+    assert seen[dead.name]["seen_seconds_ago"] > seen[alive.name]["seen_seconds_ago"]
     late = links_of(sink.to(SENDER)[-1])[-1]
     restart = await Instance.start("box-c", cfg, data, pg_url)  # any instance serves any link
     try:
@@ -95,3 +141,159 @@ async def test_two_instances_lose_one_and_nothing_else(tmp_path: Path, pg_url: s
     finally:
         await restart.stop()
     assert "Traceback" not in log, log
+    # They started together on an empty database: one made the schema, both served.
+    assert sum(i.log.read_text().count("database schema migrated") for i in (a, b)) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_paid_batch_moves_to_the_other_instance_without_paying_twice(
+        tmp_path: Path, pg_url: str, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 40-row batch renders through the (fake) render API; the instance running it is
+    killed mid-batch and never comes back. The other takes the batch over once the lease
+    runs out, reads what was asked from the shared render ledger, and asks only for the
+    rest: every row rendered (paid) exactly once, one reply with all 40 rows. A row is
+    asked a second time only if its request was on the wire when the first instance
+    died (at most the API's concurrency, 4), under the same Idempotency-Key."""
+    monkeypatch.setenv("PG_TEST_RENDER_PASSWORD", "secret")
+    api = await FakeStoryboardApi(FakeBehaviour(delay_seconds=0.05)).start()
+    sink = await Sink().start()
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text(config(sink.port, keys.acme_pub, render_api=api.base_url))
+    data = tmp_path / "shared"
+    a, b = await asyncio.gather(Instance.start("box-a", cfg, data, pg_url),
+                                Instance.start("box-b", cfg, data, pg_url))
+    dead, alive = a, b
+    name = f"{_name(0)}.csv"
+    try:
+        mail = client_mail([(f"{_name(0)}.zip", aes_zip({name: rows(40)}), "application/zip")])
+        await _send(a.smtp, mail)
+        await eventually(lambda: len(api.renders) >= 8, "some rows rendered", every=0.01)
+        runner = await asyncio.to_thread(_running_on, pg_url, _name(0))
+        dead, alive = (a, b) if runner == a.name else (b, a)
+        dead.kill()
+        paid_before = len(api.renders)
+        replies = await sink.wait_to(SENDER, timeout=120)
+        await queues_empty(data)
+    finally:
+        for each in (a, b):
+            if each.proc.poll() is None and each is not alive:
+                each.kill()
+        await alive.stop()
+        await sink.stop()
+        await api.stop()
+    assert 8 <= paid_before < 40, "killed mid-batch"
+    assert len(replies) == 1
+    assert len(api.renders) == 40 and set(api.renders.values()) == {1}, api.renders
+    again = [key for key, n in api.requests.items() if n > 1]
+    assert len(again) <= 4 and max(api.requests.values()) <= 2, api.requests
+    purl = reply_zip(replies[0])[f"PURL_{name}"].decode()
+    assert [r["first_name"] for r in csv.DictReader(io.StringIO(purl))] == [
+        f"Zoë{i}" for i in range(40)]
+
+
+@pytest.mark.asyncio
+async def test_one_name_uploaded_to_both_at_the_same_moment(tmp_path: Path, pg_url: str,
+                                                             keys: Keys) -> None:
+    """Two sessions, one on each instance, open the same name at the same moment: one
+    may write it, the other is refused at once (status and a note in Downloads), and
+    one batch comes of it. Sent again later to the other instance, the name is refused
+    with the time it was first received."""
+    sink = await Sink().start()
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text(config(sink.port, keys.acme_pub))
+    data = tmp_path / "shared"
+    a, b = await asyncio.gather(Instance.start("box-a", cfg, data, pg_url),
+                                Instance.start("box-b", cfg, data, pg_url))
+    name = f"{_name(7)}.csv"
+    downloads = data / "sftp" / "acme" / "spring" / "Downloads"
+    try:
+        async with _sftp(a.sftp, keys) as one, _sftp(b.sftp, keys) as two:
+            opened = await asyncio.gather(
+                *(s.open(f"/spring/Uploads/{name}", "wb") for s in (one, two)),
+                return_exceptions=True)
+            won = [f for f in opened if not isinstance(f, BaseException)]
+            lost = [e for e in opened if isinstance(e, BaseException)]
+            assert len(won) == 1 and len(lost) == 1, opened
+            assert isinstance(lost[0], asyncssh.SFTPError)
+            assert lost[0].reason == (f"a file named {name} is being received already; "
+                                      "upload it under a new name")
+            await won[0].write(CSV)
+            await won[0].close()
+        await eventually(lambda: (downloads / f"PURL_{name}").exists(), "the PURL file")
+        note = downloads / f"{name}_refused.txt"
+        assert "is being received already" in note.read_text()
+        loser = b if isinstance(opened[1], BaseException) else a
+        with pytest.raises(asyncssh.SFTPError, match=rf"a file named {name} was received at "
+                                                     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"):
+            await upload(loser.sftp, keys.acme, name, CSV)
+        view = batches(cfg, data, pg_url)
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+        await sink.stop()
+    assert [v["status"] for v in view["batches"] if v["file"] == name] == ["Done"]
+
+
+def _sftp(port: int, keys: Keys) -> Any:
+    return _SftpClient(port, keys.acme)
+
+
+class _SftpClient:
+    def __init__(self, port: int, key: Path) -> None:
+        self.port, self.key = port, key
+
+    async def __aenter__(self) -> asyncssh.SFTPClient:
+        self.conn = await asyncssh.connect("127.0.0.1", self.port, username="acme",
+                                           known_hosts=None, client_keys=[str(self.key)],
+                                           agent_path=None)
+        self.sftp = await self.conn.start_sftp_client()
+        return self.sftp
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sftp.exit()
+        self.conn.close()
+        await self.conn.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_the_database_away_intake_waits_and_resumes(
+        tmp_path: Path, pg_cluster: PgCluster, keys: Keys) -> None:
+    """The database goes away under a running instance: /readyz answers 503 naming it,
+    SMTP answers 451 (the sending server keeps the mail and tries again), an SFTP
+    upload fails with a sentence saying so, and nothing is stored. Once the database is
+    back, the same process takes mail again and answers it, without a restart."""
+    url = pg_cluster.url(pg_cluster.new_database())
+    sink = await Sink().start()
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text(config(sink.port, keys.acme_pub))
+    data = tmp_path / "shared"
+    one = await Instance.start("box-a", cfg, data, url)
+    try:
+        pg_cluster.stop()
+        try:
+            ready = await eventually(lambda: _ready(one.web, want=503), "readiness 503")
+            assert ready["checks"]["database"]["ok"] is False
+            assert "database" in ready["checks"]["database"]["detail"]
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await _send(one.smtp, good_mail(_name(1)))
+            assert refused.value.code == 451
+            assert "database unreachable" in refused.value.message
+            with pytest.raises(asyncssh.SFTPError, match="its database is unreachable"):
+                await upload(one.sftp, keys.acme, f"{_name(2)}.csv", CSV)
+            assert not list((data / "spool" / "incoming").iterdir())
+            assert not list((data / "sftp-spool" / "incoming").iterdir())
+        finally:
+            pg_cluster.start()
+        await eventually(lambda: _ready(one.web, want=200), "ready again", timeout=30)
+        await _send(one.smtp, good_mail(_name(1)))
+        await sink.wait_to(SENDER, timeout=60)
+    finally:
+        log = await one.stop()
+        await sink.stop()
+    assert "the database is reachable again: intake resumes" in log
+
+
+async def _ready(web_port: int, want: int) -> dict[str, Any] | None:
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{web_port}/readyz") as response:
+        body: dict[str, Any] = await response.json()
+        return body if response.status == want else None

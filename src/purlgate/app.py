@@ -321,6 +321,8 @@ async def _shut_down(gateway: Gateway, imap_stop: threading.Event) -> None:
     if gateway.relay is not None:
         await gateway.relay.close()  # QUIT the kept relay connections
     await asyncio.to_thread(gateway.worker.close)
+    if gateway.region.backend.shared:
+        await gateway.keeper.leave()
     gateway.region.close()
 
 

@@ -219,6 +219,8 @@ class LeaseKeeper:
 
     async def run(self, stop: asyncio.Event) -> None:
         every = self.backend.leases.seconds / 3
+        with contextlib.suppress(Exception):  # else the first renewal says what is wrong
+            await asyncio.to_thread(self.backend.leases.join)
         while not stop.is_set():
             try:
                 self.seen = await asyncio.to_thread(self._renew)
@@ -234,6 +236,15 @@ class LeaseKeeper:
                 self.down, self.detail = False, "reachable"
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(every, 2.0) if self.down else every)
+
+    async def leave(self) -> None:
+        """A clean stop, once the work in hand is finished: what this instance held is
+        free for the others at once."""
+        try:
+            await asyncio.to_thread(self.backend.leases.leave)
+        except Exception as exc:  # noqa: BLE001 - then they run out by themselves
+            log.warning("could not give the leases back (%s); they run out in %.0f s",
+                        getattr(exc, "message", None) or exc, self.backend.leases.seconds)
 
     def check(self) -> tuple[bool, str]:
         return not self.down, self.detail

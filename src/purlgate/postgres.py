@@ -440,11 +440,20 @@ class PgLeases:
         self.db = db
         self.instance = db.instance
         self.seconds = seconds
-        with db.connection() as conn:
+
+    def join(self) -> None:
+        with self.db.connection() as conn:
             conn.execute(
                 "INSERT INTO instances VALUES (%s, %s, now(), now()) ON CONFLICT (region, name)"
                 " DO UPDATE SET started_at = now(), seen_at = now()",
-                (db.region, self.instance))
+                (self.db.region, self.instance))
+
+    def leave(self) -> None:
+        with self.db.connection() as conn, conn.transaction():
+            conn.execute("DELETE FROM leases WHERE region = %s AND owner = %s",
+                         (self.db.region, self.instance))
+            conn.execute("DELETE FROM instances WHERE region = %s AND name = %s",
+                         (self.db.region, self.instance))
 
     def claim(self, kind: str, key: str) -> bool:
         with self.db.connection() as conn:

@@ -45,6 +45,14 @@ class Leases(Protocol):
     instance: str
     seconds: float
 
+    def join(self) -> None:
+        """This instance starts serving: the others see it (``instances``)."""
+        ...
+
+    def leave(self) -> None:
+        """This instance stops cleanly: its leases go at once, and so does it."""
+        ...
+
     def claim(self, kind: str, key: str) -> bool:
         """Take the lease on (kind, key): True if it was free, ran out, or is ours."""
         ...
@@ -79,6 +87,13 @@ class LocalLeases:
         self._started = time.time()
         self._lock = threading.Lock()
         self._leases: dict[tuple[str, str], float] = {}  # (kind, key) -> expires at
+
+    def join(self) -> None:
+        """Nothing to tell: there are no other instances."""
+
+    def leave(self) -> None:
+        with self._lock:
+            self._leases.clear()
 
     def claim(self, kind: str, key: str) -> bool:
         with self._lock:
