@@ -11,6 +11,7 @@ Loaded as a pytest plugin by conftest.py (``pytest_plugins``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -89,10 +90,8 @@ class PgCluster:
         return name
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop()
-        except subprocess.CalledProcessError:
-            pass  # already stopped
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -25,7 +25,12 @@ from purlgate.channels.mail_worker import MailLedger
 from purlgate.core.leases import Leases, LocalLeases
 from purlgate.core.lifecycle import BatchState, Counts, RegionStore
 from purlgate.core.render import RenderLedgerPort, RowState
-from purlgate.errors import DatabaseUnavailableError, DuplicateFileError, StorageError, TransitionError
+from purlgate.errors import (
+    DatabaseUnavailableError,
+    DuplicateFileError,
+    StorageError,
+    TransitionError,
+)
 from purlgate.postgres import (
     MIGRATIONS,
     PgBatchStore,
@@ -61,7 +66,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
             lambda instance=None: SqliteBatchStore(tmp_path / "b.sqlite3", instance=instance),
             lambda: MailLedger(tmp_path / "mail.sqlite3"),
             lambda: RenderLedger(tmp_path / "render.sqlite3"),
-            lambda instance: LocalLeases(instance))
+            LocalLeases)
         return
     url = request.getfixturevalue("pg_url")
     opened: list[PgDatabase] = []
@@ -136,7 +141,8 @@ def test_simultaneous_claims_have_one_winner(backend: Backend) -> None:
         except DuplicateFileError:
             results.append("refused")
 
-    threads = [threading.Thread(target=claim, args=pair) for pair in zip(stores, ids)]
+    threads = [threading.Thread(target=claim, args=pair)
+               for pair in zip(stores, ids, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
@@ -181,7 +187,7 @@ def test_lookups(backend: Backend) -> None:
     assert [r.id for r in store.search(status="Done")] == [two]
     assert [r.id for r in store.search(project="spring")] == [two]
     assert [r.id for r in store.recent(1)] == [two]
-    with pytest.raises(Exception):  # noqa: B017, PT011 - each engine's own integrity error
+    with pytest.raises(Exception):  # noqa: B017 - each engine's own integrity error
         new(store, "three.zip", intake_id="spool-1")
 
 
@@ -282,7 +288,7 @@ def test_two_instances_starting_at_once_migrate_once(pg_url: str,
         barrier.wait()
         try:
             opened.append(PgDatabase(pg_url, region="usa", instance=f"i{n}"))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     with caplog.at_level("INFO", logger="purlgate.database"):

@@ -16,6 +16,7 @@ import asyncssh
 import psycopg
 import pytest
 
+from purlgate.renderers.storyboard_fake import FakeBehaviour, FakeStoryboardApi
 from tests.instance_helpers import (
     INBOUND,
     SENDER,
@@ -27,7 +28,6 @@ from tests.instance_helpers import (
     replies_by_parent,
     upload,
 )
-from purlgate.renderers.storyboard_fake import FakeBehaviour, FakeStoryboardApi
 from tests.mail_helpers import (
     Sink,
     aes_zip,
@@ -219,7 +219,7 @@ async def test_one_name_uploaded_to_both_at_the_same_moment(tmp_path: Path, pg_u
                                       "upload it under a new name")
             await won[0].write(CSV)
             await won[0].close()
-        await eventually(lambda: (downloads / f"PURL_{name}").exists(), "the PURL file")
+        await eventually((downloads / f"PURL_{name}").exists, "the PURL file")
         note = downloads / f"{name}_refused.txt"
         assert "is being received already" in note.read_text()
         loser = b if isinstance(opened[1], BaseException) else a
