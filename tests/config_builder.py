@@ -4,7 +4,11 @@ written from only what a test changes."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
+
+from purlgate.logs import instance_name
 
 
 class Raw(str):
@@ -39,6 +43,10 @@ def region_toml(region: str = "usa", *, data_dir: str = "var/usa",
              f"inbound_addresses = {toml_value(inbound or [f'sftp-{region}@idomoo.com'])}",
              f"data_dir = {toml_value(data_dir)}",
              f"public_base_url = {toml_value(public_base_url)}"]
+    if os.environ.get("PURLGATE_TEST_BACKEND") == "postgres" and "database" not in tables:
+        # The suite's PostgreSQL pass: every region on the test's own database (conftest).
+        # A table, not an inline one: some tests str.format() the text (no braces).
+        tables = {**tables, "database__url": {"env": "PURLGATE_DATABASE_URL"}}
     for name, table in tables.items():
         lines += ["", f"[regions.{region}.{name.replace('__', '.')}]"]
         if isinstance(table, str):
@@ -46,3 +54,12 @@ def region_toml(region: str = "usa", *, data_dir: str = "var/usa",
             continue
         lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
     return "\n" + "\n".join(lines) + "\n\n"
+
+
+def own(folder: Path) -> Path:
+    """This instance's part of a scratch or staging folder: the folder itself, or in
+    the suite's PostgreSQL pass (a region with a database, whose instances share its
+    data_dir) the subfolder named after the instance."""
+    if os.environ.get("PURLGATE_TEST_BACKEND") == "postgres":
+        return folder / instance_name()
+    return folder

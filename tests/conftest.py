@@ -32,6 +32,16 @@ def _umask_kept() -> Iterator[None]:
     os.umask(old)
 
 
+@pytest.fixture(autouse=True)
+def _database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's PostgreSQL pass (``PURLGATE_TEST_BACKEND=postgres``, see .ci/run):
+    every region a test configures (tests/config_builder.py) keeps its batches, ledgers
+    and leases in a fresh database of the test's own, on the real server pg_helpers
+    starts. The default pass uses the embedded SQLite backend."""
+    if os.environ.get("PURLGATE_TEST_BACKEND") == "postgres":
+        monkeypatch.setenv("PURLGATE_DATABASE_URL", request.getfixturevalue("pg_url"))
+
+
 # Fixtures shared by several test modules live with their helpers.
 pytest_plugins = ["tests.sftp_helpers", "tests.pg_helpers"]
 

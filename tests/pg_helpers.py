@@ -46,7 +46,10 @@ def _free_port() -> int:
 class PgCluster:
     """One running cluster: ``url(db)`` for the gateway's role, ``admin()`` for set-up."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        """``durable``: fsync on, as in production (the benchmarks); the tests run
+        without it, as nothing they check needs a power cut survived."""
+        self.fsync = "on" if durable else "off"
         self.root = Path(tempfile.mkdtemp(prefix="purlgate-pg-"))
         self.data = self.root / "data"
         self.port = _free_port()
@@ -68,7 +71,7 @@ class PgCluster:
         subprocess.run([*self._as, *argv], check=True, capture_output=True, timeout=120)
 
     def start(self) -> None:
-        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c fsync=off"
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c fsync={self.fsync}"
                    f" -c unix_socket_directories={self.root} -c max_connections=300")
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l",
                   str(self.root / "log"), "start")

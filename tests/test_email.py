@@ -23,6 +23,7 @@ from purlgate.app import build_gateway
 from purlgate.channels.smtp_listener import FLUSH_BYTES, start_smtp
 from purlgate.channels.spool import SpoolWriter
 from purlgate.config import parse_config
+from tests.config_builder import own
 from tests.mail_helpers import (
     INBOUND,
     PASSWORD,
@@ -204,7 +205,7 @@ async def test_low_disk_answers_452(tmp_path: Path, sink: Sink,
             await r.send(good_mail())
         assert err.value.code == 452
         assert r.spooled() == []
-        assert list((r.data_dir / "spool" / "tmp").iterdir()) == []
+        assert list(own(r.data_dir / "spool" / "tmp").iterdir()) == []
     finally:
         await r.shutdown()
 
@@ -466,7 +467,7 @@ async def test_data_streams_to_the_spool_byte_exact(tmp_path: Path, sink: Sink,
         writer.write(raw[: 3 * FLUSH_BYTES])
         await writer.drain()
         writer.close()  # gone mid-DATA
-        tmp = tmp_path / "state" / "spool" / "tmp"
+        tmp = own(tmp_path / "state" / "spool" / "tmp")
         await eventually(lambda: not any(tmp.iterdir()), "the cut-off message's file gone",
                          timeout=5)
         assert len(gateway.spool.pending()) == 1

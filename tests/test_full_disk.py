@@ -17,6 +17,7 @@ import purlgate.channels.queue_worker as queue_module
 from purlgate.channels.outbox import Outbox
 from purlgate.core.files import AtomicFile
 from purlgate.errors import StorageError, TemporaryDeliveryError
+from tests.config_builder import own
 from tests.disk_helpers import fill, tmpfs
 from tests.mail_helpers import (
     PASSWORD,
@@ -121,7 +122,7 @@ async def test_a_full_disk_answers_452_and_recovers_by_itself(
             await r.send(mail_named(1))
         assert refused.value.code == 452 and refused.value.message.startswith("4.3.1")
         assert not r.task.done(), "the listener is still up"
-        assert r.spooled() == [] and not any((r.data_dir / "spool" / "tmp").iterdir())
+        assert r.spooled() == [] and not any(own(r.data_dir / "spool" / "tmp").iterdir())
         filler.unlink()  # space is back: no restart, no operator step
         await r.send(mail_named(2))
         await sink.wait_to(SENDER)

@@ -66,8 +66,9 @@ def test_entrypoint_and_healthcheck_resolve() -> None:
 def test_ports_and_paths_agree_with_the_deploy_config_and_compose() -> None:
     """Every listener of every region in deploy/regions.toml is EXPOSEd and bound to all
     interfaces; data directories live in the image's VOLUME; compose runs usa and eur
-    with their own region, the config where PURLGATE_CONFIG says, and maps only exposed
-    ports; no secret is written in clear."""
+    with their own region (usa twice, on the postgres service and one data volume), the
+    config where PURLGATE_CONFIG says, and maps only exposed ports; no secret is
+    written in clear."""
     exposed = {int(p) for line in instruction("EXPOSE") for p in line.split()}
     volume = instruction("VOLUME")[0].strip('[]"')
     text = (ROOT / "deploy" / "regions.toml").read_text()
@@ -81,12 +82,22 @@ def test_ports_and_paths_agree_with_the_deploy_config_and_compose() -> None:
         assert region.web.tls_cert is not None, "TLS in production"
     assert "password = \"" not in text and "password='" not in text
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    services = compose["services"]
-    assert sorted(services) == sorted(config.regions)
+    services = {n: s for n, s in compose["services"].items() if s.get("image") == "purlgate"}
+    regions = {s["environment"]["PURLGATE_REGION"] for s in services.values()}
+    assert regions == set(config.regions)
+    names = [s["environment"]["PURLGATE_INSTANCE"] for s in services.values()]
+    assert len(set(names)) == len(names), "every instance has a name of its own"
+    for rid, region in config.regions.items():
+        instances = [s for s in services.values()
+                     if s["environment"]["PURLGATE_REGION"] == rid]
+        # Several instances of a region only on a shared database and data volume.
+        assert len(instances) == 1 or region.database is not None, rid
+        assert len({s["volumes"][0] for s in instances}) == 1, rid
+    database = compose["services"]["postgres"]
+    assert "POSTGRES_PASSWORD_FILE" in database["environment"]
     published = set()
-    for name, service in services.items():
+    for service in services.values():
         env = service["environment"]
-        assert env["PURLGATE_REGION"] == name
         mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
         assert mounts[env["PURLGATE_CONFIG"]] == "./deploy/regions.toml"
         assert volume in mounts

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import psycopg
 import pytest
 
 from purlgate.renderers.storyboard_fake import FakeBehaviour, FakeStoryboardApi
+from tests.dovecot import free_port
 from tests.instance_helpers import (
     INBOUND,
     SENDER,
@@ -141,6 +145,7 @@ async def test_two_instances_lose_one_and_nothing_else(tmp_path: Path, pg_url: s
     finally:
         await restart.stop()
     assert "Traceback" not in log, log
+    assert f'"instance": "{alive.name}"' in log, "every log line names its instance"
     # They started together on an empty database: one made the schema, both served.
     assert sum(i.log.read_text().count("database schema migrated") for i in (a, b)) == 1
 
@@ -297,3 +302,38 @@ async def _ready(web_port: int, want: int) -> dict[str, Any] | None:
             http.get(f"http://127.0.0.1:{web_port}/readyz") as response:
         body: dict[str, Any] = await response.json()
         return body if response.status == want else None
+
+
+def test_check_config_names_what_is_wrong_with_the_database(tmp_path: Path,
+                                                            pg_cluster: PgCluster,
+                                                            keys: Keys) -> None:
+    """`purlgate check-config` connects to the region's database and says in one line
+    what is wrong: the password refused, nobody listening, a schema newer than this
+    release; an empty database (before the first start) is fine."""
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text(config(9, keys.acme_pub))
+    url = pg_cluster.url(pg_cluster.new_database())
+
+    def check(database_url: str) -> subprocess.CompletedProcess[str]:
+        exe = str(Path(sys.executable).with_name("purlgate"))
+        return subprocess.run(
+            [exe, "check-config", "--config", str(cfg)], capture_output=True, text=True,
+            timeout=60, check=False, env={**os.environ, "PG_TEST_ACME_ZIP": "x",
+                                          "PURLGATE_DATABASE_URL": database_url})
+
+    fine = check(url)
+    assert (fine.returncode, fine.stdout.splitlines()[-1]) == (0, "configuration OK")
+    wrong = check(url.replace("pg-test-secret", "nope"))
+    assert wrong.returncode == 2
+    assert ("region usa: field database.url: database refused: password authentication "
+            "failed") in wrong.stderr
+    gone = check(f"postgresql://purlgate:x@127.0.0.1:{free_port()}/nowhere")
+    assert gone.returncode == 2
+    assert "region usa: field database.url: database unreachable" in gone.stderr
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE purlgate_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO purlgate_schema VALUES (99)")
+    newer = check(url)
+    assert newer.returncode == 2
+    assert "the database is of schema 99, newer than this release" in newer.stderr
+    assert "pg-test-secret" not in wrong.stderr + gone.stderr + newer.stderr, "no password"

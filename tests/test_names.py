@@ -20,6 +20,7 @@ from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import Submission
 from purlgate.region import build_region
 from purlgate.store import MIGRATIONS, SqliteBatchStore
+from tests.config_builder import own
 from tests.conftest import DATA, TEST_CONFIG, Harness
 from tests.mail_helpers import (
     PASSWORD,
@@ -189,7 +190,7 @@ async def test_an_attachment_named_dotdot_is_answered(
         assert "Status: Done" in second.get_body(("plain",)).get_content()  # type: ignore[union-attr]
         # No folder per message is left, and no client data: the worker's own scratch
         # files stay for the next message, emptied.
-        work = running.data_dir / "mail-work"
+        work = own(running.data_dir / "mail-work")
         assert [p.name for p in work.iterdir() if not p.name.startswith("t")] == []
         assert {p.stat().st_size for p in work.rglob("*") if p.is_file()} <= {0}
         assert running.spooled() == []

@@ -31,7 +31,7 @@ from purlgate.core.pipeline import BatchOutcome, Submission
 from purlgate.errors import ConfigError, ServerError
 from purlgate.pgp import GpgKeyStore
 from purlgate.region import build_region
-from tests.config_builder import region_toml
+from tests.config_builder import own, region_toml
 from tests.conftest import parse_csv, scratch_data_left
 
 T = "20261127_101500"
@@ -274,7 +274,7 @@ def assert_refused(g: Gateway, outcome: BatchOutcome, reason: str) -> None:
     assert outcome.batch.reason == reason
     assert outcome.batch.data_name is None, "a refused file must not claim the name"
     assert outputs(g) == []
-    assert scratch_data_left(g.tmp / "state" / "work") == [], "decrypted data left behind"
+    assert scratch_data_left(own(g.tmp / "state" / "work")) == [], "decrypted data left behind"
 
 
 def test_wrong_recipient(keys: Keys, gateway: Gateway) -> None:

@@ -219,7 +219,7 @@ def _database_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
     if version > len(MIGRATIONS):
         return [(True, f"field database.url: the database is of schema {version}, newer "
                        f"than this release ({len(MIGRATIONS)}): run the newer release")]
-    if version < len(MIGRATIONS):
+    if 0 < version < len(MIGRATIONS):  # (0: empty, made by the first start as usual)
         return [(False, f"field database.url: the database is of schema {version}; the "
                         f"first instance to start brings it to {len(MIGRATIONS)}")]
     return []
