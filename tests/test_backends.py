@@ -356,3 +356,22 @@ def test_a_database_that_goes_away_and_comes_back(pg_cluster: PgCluster) -> None
         pg_cluster.start()
     eventually_blocking(lambda: _answers(store, bid), "the store answers again", timeout=15)
     db.close()
+
+
+def test_the_mail_ledger_under_a_race_has_one_owner(backend: Backend) -> None:
+    """Eight deliveries of one message claim it at the same moment (an MX retry to
+    every instance): all of them learn the same owner."""
+    ledgers = [backend.mail_ledger() for _ in range(8)]
+    barrier = threading.Barrier(len(ledgers))
+    owners: list[str] = []
+
+    def claim(n: int) -> None:
+        barrier.wait()
+        owners.append(ledgers[n].claim("<race@x>|abc", f"spool-{n}"))
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(len(ledgers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(owners) == 8 and len(set(owners)) == 1, owners

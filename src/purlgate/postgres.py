@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -42,6 +44,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from purlgate.core.leases import InstanceSeen, Lease
 from purlgate.core.lifecycle import (
     TERMINAL,
+    TRANSITIONS,
     BatchRecord,
     BatchState,
     BatchSummary,
@@ -53,6 +56,7 @@ from purlgate.errors import DatabaseUnavailableError, DuplicateFileError, Storag
 
 log = logging.getLogger("purlgate.database")
 
+FRESH_SECONDS = 1.0  # a connection used this recently is lent without a check
 SCHEMA_LOCK = 0x7075726C67617465  # "purlgate": the advisory lock migrations run under
 
 # Version n of the schema is MIGRATIONS[n - 1] applied to version n - 1.
@@ -192,10 +196,12 @@ class PgDatabase:
                  connect_timeout: float = 5.0, migrate_schema: bool = True) -> None:
         self.region = region
         self.instance = instance
+        self._used: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = \
+            weakref.WeakKeyDictionary()
         self.pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
             url, min_size=1, max_size=pool_size, open=False, name=f"purlgate-{region}",
             timeout=connect_timeout,
-            check=ConnectionPool.check_connection, configure=_configure,
+            check=self._check, configure=_configure,
             kwargs={"autocommit": True, "row_factory": dict_row,
                     "connect_timeout": max(1, round(connect_timeout)),
                     "application_name": f"purlgate {region} {instance}"[:63]},
@@ -212,11 +218,19 @@ class PgDatabase:
             raise DatabaseUnavailableError(f"database {describe_failure(exc)}") from exc
         self.pool.open()
 
+    def _check(self, conn: psycopg.Connection[Any]) -> None:
+        """Before a connection is lent: one idle for more than a second is checked with
+        an empty query (a database that restarted meanwhile broke it: the pool then
+        makes a new one); a busy one is lent as it is, no round trip added."""
+        if time.monotonic() - self._used.get(conn, 0.0) > FRESH_SECONDS:
+            ConnectionPool.check_connection(conn)
+
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         try:
             with self.pool.connection() as conn:
                 yield conn
+                self._used[conn] = time.monotonic()
         except PoolTimeout as exc:
             raise DatabaseUnavailableError("database unreachable") from exc
         except psycopg.OperationalError as exc:
@@ -230,12 +244,33 @@ class PgDatabase:
         self.pool.close()
 
 
-def _record(conn: psycopg.Connection[dict[str, Any]], row: dict[str, Any]) -> BatchRecord:
-    history = tuple(
-        (BatchState(h["state"]), h["at"])
-        for h in conn.execute(
-            "SELECT state, at FROM transitions WHERE batch_id = %s ORDER BY seq", (row["id"],))
-    )
+# A batch with its history, in one query: the transitions as two arrays.
+SELECT_BATCH = (
+    "SELECT b.*, ARRAY(SELECT t.state FROM transitions t WHERE t.batch_id = b.id"
+    " ORDER BY t.seq) AS h_states, ARRAY(SELECT t.at FROM transitions t"
+    " WHERE t.batch_id = b.id ORDER BY t.seq) AS h_at FROM batches b")
+
+
+# A transition: only from a state the table allows (the UPDATE checks it under its row
+# lock), logged, and the batch with its history before it back, in one statement.
+MOVE_BATCH = (
+    "WITH moved AS (UPDATE batches SET state = %s,"
+    " reason = COALESCE(%s, reason), error_code = COALESCE(%s, error_code),"
+    " rows_total = %s, rows_ok = %s, rows_error = %s, outputs = %s,"
+    " updated_at = %s, instance = COALESCE(%s, instance)"
+    " WHERE id = %s AND state = ANY(%s) RETURNING *),"
+    " logged AS (INSERT INTO transitions (batch_id, state, at)"
+    " SELECT id, state, %s FROM moved)"
+    " SELECT b.*, ARRAY(SELECT t.state FROM transitions t WHERE t.batch_id = b.id"
+    " ORDER BY t.seq) AS h_states, ARRAY(SELECT t.at FROM transitions t"
+    " WHERE t.batch_id = b.id ORDER BY t.seq) AS h_at FROM moved b")
+
+
+def _record(row: dict[str, Any],
+            more: tuple[tuple[BatchState, datetime], ...] = ()) -> BatchRecord:
+    """A batch from a row of ``SELECT_BATCH`` (or a bare row and ``more`` history)."""
+    history = tuple((BatchState(state), at) for state, at in
+                    zip(row.get("h_states") or (), row.get("h_at") or (), strict=True))
     return BatchRecord(
         id=row["id"], region=row["region"], client=row["client"], project=row["project"],
         channel=row["channel"], received_name=row["received_name"],
@@ -244,12 +279,14 @@ def _record(conn: psycopg.Connection[dict[str, Any]], row: dict[str, Any]) -> Ba
         counts=Counts(row["rows_total"], row["rows_ok"], row["rows_error"]),
         outputs=tuple(json.loads(row["outputs"])),
         created_at=row["created_at"], updated_at=row["updated_at"],
-        history=history, intake_id=row["intake_id"], instance=row["instance"],
+        history=history + more, intake_id=row["intake_id"], instance=row["instance"],
     )
 
 
 class PgBatchStore:
-    """The batch store on PostgreSQL (see ``store.SqliteBatchStore`` for the contract)."""
+    """The batch store on PostgreSQL (see ``store.SqliteBatchStore`` for the contract).
+    Each call is one round trip to the server (pipelined where it takes several
+    statements): a batch makes a dozen of them, and on a network they are its cost."""
 
     def __init__(self, db: PgDatabase) -> None:
         self.db = db
@@ -260,20 +297,20 @@ class PgBatchStore:
         self, *, region: str, client: str, project: str | None, channel: str,
         received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
     ) -> BatchRecord:
-        with self.db.connection() as conn, conn.transaction():
+        with self.db.connection() as conn, conn.pipeline(), conn.transaction():
             # Durable with the name claim or the end state, as on SQLite.
             conn.execute("SET LOCAL synchronous_commit = off")
-            row = conn.execute(
-                "INSERT INTO batches (region, client, project, channel, received_name,"
-                " sha256, state, created_at, updated_at, intake_id, instance)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
+            cur = conn.execute(
+                "WITH b AS (INSERT INTO batches (region, client, project, channel,"
+                " received_name, sha256, state, created_at, updated_at, intake_id, instance)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING *),"
+                " t AS (INSERT INTO transitions (batch_id, state, at)"
+                " SELECT id, state, created_at FROM b) SELECT * FROM b",
                 (region, client, project, channel, received_name, sha256,
-                 BatchState.INITIALIZING.value, at, at, intake_id, self.instance),
-            ).fetchone()
-            assert row is not None
-            conn.execute("INSERT INTO transitions (batch_id, state, at) VALUES (%s,%s,%s)",
-                         (row["id"], BatchState.INITIALIZING.value, at))
-        return self.get(int(row["id"]))
+                 BatchState.INITIALIZING.value, at, at, intake_id, self.instance))
+        row = cur.fetchone()
+        assert row is not None
+        return _record(row, ((BatchState.INITIALIZING, at),))
 
     def claim_name(self, batch_id: int, *, project: str, data_name: str) -> None:
         try:
@@ -291,7 +328,7 @@ class PgBatchStore:
             ) from exc
 
     def set_sha256(self, batch_id: int, sha256: str) -> None:
-        with self.db.connection() as conn, conn.transaction():
+        with self.db.connection() as conn, conn.pipeline(), conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = off")
             conn.execute("UPDATE batches SET sha256 = %s WHERE id = %s", (sha256, batch_id))
 
@@ -300,42 +337,41 @@ class PgBatchStore:
         error_code: str | None = None, counts: Counts | None = None,
         outputs: tuple[str, ...] = (),
     ) -> BatchRecord:
-        with self.db.connection() as conn, conn.transaction():
-            if target not in TERMINAL:
-                conn.execute("SET LOCAL synchronous_commit = off")
-            row = conn.execute("SELECT state FROM batches WHERE id = %s FOR UPDATE",
-                               (batch_id,)).fetchone()
-            if row is None:
-                raise StorageError(f"no batch {batch_id}")
-            check_transition(BatchState(row["state"]), target)
-            c = counts or Counts()
-            conn.execute(
-                "UPDATE batches SET state = %s, reason = COALESCE(%s, reason),"
-                " error_code = COALESCE(%s, error_code), rows_total = %s, rows_ok = %s,"
-                " rows_error = %s, outputs = %s, updated_at = %s,"
-                " instance = COALESCE(%s, instance) WHERE id = %s",
-                (target.value, reason, error_code, c.rows_total, c.rows_ok, c.rows_error,
-                 json.dumps(list(outputs)), at, self.instance, batch_id),
-            )
-            conn.execute("INSERT INTO transitions (batch_id, state, at) VALUES (%s,%s,%s)",
-                         (batch_id, target.value, at))
-        return self.get(batch_id)
+        sources = [s.value for s, targets in TRANSITIONS.items() if target in targets]
+        c = counts or Counts()
+        with self.db.connection() as conn:
+            with conn.pipeline(), conn.transaction():
+                if target not in TERMINAL:
+                    conn.execute("SET LOCAL synchronous_commit = off")
+                cur = conn.execute(
+                    MOVE_BATCH,
+                    (target.value, reason, error_code, c.rows_total, c.rows_ok, c.rows_error,
+                     json.dumps(list(outputs)), at, self.instance, batch_id, sources, at))
+            row = cur.fetchone()
+            if row is None:  # no such batch, or not from its state
+                now = conn.execute("SELECT state FROM batches WHERE id = %s",
+                                   (batch_id,)).fetchone()
+                if now is None:
+                    raise StorageError(f"no batch {batch_id}")
+                check_transition(BatchState(now["state"]), target)
+                raise StorageError(f"batch {batch_id} changed state meanwhile")
+        return _record(row, ((target, at),))
 
     def get(self, batch_id: int) -> BatchRecord:
         with self.db.connection() as conn:
-            row = conn.execute("SELECT * FROM batches WHERE id = %s", (batch_id,)).fetchone()
-            if row is None:
-                raise StorageError(f"no batch {batch_id}")
-            return _record(conn, row)
+            row = conn.execute(f"{SELECT_BATCH} WHERE b.id = %s", (batch_id,)).fetchone()
+        if row is None:
+            raise StorageError(f"no batch {batch_id}")
+        return _record(row)
 
     def find_by_name(self, client: str, project: str, data_name: str) -> BatchRecord | None:
         with self.db.connection() as conn:
             row = conn.execute(
-                "SELECT * FROM batches WHERE region = %s AND client = %s AND project = %s"
-                " AND data_name = %s AND state <> %s",
+                f"{SELECT_BATCH} WHERE b.region = %s AND b.client = %s AND b.project = %s"
+                " AND b.data_name = %s AND b.state <> %s",
                 (self.region, client, project, data_name, BatchState.FAILED.value),
             ).fetchone()
-            return None if row is None else _record(conn, row)
+        return None if row is None else _record(row)
 
     def held_since(self, client: str, project: str, name: str) -> datetime | None:
         with self.db.connection() as conn:
@@ -350,9 +386,9 @@ class PgBatchStore:
 
     def find_by_intake(self, intake_id: str) -> BatchRecord | None:
         with self.db.connection() as conn:
-            row = conn.execute("SELECT * FROM batches WHERE region = %s AND intake_id = %s",
+            row = conn.execute(f"{SELECT_BATCH} WHERE b.region = %s AND b.intake_id = %s",
                                (self.region, intake_id)).fetchone()
-            return None if row is None else _record(conn, row)
+        return None if row is None else _record(row)
 
     def finished_since(self, since: datetime | None) -> list[BatchSummary]:
         with self.db.connection() as conn:
@@ -370,12 +406,12 @@ class PgBatchStore:
                status: str | None = None, limit: int = 200) -> list[BatchRecord]:
         with self.db.connection() as conn:
             rows = conn.execute(
-                "SELECT * FROM batches WHERE region = %s"
-                " AND (%s::text IS NULL OR client = %s) AND (%s::text IS NULL OR project = %s)"
-                " AND (%s::text IS NULL OR state = %s) ORDER BY id DESC LIMIT %s",
+                f"{SELECT_BATCH} WHERE b.region = %s AND (%s::text IS NULL OR b.client = %s)"
+                " AND (%s::text IS NULL OR b.project = %s)"
+                " AND (%s::text IS NULL OR b.state = %s) ORDER BY b.id DESC LIMIT %s",
                 (self.region, client, client, project, project, status, status, limit),
             ).fetchall()
-            return [_record(conn, r) for r in rows]
+        return [_record(r) for r in rows]
 
     def recent(self, limit: int = 50) -> list[BatchRecord]:
         return self.search(limit=limit)
@@ -388,11 +424,16 @@ class PgMailLedger:
         self.db = db
 
     def claim(self, key: str, intake_id: str) -> str:
+        # Two statements (the second sees a racing first claim once it committed: one
+        # statement's snapshot would not), sent in one round trip.
         with self.db.connection() as conn:
-            conn.execute("INSERT INTO deliveries (region, key, intake_id) VALUES (%s,%s,%s)"
-                         " ON CONFLICT DO NOTHING", (self.db.region, key, intake_id))
-            row = conn.execute("SELECT intake_id FROM deliveries WHERE region = %s"
-                               " AND key = %s", (self.db.region, key)).fetchone()
+            with conn.pipeline():
+                conn.execute("INSERT INTO deliveries (region, key, intake_id)"
+                             " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                             (self.db.region, key, intake_id))
+                cur = conn.execute("SELECT intake_id FROM deliveries WHERE region = %s"
+                                   " AND key = %s", (self.db.region, key))
+            row = cur.fetchone()
         assert row is not None
         return str(row["intake_id"])
 

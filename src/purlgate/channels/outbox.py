@@ -89,7 +89,7 @@ class Outbox:
     def share(self, leases: Leases) -> None:
         """Other instances deliver from the same folders (see the module docstring)."""
         self.leases = leases
-        self.rescan_seconds = min(RESCAN_SECONDS, leases.seconds / 2)
+        self.rescan_seconds = min(RESCAN_SECONDS, leases.seconds / 3)
 
     def _take(self, item: Item) -> Item | None:
         """Lease ``item`` for one attempt and read it afresh: None if another instance

@@ -108,7 +108,7 @@ class QueueWorker(Generic[T]):
         finished it since this one listed it)."""
         self._leases = leases
         self._exists = exists
-        self.rescan_seconds = min(RESCAN_SECONDS, leases.seconds / 2)
+        self.rescan_seconds = min(RESCAN_SECONDS, leases.seconds / 3)
 
     def _handle_here(self, item: T) -> None:
         try:
