@@ -172,8 +172,8 @@ async def takeover(url: str, lease: float) -> float:
     import aiosmtplib
     import psycopg
     from aiosmtpd.smtp import SMTP
-
     from bench.burst import OTHER
+
     from purlgate.core.archive import aes_zip
 
     password = (ROOT / "fixtures" / "secrets" / "acme-zip-password").read_bytes().strip()
