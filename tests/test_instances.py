@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -278,6 +279,7 @@ async def test_the_database_away_intake_waits_and_resumes(
             ready = await eventually(lambda: _ready(one.web, want=503), "readiness 503")
             assert ready["checks"]["database"]["ok"] is False
             assert "database" in ready["checks"]["database"]["detail"]
+            assert "purlgate_database_up 0.0" in await _get(one.web, "/metrics")
             with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
                 await _send(one.smtp, good_mail(_name(1)))
             assert refused.value.code == 451
@@ -291,10 +293,24 @@ async def test_the_database_away_intake_waits_and_resumes(
         await eventually(lambda: _ready(one.web, want=200), "ready again", timeout=30)
         await _send(one.smtp, good_mail(_name(1)))
         await sink.wait_to(SENDER, timeout=60)
+        metrics = await _get(one.web, "/metrics")
+        assert "purlgate_database_up 1.0" in metrics
+        assert 'purlgate_instance_seen_seconds{instance="box-a"}' in metrics
+        assert 'purlgate_instance_leases{instance="box-a"}' in metrics
+        view = json.loads(await _get(one.web, "/ops/api/batches"))
+        assert [b["instance"] for b in view["batches"]] == ["box-a"]
+        assert [i["name"] for i in view["instances"]] == ["box-a"]
     finally:
         log = await one.stop()
         await sink.stop()
     assert "the database is reachable again: intake resumes" in log
+
+
+async def _get(web_port: int, path: str) -> str:
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{web_port}{path}") as response:
+        assert response.status == 200, path
+        return await response.text()
 
 
 async def _ready(web_port: int, want: int) -> dict[str, Any] | None:

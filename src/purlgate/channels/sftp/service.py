@@ -30,7 +30,7 @@ from purlgate.channels.sftp.spool import SftpSpool, Upload
 from purlgate.config import ClientConfig, ProjectConfig, SftpConfig
 from purlgate.core.leases import Leases
 from purlgate.core.lifecycle import RegionStore
-from purlgate.errors import StorageError
+from purlgate.errors import DatabaseUnavailableError, StorageError
 from purlgate.passwords import hash_password
 
 # Temporary names that clients upload to and then rename: WinSCP ".filepart", rclone
@@ -142,7 +142,10 @@ class SftpService:
                     continue
                 cutoff = now - max_age(project)
                 for path in folder.iterdir():
-                    info = path.lstat()
+                    try:
+                        info = path.lstat()
+                    except FileNotFoundError:
+                        continue  # gone meanwhile (another instance's sweep, the client)
                     if wanted(path.name) and stat.S_ISREG(info.st_mode) \
                             and info.st_mtime < cutoff:
                         path.unlink(missing_ok=True)
@@ -166,7 +169,7 @@ class SftpService:
         """Refuse a name a batch holds or that is being received; else hold it."""
         try:
             first = self.store.held_since(client_id, project, name)
-        except StorageError as exc:
+        except DatabaseUnavailableError as exc:
             raise SFTPError(asyncssh.FX_FAILURE, UNAVAILABLE) from exc
         if first is not None:
             when = first.strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -185,7 +188,7 @@ class SftpService:
             return
         try:
             mine = self.leases.claim("upload", "/".join(key))
-        except StorageError as exc:
+        except DatabaseUnavailableError as exc:
             self.release(client_id, project, name, owner)
             raise SFTPError(asyncssh.FX_FAILURE, UNAVAILABLE) from exc
         if not mine:  # another instance is receiving it
