@@ -85,11 +85,14 @@ def write_config(tmp: Path, smtp_port: int, relay_port: int, workers: int,
     return path
 
 
-async def start_serve(config: Path, smtp_port: int) -> subprocess.Popen[bytes]:
+async def start_serve(config: Path, smtp_port: int, *extra: str,
+                      env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`purlgate serve` of region usa (``extra``: more of its options), once it takes
+    mail on ``smtp_port``."""
     exe = str(Path(sys.executable).with_name("purlgate"))
-    child = subprocess.Popen([exe, "serve", "--config", str(config), "--region", "usa"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    child = subprocess.Popen([exe, "serve", "--config", str(config), "--region", "usa",
+                              *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, env={**os.environ, **(env or {})})
     for _ in range(300):
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", smtp_port)

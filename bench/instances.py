@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.burst import Relay, calibrate, message, write_config
+from bench.burst import Relay, calibrate, message, start_serve, write_config
 from bench.smtp import INBOUND, ROOT, SENDER, free_port
 from tests.pg_helpers import PgCluster
 
@@ -53,22 +53,8 @@ def region_config(tmp: Path, smtp: int, relay: int, database: bool, lease: float
 
 async def start(config: Path, smtp: int, instance: str, env: dict[str, str],
                 data_dir: Path) -> subprocess.Popen[bytes]:
-    exe = str(Path(sys.executable).with_name("purlgate"))
-    child = subprocess.Popen(
-        [exe, "serve", "--config", str(config), "--region", "usa", "--smtp-port", str(smtp),
-         "--instance", instance, "--data-dir", str(data_dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, **env})
-    for _ in range(600):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", smtp)
-            writer.close()
-        except OSError:
-            await asyncio.sleep(0.05)
-        else:
-            return child
-    child.kill()
-    raise SystemExit("purlgate serve did not start")
+    return await start_serve(config, smtp, "--smtp-port", str(smtp), "--instance", instance,
+                             "--data-dir", str(data_dir), env=env)
 
 
 def stop(child: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:

@@ -11,7 +11,6 @@ back.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -241,20 +240,30 @@ def test_leases_of_one_instance(backend: Backend) -> None:
 
 def test_a_lease_is_one_instance_s_until_it_runs_out(pg_url: str) -> None:
     """Instance b cannot take what a holds while a renews; once a stops renewing (it
-    died), b takes it over when the lease runs out, and a's late release leaves b's
-    lease alone."""
-    a = PgLeases(PgDatabase(pg_url, region="usa", instance="a"), seconds=1.5)
-    b = PgLeases(PgDatabase(pg_url, region="usa", instance="b"), seconds=1.5)
+    died) and its lease runs out, b takes it over, and a's late release leaves b's lease
+    alone. Time passes on the database's clock, which decides: the lease is aged there
+    rather than waited for."""
+    a = PgLeases(PgDatabase(pg_url, region="usa", instance="a"), seconds=30)
+    b = PgLeases(PgDatabase(pg_url, region="usa", instance="b"), seconds=30)
     a.join()
     b.join()
+
+    def age(seconds: float) -> None:  # the lease's time passes by this much
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE leases SET expires_at = expires_at - make_interval("
+                         "secs => %s)", (seconds,))
+
     assert a.claim("mail", "e1")
     assert not b.claim("mail", "e1")
     assert b.holder("mail", "e1") == "a"
-    for _ in range(3):  # a lives on past the first lease time
-        time.sleep(0.6)
-        assert a.renew() == 1
-        assert not b.claim("mail", "e1")
-    eventually_blocking(lambda: b.claim("mail", "e1"), "b takes the lease over", timeout=5)
+    age(29)  # a second left: a renews, and has the whole lease time again
+    assert a.renew() == 1
+    assert a.held()[0].expires_in > 29
+    age(29)
+    assert not b.claim("mail", "e1"), "renewed: still a's"
+    age(2)  # a died: no renewal, the lease ran out
+    assert b.holder("mail", "e1") is None
+    assert b.claim("mail", "e1")
     assert b.holder("mail", "e1") == "b"
     a.release("mail", "e1")  # too late: no longer a's to release
     assert b.holder("mail", "e1") == "b"

@@ -142,7 +142,6 @@ def build_region(
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)  # client data lives here: spools, rows, keys, results
     backend = open_backend(region_id, region, data_dir)
-    store = backend.store
     key = token_key(region, data_dir)
     embedded = EmbeddedRenderer(key, region.public_base_url)
     rows = ArrowRowStore(data_dir / "rows")
@@ -182,11 +181,11 @@ def build_region(
     if region.pgp is not None:
         keys = GpgKeyStore.open(region.pgp, data_dir, config.client_keys(region_id))
     processor = BatchProcessor(
-        region_id=region_id, clients=clients, limits=limits, store=store,
+        region_id=region_id, clients=clients, limits=limits, store=backend.store,
         renderer_for=renderer_for, clock=utc_now,
         work_root=backend.scratch(data_dir / "work"),
         subscribers=subscribers, crypto=keys, rows=rows,
         result_mode=int(region.results_mode, 8),
     )
-    return Region(region_id, region, data_dir, store, processor, rows, key, backend, keys,
+    return Region(region_id, region, data_dir, backend.store, processor, rows, key, backend, keys,
                   api[0] if api is not None else None)
