@@ -20,6 +20,7 @@ import asyncssh
 import psycopg
 import pytest
 
+from purlgate.renderers.embedded import parse_key, tokens
 from purlgate.renderers.storyboard_fake import FakeBehaviour, FakeStoryboardApi
 from tests.dovecot import free_port
 from tests.instance_helpers import (
@@ -265,7 +266,8 @@ async def test_the_database_away_intake_waits_and_resumes(
         tmp_path: Path, pg_cluster: PgCluster, keys: Keys) -> None:
     """The database goes away under a running instance: /readyz answers 503 naming it,
     SMTP answers 451 (the sending server keeps the mail and tries again), an SFTP
-    upload fails with a sentence saying so, and nothing is stored. Once the database is
+    upload fails with a sentence saying so, a link it cannot check answers 503 (not
+    404), and nothing is stored. Once the database is
     back, the same process takes mail again and answers it, without a restart."""
     url = pg_cluster.url(pg_cluster.new_database())
     sink = await Sink().start()
@@ -280,6 +282,12 @@ async def test_the_database_away_intake_waits_and_resumes(
             assert ready["checks"]["database"]["ok"] is False
             assert "database" in ready["checks"]["database"]["detail"]
             assert "purlgate_database_up 0.0" in await _get(one.web, "/metrics")
+            # A link of a batch this instance has not seen (another's, say): it cannot
+            # be checked now, and says so rather than "not found".
+            key = parse_key((data / "token.key").read_bytes())
+            async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{one.web}/p/{tokens(key, 4242, 0, 1)[0]}") as page:
+                assert (page.status, page.headers["Retry-After"]) == (503, "5")
             with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
                 await _send(one.smtp, good_mail(_name(1)))
             assert refused.value.code == 451

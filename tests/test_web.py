@@ -12,6 +12,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import av
@@ -19,9 +20,11 @@ import pytest
 from aiosmtplib import SMTP
 from PIL import Image
 
-from purlgate.config import WebConfig
+from purlgate.config import WebConfig, parse_config
 from purlgate.core.lifecycle import BatchState
+from purlgate.core.pipeline import Submission
 from purlgate.errors import ConfigError, RenderTimeoutError
+from purlgate.region import build_region
 from purlgate.renderers.embedded import decode, tokens
 from purlgate.web.media import MAX_DRAWN_CHARS, Canvas, Text, _fit, _font, render_thumbnail
 from purlgate.web.render_pool import RenderPool
@@ -29,7 +32,7 @@ from purlgate.web.templates import default_template_dir
 from purlgate.web.tls import tls_context
 from tests.slow_draw import draw_forever
 from tests.waiting import eventually
-from tests.web_helpers import NAMES, Running, data_file, purl_rows, running
+from tests.web_helpers import NAMES, Running, data_file, make_config, purl_rows, running
 
 NAME = "acme_spring_20261127_101500_00.csv"
 SAME_404 = ("Not found\n", "no-store")
@@ -528,3 +531,36 @@ async def test_slow_and_idle_connections_are_closed(tmp_path: Path) -> None:
 
         results = await asyncio.gather(*(slow() for _ in range(20)), idle())
     assert results == [b"closed"] * 21
+
+
+@pytest.mark.asyncio
+async def test_a_batch_finished_elsewhere_is_served_and_kept(tmp_path: Path) -> None:
+    """Batches another process finished on the same store and data_dir (another
+    instance of the region, `purlgate process`): their links answer at once (looked up
+    in the store, off the event loop), and the retention sweep keeps their row data,
+    however long ago it was published, instead of taking them for never served."""
+    async with running(tmp_path) as run:
+        other = build_region(parse_config(make_config(tmp_path)), "usa")
+        out = tmp_path / "elsewhere"
+        out.mkdir()
+
+        def process(name: str) -> Any:
+            (tmp_path / name).write_bytes(data_file(2))
+            return other.processor.process(Submission(
+                path=tmp_path / name, received_name=name, channel="test",
+                client_id="acme", project_id="spring"), out)
+
+        first = await asyncio.to_thread(process, NAME)
+        async with run.http.get(run.url(purl_rows(first.purl)[0]["landingPage"])) as resp:
+            assert resp.status == 200
+        second = await asyncio.to_thread(process, NAME.replace("_00.", "_01."))
+        other.close()
+        rows = tmp_path / "usa" / "rows" / f"batch-{second.batch.id}.arrow"
+        long_ago = time.time() - 7200  # published long before: "settled"
+        os.utime(rows, (long_ago, long_ago))
+        links = run.gateway.links
+        assert links is not None
+        assert await asyncio.to_thread(links.sweep) == (0, 0)
+        assert rows.exists()
+        async with run.http.get(run.url(purl_rows(second.purl)[0]["thumbnail_1"])) as resp:
+            assert resp.status == 200

@@ -358,11 +358,16 @@ class PgBatchStore:
         return _record(row, ((target, at),))
 
     def get(self, batch_id: int) -> BatchRecord:
-        with self.db.connection() as conn:
-            row = conn.execute(f"{SELECT_BATCH} WHERE b.id = %s", (batch_id,)).fetchone()
-        if row is None:
+        record = self.find(batch_id)
+        if record is None:
             raise StorageError(f"no batch {batch_id}")
-        return _record(row)
+        return record
+
+    def find(self, batch_id: int) -> BatchRecord | None:
+        with self.db.connection() as conn:
+            row = conn.execute(f"{SELECT_BATCH} WHERE b.region = %s AND b.id = %s",
+                               (self.region, batch_id)).fetchone()
+        return None if row is None else _record(row)
 
     def find_by_name(self, client: str, project: str, data_name: str) -> BatchRecord | None:
         with self.db.connection() as conn:

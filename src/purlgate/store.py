@@ -237,11 +237,15 @@ class SqliteBatchStore:
         )
 
     def get(self, batch_id: int) -> BatchRecord:
+        record = self.find(batch_id)
+        if record is None:
+            raise StorageError(f"no batch {batch_id}")
+        return record
+
+    def find(self, batch_id: int) -> BatchRecord | None:
         with self._connect() as db:
             row = db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
-            if row is None:
-                raise StorageError(f"no batch {batch_id}")
-            return self._record(db, row)
+            return None if row is None else self._record(db, row)
 
     def find_by_name(self, client: str, project: str, data_name: str) -> BatchRecord | None:
         """The batch holding ``data_name`` (failed batches hold no name)."""

@@ -33,7 +33,7 @@ from jinja2 import TemplateError
 
 from purlgate.config import WebConfig
 from purlgate.core.lifecycle import BatchEvent, BatchState, BatchSummary
-from purlgate.errors import RenderBusyError, RenderTimeoutError
+from purlgate.errors import RenderBusyError, RenderTimeoutError, StorageError
 from purlgate.rowstore import ArrowRowStore
 from purlgate.web.hot_cache import HOT_BYTES, HOT_SECONDS, Hot, HotCache
 from purlgate.web.links import BatchIndex, Link
@@ -160,6 +160,24 @@ class LinkServer:
         return web.Response(status=404, text=NOT_FOUND, headers=_headers(
             {"Cache-Control": "no-store"}))
 
+    async def _resolve(self, token: str) -> Link | None:
+        """The token's link; a batch finished by another instance (or process) is looked
+        up in the store off the event loop. The store unreachable: 503, not a 404 (the
+        link may well be good)."""
+        link, ask = self.index.lookup(token)
+        if ask is not None:
+            try:
+                await asyncio.to_thread(self.index.learn, ask)
+            except StorageError as exc:
+                log.warning("links: the batch store cannot be read (%s); answering 503",
+                            exc.message)
+                raise web.HTTPServiceUnavailable(
+                    text="This link cannot be checked right now; try again shortly\n",
+                    headers=_headers({"Cache-Control": "no-store", "Retry-After": "5"}),
+                ) from exc
+            link, _ = self.index.lookup(token)
+        return link
+
     def _max_age(self, link: Link) -> int:
         left = (link.batch.expires_at - self.clock()).total_seconds()
         return max(0, min(int(left), 365 * 24 * 3600))
@@ -201,7 +219,7 @@ class LinkServer:
         hot = self.hot.get(("p", token), self.clock())
         if hot is not None:
             return self._hot_answer(request, hot)
-        link = self.index.resolve(token)
+        link = await self._resolve(token)
         row = self._row(link) if link is not None else None
         template = self._template(link) if link is not None else None
         if link is None or row is None or template is None:
@@ -229,7 +247,7 @@ class LinkServer:
             hot = self.hot.get(("t", token), self.clock())
             if hot is not None:
                 return self._hot_answer(request, hot)
-        link = self.index.resolve(token)
+        link = await self._resolve(token)
         template = self._template(link) if link is not None else None
         if link is None or template is None:
             return self.not_found()
@@ -346,7 +364,10 @@ class LinkServer:
                 return 1
 
     def sweep(self) -> tuple[int, int]:
-        """Delete the row data and renders of batches past retention (or never served)."""
+        """Delete the row data and renders of batches past retention (or never served).
+        The index is brought up to date first: a batch another instance finished since
+        this one last looked is live, not "never served"."""
+        self.index.refresh()
         now = self.clock()
         live = {b.id: b for b in self.index.batches()}
         on_disk = set(self.rows.batch_ids()) | {
@@ -382,7 +403,11 @@ class LinkServer:
 
     async def run_sweeper(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await asyncio.to_thread(self.sweep)
+            try:
+                await asyncio.to_thread(self.sweep)
+            except StorageError as exc:  # nothing deleted; the next round tries again
+                log.warning("retention: the batch store cannot be read (%s); swept nothing",
+                            exc.message)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
 
