@@ -212,15 +212,17 @@ class LeaseKeeper:
         self.down = False
         self.detail = "reachable"
         self.seen: list[InstanceSeen] = []
+        self._joined = False
 
     def _renew(self) -> list[InstanceSeen]:
+        if not self._joined:  # at the first renewal that reaches the database
+            self.backend.leases.join()
+            self._joined = True
         self.backend.leases.renew()
         return self.backend.leases.instances()
 
     async def run(self, stop: asyncio.Event) -> None:
         every = self.backend.leases.seconds / 3
-        with contextlib.suppress(Exception):  # else the first renewal says what is wrong
-            await asyncio.to_thread(self.backend.leases.join)
         while not stop.is_set():
             try:
                 self.seen = await asyncio.to_thread(self._renew)
