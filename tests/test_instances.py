@@ -80,8 +80,9 @@ async def test_two_instances_lose_one_and_nothing_else(tmp_path: Path, pg_url: s
     """300 mails over both SMTP ports (50 of them delivered to both, as an MX retry
     does) and 20 SFTP uploads through both; one instance is killed mid-work and not
     restarted. The other finishes: one answer and one PURL file per message and
-    upload, no name claimed twice, every link served by both web ports (the dead one's
-    checked before it died), and `purlgate batches` shows them all, with who ran them."""
+    upload, no name claimed twice, links served by both web ports while both live and
+    every reply's by the one left, and `purlgate batches` shows them all, with who ran
+    them."""
     sink = await Sink().start()
     cfg = tmp_path / "regions.toml"
     cfg.write_text(config(sink.port, keys.acme_pub))
@@ -118,6 +119,10 @@ async def test_two_instances_lose_one_and_nothing_else(tmp_path: Path, pg_url: s
         await queues_empty(data, timeout=120)
         assert not list((data / "sftp-spool" / "incoming").iterdir())
         view = batches(cfg, data, pg_url)
+        # Every reply's links, whichever instance made them, answer on the one left.
+        firsts = [links_of(reply)[0] for reply in sink.to(SENDER)]
+        statuses = [await answers(alive.web, link) for link in firsts]
+        assert statuses == [200] * len(firsts)
     finally:
         for each in (a, b):
             if each.proc.poll() is None and each is not alive:
@@ -308,6 +313,8 @@ async def test_the_database_away_intake_waits_and_resumes(
         view = json.loads(await _get(one.web, "/ops/api/batches"))
         assert [b["instance"] for b in view["batches"]] == ["box-a"]
         assert [i["name"] for i in view["instances"]] == ["box-a"]
+        page = await _get(one.web, "/ops/batches")
+        assert "<td>box-a</td></tr>" in page and "<h2>Instances</h2>" in page
     finally:
         log = await one.stop()
         await sink.stop()

@@ -176,7 +176,9 @@ class ArrowRowStore:
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o700)
         self._lock = threading.Lock()
-        self._readers: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # (mmap, reader)
+        # batch id -> (memory map, reader, row count: known at open, so that a row past
+        # the end costs no chunk decompression, as much as any other link that is not)
+        self._readers: OrderedDict[int, tuple[Any, Any, int]] = OrderedDict()
 
     def path_of(self, batch_id: int) -> Path:
         return self.root / f"batch-{batch_id}.arrow"
@@ -185,49 +187,45 @@ class ArrowRowStore:
         self._forget(batch_id)  # a restarted batch writes its file anew
         return RowWriter(self.path_of(batch_id), columns)
 
-    def _reader(self, batch_id: int) -> Any | None:
+    def _reader(self, batch_id: int) -> tuple[Any, int] | None:
+        """(reader, row count) of a batch's file, or None."""
         with self._lock:
             hit = self._readers.get(batch_id)
             if hit is not None:
                 self._readers.move_to_end(batch_id)
-                return hit[1]
+                return hit[1], hit[2]
         try:
             source = pa.memory_map(str(self.path_of(batch_id)), "r")
         except FileNotFoundError:
             return None
         try:
             reader = pa.ipc.open_file(source)
+            last = reader.num_record_batches - 1
+            count = last * ROWS_PER_CHUNK + reader.get_batch(last).num_rows if last >= 0 else 0
         except (pa.ArrowInvalid, OSError):
             source.close()
             log.exception("row data of batch %d is unreadable", batch_id)
             return None
         with self._lock:
-            self._readers[batch_id] = (source, reader)
+            self._readers[batch_id] = (source, reader, int(count))
             while len(self._readers) > OPEN_READERS:
-                _, (old, _) = self._readers.popitem(last=False)
+                _, (old, _, _) = self._readers.popitem(last=False)
                 old.close()
-        return reader
+        return reader, int(count)
 
     def lookup(self, batch_id: int, ordinal: int) -> dict[str, str] | None:
         """The row's values by column name, or None if the batch or row is not here."""
-        reader = self._reader(batch_id)
-        if reader is None or ordinal < 0:
+        found = self._reader(batch_id)
+        if found is None or not 0 <= ordinal < found[1]:
             return None
         chunk, at = divmod(ordinal, ROWS_PER_CHUNK)
-        if chunk >= reader.num_record_batches:
-            return None
-        batch = reader.get_batch(chunk)
-        if at >= batch.num_rows:
-            return None
+        batch = found[0].get_batch(chunk)
         return {name: batch.column(i)[at].as_py()
                 for i, name in enumerate(batch.schema.names)}
 
     def row_count(self, batch_id: int) -> int:
-        reader = self._reader(batch_id)
-        if reader is None or reader.num_record_batches == 0:
-            return 0
-        last = reader.num_record_batches - 1
-        return int(last * ROWS_PER_CHUNK + reader.get_batch(last).num_rows)
+        found = self._reader(batch_id)
+        return 0 if found is None else found[1]
 
     def _forget(self, batch_id: int) -> None:
         with self._lock:
@@ -251,5 +249,5 @@ class ArrowRowStore:
     def close(self) -> None:
         with self._lock:
             readers, self._readers = list(self._readers.values()), OrderedDict()
-        for source, _ in readers:
+        for source, _, _ in readers:
             source.close()

@@ -138,16 +138,23 @@ td,th{border-bottom:1px solid #ccc;padding:.25rem .5rem;text-align:left}
 </select></label> <button>Filter</button></form>
 <table><thead><tr><th>Batch</th><th>Client</th><th>Project</th><th>Channel</th><th>File</th>
 <th>Status</th><th>Rows</th><th>OK</th><th>Errors</th><th>Received (UTC)</th><th>Took</th>
-<th>Reason</th><th>Files</th></tr></thead><tbody>
+<th>Reason</th><th>Files</th><th>Instance</th></tr></thead><tbody>
 {% for b in batches %}<tr><td>{{ b.id }}</td><td>{{ b.client }}</td><td>{{ b.project or '' }}</td>
 <td>{{ b.channel }}</td><td>{{ b.file }}</td>
 <td class="{{ b.status.split()[0] }}">{{ b.status }}</td>
 <td>{{ b.rows }}</td><td>{{ b.rows_ok }}</td><td>{{ b.rows_error }}</td>
 <td>{{ b.received_at[:19] }}</td><td>{{ '%.1f s' % b.seconds }}</td><td>{{ b.reason or '' }}</td>
 <td>{{ b.outputs | join(', ') }}{% if b.error_file_url %}
- (<a href="{{ b.error_file_url }}">error file</a>){% endif %}</td></tr>
-{% else %}<tr><td colspan="13">No batches match.</td></tr>{% endfor %}
-</tbody></table></body></html>
+ (<a href="{{ b.error_file_url }}">error file</a>){% endif %}</td>
+<td>{{ b.instance or '' }}</td></tr>
+{% else %}<tr><td colspan="14">No batches match.</td></tr>{% endfor %}
+</tbody></table>
+{% if instances %}<h2>Instances</h2>
+<table><thead><tr><th>Instance</th><th>Last seen</th><th>Working on</th></tr></thead><tbody>
+{% for i in instances %}<tr><td>{{ i.name }}</td><td>{{ '%.0f s ago' % i.seen_seconds_ago }}</td>
+<td>{% for kind, key in i.leases %}{{ kind }} {{ key }}{% if not loop.last %}, {% endif %}
+{% else %}nothing{% endfor %}</td></tr>{% endfor %}
+</tbody></table>{% endif %}</body></html>
 """)
 
 
@@ -306,7 +313,10 @@ class OpsRoutes:
         if not self._allowed(request):
             return self._refuse(request)
         f, batches = await self._list(request)
-        html = PAGE.render(region=self.region, f=f, states=STATES, batches=batches)
+        instances = (await asyncio.to_thread(instances_view, self.leases)
+                     if self.leases is not None else [])
+        html = PAGE.render(region=self.region, f=f, states=STATES, batches=batches,
+                           instances=instances)
         return web.Response(text=html, content_type="text/html", headers={
             "Cache-Control": "no-store", "X-Robots-Tag": "noindex",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
