@@ -44,6 +44,7 @@ from tests.mail_helpers import (
     rows,
 )
 from tests.pg_helpers import PgCluster
+from tests.serve_helpers import serve, setup, start
 from tests.sftp_helpers import CSV, Keys
 from tests.waiting import eventually
 
@@ -368,3 +369,33 @@ def test_check_config_names_what_is_wrong_with_the_database(tmp_path: Path,
     assert newer.returncode == 2
     assert "the database is of schema 99, newer than this release" in newer.stderr
     assert "pg-test-secret" not in wrong.stderr + gone.stderr + newer.stderr, "no password"
+
+
+@pytest.mark.asyncio
+async def test_a_second_instance_on_the_embedded_backend_is_refused(tmp_path: Path) -> None:
+    """Without a database a region is one instance: a second `purlgate serve` on the
+    same data_dir stops at start with one line saying why and what to do, and the
+    first goes on serving; once the first has stopped, a new one starts."""
+    sink = await Sink().start()
+    cfg, data, smtp = setup(tmp_path, sink)
+    first = serve(cfg, data, smtp, crash_at=None)
+    try:
+        second = start(cfg, data, free_port(), logs=True)
+        _, err = await asyncio.to_thread(second.communicate, None, 60)
+        assert second.returncode == 2
+        assert (f"purlgate: configuration error: another `purlgate serve` of region usa "
+                f"uses {data}; a region runs several instances only on a shared database "
+                "([regions.usa.database], README: Running several instances)") in err
+        await _send(smtp, good_mail(_name(3)))
+        await sink.wait_to(SENDER, timeout=60)
+    finally:
+        first.kill()  # however it ends, its lock goes with it
+        await asyncio.to_thread(first.wait, 30)
+        assert first.stdout is not None
+        first.stdout.close()
+    third = serve(cfg, data, smtp, crash_at=None)
+    third.terminate()
+    await asyncio.to_thread(third.wait, 30)
+    assert third.stdout is not None
+    third.stdout.close()
+    await sink.stop()

@@ -49,6 +49,7 @@ def serve(args: argparse.Namespace) -> int:
         smtp = region.smtp.model_copy(update={"port": args.smtp_port})
         config = config.model_copy(update={"regions": {
             **config.regions, args.region: region.model_copy(update={"smtp": smtp})}})
+    _one_embedded_instance(config, args)
     gateway = build_gateway(config, args.region, data_dir=args.data_dir)
 
     def ready(gw: Gateway) -> None:
@@ -71,6 +72,33 @@ def serve(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return EXIT_OK
+
+
+_held: list[object] = []  # the data_dir lock, held as long as this process serves
+
+
+def _one_embedded_instance(config: Config, args: argparse.Namespace) -> None:
+    """A region on the embedded SQLite backend is one instance: a second `serve` on the
+    same data_dir (another host on a shared mount, a second container) is refused at
+    start, as it would answer the same mail twice. The lock goes with the process,
+    however it ends."""
+    import fcntl
+
+    region = config.region(args.region)
+    if region.database is not None:
+        return
+    data_dir: Path = args.data_dir or region.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = (data_dir / ".serve.lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        lock.close()
+        raise ConfigError(
+            f"another `purlgate serve` of region {args.region} uses {data_dir}; a region "
+            f"runs several instances only on a shared database ([regions.{args.region}."
+            "database], README: Running several instances)") from exc
+    _held.append(lock)
 
 
 def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
