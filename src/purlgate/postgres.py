@@ -128,6 +128,8 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (region, name)
     );
     """,
+    # 2: validations (dry runs) are listed beside batches, never counted as one
+    "ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'batch';",
 )
 
 
@@ -280,6 +282,7 @@ def _record(row: dict[str, Any],
         outputs=tuple(json.loads(row["outputs"])),
         created_at=row["created_at"], updated_at=row["updated_at"],
         history=history + more, intake_id=row["intake_id"], instance=row["instance"],
+        kind=row["kind"],
     )
 
 
@@ -296,18 +299,19 @@ class PgBatchStore:
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
         received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
+        kind: str = "batch",
     ) -> BatchRecord:
         with self.db.connection() as conn, conn.pipeline(), conn.transaction():
             # Durable with the name claim or the end state, as on SQLite.
             conn.execute("SET LOCAL synchronous_commit = off")
             cur = conn.execute(
                 "WITH b AS (INSERT INTO batches (region, client, project, channel,"
-                " received_name, sha256, state, created_at, updated_at, intake_id, instance)"
-                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING *),"
+                " received_name, sha256, state, created_at, updated_at, intake_id, instance,"
+                " kind) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING *),"
                 " t AS (INSERT INTO transitions (batch_id, state, at)"
                 " SELECT id, state, created_at FROM b) SELECT * FROM b",
                 (region, client, project, channel, received_name, sha256,
-                 BatchState.INITIALIZING.value, at, at, intake_id, self.instance))
+                 BatchState.INITIALIZING.value, at, at, intake_id, self.instance, kind))
         row = cur.fetchone()
         assert row is not None
         return _record(row, ((BatchState.INITIALIZING, at),))
@@ -383,7 +387,7 @@ class PgBatchStore:
             row = conn.execute(
                 "SELECT MIN(created_at) AS first FROM batches WHERE region = %s"
                 " AND client = %s AND project = %s AND (received_name = %s OR data_name = %s)"
-                " AND state <> %s",
+                " AND state <> %s AND kind = 'batch'",
                 (self.region, client, project, name, name, BatchState.FAILED.value),
             ).fetchone()
         first: datetime | None = row["first"] if row else None
@@ -399,7 +403,7 @@ class PgBatchStore:
         with self.db.connection() as conn:
             rows = conn.execute(
                 "SELECT id, client, project, created_at, updated_at FROM batches"
-                " WHERE region = %s AND state IN (%s, %s)"
+                " WHERE region = %s AND state IN (%s, %s) AND kind = 'batch'"
                 " AND (%s::timestamptz IS NULL OR updated_at >= %s) ORDER BY id",
                 (self.region, BatchState.DONE.value, BatchState.DONE_WITH_ERRORS.value,
                  since, since),

@@ -75,6 +75,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 3: the instance that last moved a batch (the batch view; see postgres.py)
     "ALTER TABLE batches ADD COLUMN instance TEXT;",
+    # 4: validations (dry runs) are listed beside batches, never counted as one
+    "ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'batch';",
 )
 
 
@@ -144,15 +146,17 @@ class SqliteBatchStore:
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
         received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
+        kind: str = "batch",
     ) -> BatchRecord:
         with self._connect(durable=False) as db:  # durable with the claim or the end
             db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
                 "INSERT INTO batches (region, client, project, channel, received_name, sha256,"
-                " state, created_at, updated_at, intake_id, instance)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " state, created_at, updated_at, intake_id, instance, kind)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (region, client, project, channel, received_name, sha256,
-                 BatchState.INITIALIZING.value, _ts(at), _ts(at), intake_id, self.instance),
+                 BatchState.INITIALIZING.value, _ts(at), _ts(at), intake_id, self.instance,
+                 kind),
             )
             batch_id = int(cur.lastrowid or 0)
             db.execute(
@@ -233,7 +237,7 @@ class SqliteBatchStore:
             created_at=datetime.fromisoformat(row["created_at"]),
             updated_at=datetime.fromisoformat(row["updated_at"]),
             history=history,
-            intake_id=row["intake_id"], instance=row["instance"],
+            intake_id=row["intake_id"], instance=row["instance"], kind=row["kind"],
         )
 
     def get(self, batch_id: int) -> BatchRecord:
@@ -263,7 +267,7 @@ class SqliteBatchStore:
         with self._connect() as db:
             row = db.execute(
                 "SELECT MIN(created_at) FROM batches WHERE client = ? AND project = ?"
-                " AND (received_name = ? OR data_name = ?) AND state != ?",
+                " AND (received_name = ? OR data_name = ?) AND state != ? AND kind = 'batch'",
                 (client, project, name, name, BatchState.FAILED.value),
             ).fetchone()
         return datetime.fromisoformat(row[0]) if row and row[0] else None
@@ -279,7 +283,7 @@ class SqliteBatchStore:
         with self._connect() as db:
             rows = db.execute(
                 "SELECT id, client, project, created_at, updated_at FROM batches"
-                " WHERE state IN (?, ?) AND updated_at >= ? ORDER BY id",
+                " WHERE state IN (?, ?) AND updated_at >= ? AND kind = 'batch' ORDER BY id",
                 (BatchState.DONE.value, BatchState.DONE_WITH_ERRORS.value,
                  _ts(since) if since else ""),
             ).fetchall()

@@ -2,6 +2,7 @@
 
     serve            run a region: SMTP, IMAP, SFTP, the links' web side, the workers
     process          run the batch core on a local data file
+    validate         check a data file as a batch would, and make nothing
     batches          the batch view in the terminal
     outbox           queued replies and notifications (like mailq)
     dead-letters     what could not be processed or delivered, and requeue
@@ -32,6 +33,7 @@ from purlgate.logs import set_instance, setup_logging
 COMMANDS = {
     "serve": ("purlgate.cli.run", "serve"),
     "process": ("purlgate.cli.run", "process"),
+    "validate": ("purlgate.cli.ops", "validate"),
     "check-config": ("purlgate.cli.run", "check_config"),
     "hash-password": ("purlgate.cli.run", "hash_password"),
     "batches": ("purlgate.cli.ops", "batches"),

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      parents=[common])
     parser.add_argument("--version", action="version", version=f"purlgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_serve, _process, _replay, _hash_password, _batches, _outbox,
+    for add in (_serve, _process, _validate, _replay, _hash_password, _batches, _outbox,
                 _dead_letters, _e2e, _healthcheck, _check_config):
         add(sub, common)
     return parser
@@ -75,6 +75,20 @@ def _process(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("out"),
                    help="output folder (default: ./out)")
     p.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
+
+
+def _validate(sub: Any, common: argparse.ArgumentParser) -> None:
+    v = sub.add_parser("validate", parents=[common],
+                       help="check a data file as a batch would (nothing is processed, "
+                            "rendered, kept or claimed); exit 0 when valid")
+    v.add_argument("file", type=Path, help="data file (.csv .tsv .txt .dat), .zip or PGP")
+    v.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
+    v.add_argument("--region", help="region (default: the client's first region)")
+    v.add_argument("--client", help="client id (default: from the file name)")
+    v.add_argument("--project", help="project id (default: from the file name)")
+    v.add_argument("--out", type=Path, default=Path("out"),
+                   help="where the error file goes, if any (default: ./out)")
+    v.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
 
 
 def _replay(sub: Any, common: argparse.ArgumentParser) -> None:

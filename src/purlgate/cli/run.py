@@ -101,7 +101,7 @@ def _one_embedded_instance(config: Config, args: argparse.Namespace) -> None:
     _held.append(lock)
 
 
-def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
+def pick_client(config: Config, args: argparse.Namespace) -> str | None:
     if args.client:
         if args.client not in config.clients:
             raise ConfigError(f"unknown client {args.client!r}; known: "
@@ -122,11 +122,11 @@ def process(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"purlgate: {path}: no such file", file=sys.stderr)
         return EXIT_USAGE
-    client_id = _pick_client(config, args)
+    client_id = pick_client(config, args)
     region_id = args.region or (config.clients[client_id].regions[0] if client_id
                                 else next(iter(config.regions)))
     region = build_region(config, region_id, data_dir=args.data_dir)
-    password = _zip_password(config, client_id, path)
+    password = zip_password(config, client_id, path)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = _progress_bar(path)
@@ -143,7 +143,7 @@ def process(args: argparse.Namespace) -> int:
     return _report(outcome, region_id, args)
 
 
-def _zip_password(config: Config, client_id: str | None, path: Path) -> bytes | None:
+def zip_password(config: Config, client_id: str | None, path: Path) -> bytes | None:
     """The client's ZIP password, read only when it can matter (an encrypted ZIP, or a
     PGP file that may hold one): a plain file needs no secret, and a missing one is
     then a configuration error."""

@@ -88,6 +88,7 @@ class BatchRecord:
     history: tuple[tuple[BatchState, datetime], ...] = field(default=())
     intake_id: str | None = None  # the channel's id of the received file (its spool id)
     instance: str | None = None  # the instance that last moved it
+    kind: str = "batch"  # or "validation": a dry run (no name claimed, nothing made)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class BatchStore(Protocol):
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
         received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
+        kind: str = "batch",
     ) -> BatchRecord: ...
 
     def find_by_intake(self, intake_id: str) -> BatchRecord | None: ...
@@ -133,6 +135,10 @@ class BatchStore(Protocol):
 
     def find_by_name(self, client: str, project: str, data_name: str) -> BatchRecord | None: ...
 
+    def held_since(self, client: str, project: str, name: str) -> datetime | None:
+        """When the batch holding ``name`` (as sent or as its data file) arrived."""
+        ...
+
 
 class RegionStore(BatchStore, Protocol):
     """The batch store as the channels, the web side and the commands see it too
@@ -142,8 +148,6 @@ class RegionStore(BatchStore, Protocol):
     def instance(self) -> str | None: ...
 
     def find(self, batch_id: int) -> BatchRecord | None: ...
-
-    def held_since(self, client: str, project: str, name: str) -> datetime | None: ...
 
     def finished_since(self, since: datetime | None) -> list[BatchSummary]: ...
 

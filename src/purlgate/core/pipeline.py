@@ -324,7 +324,7 @@ class BatchProcessor:
                  restarted: bool) -> _Job:
         """Decrypt -> unwrap -> name -> claim: the data file, its project, and the name
         held for this batch. Nothing is claimed for a file that is not authentic."""
-        source, name, decrypted = self._decrypt(submission, work)
+        source, name, decrypted = self.decrypt_submission(submission, work)
         unwrapped = unwrap(
             source, name, work,
             password=submission.zip_password, require_aes=submission.require_aes,
@@ -386,7 +386,7 @@ class BatchProcessor:
         if self.rows is not None:
             self.rows.delete(batch_id)
 
-    def _read_head(self, path: Path, project: ProjectConfig,
+    def read_head(self, path: Path, project: ProjectConfig,
                    encoding: str | None) -> tuple[dia.Dialect, dia.ColumnPlan]:
         with path.open("rb") as f:
             head = f.read(dia.HEAD_BYTES)
@@ -403,7 +403,7 @@ class BatchProcessor:
         plan = dia.plan_columns(dialect.header, rules, project.keep_all_columns)
         return dialect, plan
 
-    def _decrypt(
+    def decrypt_submission(
         self, submission: Submission, work: Path
     ) -> tuple[Path, str, Decrypted | None]:
         """Decrypt a PGP file (by extension or content); return what to unwrap next."""
@@ -447,7 +447,7 @@ class BatchProcessor:
         if job.renderer.paid and project.encoding is None and not _all_utf8(job.path):
             # Settle the encoding before the first paid render: a file is rendered once.
             encoding = "windows-1252"
-        dialect, plan = self._read_head(job.path, project, encoding)
+        dialect, plan = self.read_head(job.path, project, encoding)
         self._move(job.batch_id, BatchState.IN_PROGRESS)
         # Encrypted results: the plain PURL file only ever exists in the scratch folder.
         target = Target(path=job.work / "purl-plain" if job.encrypt else job.purl_path,
@@ -465,7 +465,7 @@ class BatchProcessor:
             # The head was UTF-8 but the rest is not: it is a Windows-1252 file. The
             # partial output was discarded by AtomicFile; start again from the top.
             errors.reset()
-            dialect, plan = self._read_head(job.path, project, "windows-1252")
+            dialect, plan = self.read_head(job.path, project, "windows-1252")
             counts = self._transform(job, dialect, plan, target)
         purl = (self._encrypt_to(target.path, job.purl_path, job) if job.encrypt
                 else target.path)

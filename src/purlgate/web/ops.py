@@ -140,7 +140,7 @@ td,th{border-bottom:1px solid #ccc;padding:.25rem .5rem;text-align:left}
 <th>Status</th><th>Rows</th><th>OK</th><th>Errors</th><th>Received (UTC)</th><th>Took</th>
 <th>Reason</th><th>Files</th><th>Instance</th></tr></thead><tbody>
 {% for b in batches %}<tr><td>{{ b.id }}</td><td>{{ b.client }}</td><td>{{ b.project or '' }}</td>
-<td>{{ b.channel }}</td><td>{{ b.file }}</td>
+<td>{{ b.channel }}</td><td>{{ b.file }}{% if b.kind == 'validation' %} (validation){% endif %}</td>
 <td class="{{ b.status.split()[0] }}">{{ b.status }}</td>
 <td>{{ b.rows }}</td><td>{{ b.rows_ok }}</td><td>{{ b.rows_error }}</td>
 <td>{{ b.received_at[:19] }}</td><td>{{ '%.1f s' % b.seconds }}</td><td>{{ b.reason or '' }}</td>
@@ -168,7 +168,7 @@ def batch_view(batch: BatchRecord) -> dict[str, Any]:
         "error_code": batch.error_code, "reason": batch.reason,
         "received_at": batch.created_at.isoformat(), "updated_at": batch.updated_at.isoformat(),
         "seconds": (batch.updated_at - batch.created_at).total_seconds(),
-        "outputs": list(batch.outputs), "instance": batch.instance,
+        "outputs": list(batch.outputs), "instance": batch.instance, "kind": batch.kind,
         "history": [{"status": s.value, "at": at.isoformat()} for s, at in batch.history],
     }
 
