@@ -8,6 +8,22 @@ import json
 import shutil
 from pathlib import Path
 
+import aiosmtplib
+import pytest
+
+from tests.mail_helpers import (
+    INBOUND,
+    PASSWORD,
+    SENDER,
+    Sink,
+    T,
+    aes_zip,
+    client_mail,
+    drained,
+    good_mail,
+    reply_zip,
+    start,
+)
 from tests.test_cli import DATA, DEMO, purlgate
 
 RAGGED = "ragged_20261127_101500.csv"
@@ -65,3 +81,44 @@ def test_a_file_that_cannot_be_used_says_why(tmp_path: Path) -> None:
     reason = checked.stdout.splitlines()[0].removeprefix("not valid: ").rstrip(".")
     (report,) = (tmp_path / "out").iterdir()
     assert reason in report.read_text()
+
+
+@pytest.mark.asyncio
+async def test_mail_to_the_validate_address_is_checked_and_answered_not_processed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message to sftp-usa+validate@ is answered with the report (and the error file,
+    AES-zipped, when there are errors); nothing is processed or notified, and the same
+    file sent to the region address afterwards is processed as usual. Another
+    sub-address is no address of ours (no relay)."""
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    sink = await Sink().start()
+    run = await start(tmp_path, sink)
+    validate_at = INBOUND.replace("@", "+validate@")
+    try:
+        await run.send(good_mail(), to=validate_at)
+        (reply,) = await sink.wait_to(SENDER, timeout=60)
+        body = str(reply.message.get_body(("plain",)).get_content()).replace(  # type: ignore[union-attr]
+            "\r\n", "\n")
+        assert body.startswith("Your data file was checked.\n\nvalid: 20 rows would be "
+                               "processed.\n")
+        assert "it took no file name" in body
+        assert reply.mail_from == validate_at and list(reply.message.iter_attachments()) == []
+        name = f"acme_spring_{T}_01"
+        bad = (DATA / RAGGED).read_bytes()
+        await run.send(client_mail([(f"{name}.zip", aes_zip({f"{name}.csv": bad}),
+                                     "application/zip")]), to=validate_at)
+        second = (await sink.wait_to(SENDER, 2, timeout=60))[1]
+        text = str(second.message.get_body(("plain",)).get_content())  # type: ignore[union-attr]
+        assert "3 of 5 rows would be processed; 2 have errors" in text
+        assert list(reply_zip(second)) == [f"validation_PURL_{name}_errors.csv"]
+        await drained(run.gateway)
+        assert sink.to("campaigns@acme.example") == [], "no notification for a validation"
+        await run.send(good_mail())  # the real file, same name: processed as usual
+        third = (await sink.wait_to(SENDER, 3, timeout=60))[2]
+        assert "Your data file was processed." in str(
+            third.message.get_body(("plain",)).get_content())  # type: ignore[union-attr]
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+            await run.send(good_mail(), to=INBOUND.replace("@", "+other@"))
+    finally:
+        await run.shutdown()
+        await sink.stop()

@@ -31,7 +31,7 @@ from typing import Any
 from imap_tools import BaseMailBox, MailBox, MailBoxStartTls, MailBoxUnencrypted
 from imap_tools.errors import MailboxLoginError
 
-from purlgate.channels.mail_message import header_addresses
+from purlgate.channels.mail_message import header_addresses, inbound_of
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, ImapConfig, client_of_sender
 from purlgate.errors import ConfigError
@@ -140,7 +140,7 @@ class ImapPoller:
                 self._move(box, uid, self.config.rejected_folder)
                 continue
             to = [a for a in header_addresses(raw, "To") + header_addresses(raw, "Cc")
-                  if a in self.inbound]
+                  if inbound_of(a, self.inbound) is not None]  # +validate kept
             entry = self.spool.accept(raw, {"channel": "imap", "mail_from": senders[0],
                                             "rcpt_tos": to or self.inbound[:1]})
             log.info("IMAP message %s from %s taken in as spool entry %s", uid, senders[0],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage, Message
@@ -254,3 +254,20 @@ def zip_attachment(path: Path, target: Path, *, offset: int = 0
 
 def _safe_name(name: str | None) -> str:
     return (name or "attachment.zip").replace("/", "_").replace("\\", "_")
+
+
+VALIDATE_TAG = "validate"  # local+validate@domain: check the file, process nothing
+
+
+def inbound_of(address: str, inbound: Collection[str]) -> tuple[str, bool] | None:
+    """(the inbound address, whether it asks for validation only) that ``address`` is,
+    or None: ``sftp-usa@x`` itself, or its ``sftp-usa+validate@x`` sub-address (the
+    plus form mail providers use); no other sub-address is ours."""
+    lowered = address.lower()
+    if lowered in inbound:
+        return lowered, False
+    local, at, domain = lowered.rpartition("@")
+    base, plus, tag = local.partition("+")
+    if at and plus and tag == VALIDATE_TAG and f"{base}@{domain}" in inbound:
+        return f"{base}@{domain}", True
+    return None

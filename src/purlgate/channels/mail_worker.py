@@ -26,18 +26,25 @@ from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.mail_message import (
     Attachment,
     addresses,
+    inbound_of,
     message_id,
     read_headers,
     zip_attachment,
 )
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
-from purlgate.channels.replies import failure_reply, fault_reply, success_reply
+from purlgate.channels.replies import (
+    failure_reply,
+    fault_reply,
+    success_reply,
+    validation_reply,
+)
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig, client_of_sender
 from purlgate.core.files import clear_scratch, retire, sweep_scratch, thread_scratch
 from purlgate.core.lifecycle import BatchEvent, BatchState
 from purlgate.core.pipeline import BatchProcessor, Submission, Subscriber
+from purlgate.core.validation import describe, validate
 from purlgate.errors import ConfigError, DamagedEntryError, MessageError
 from purlgate.faults import crash_point
 
@@ -157,8 +164,15 @@ class MailWorker:
 
     def _reply_from(self, entry: SpoolEntry) -> str:
         inbound = [a.lower() for a in self.region.inbound_addresses]
-        to = [r for r in entry.meta.get("rcpt_tos", []) if r in inbound]
+        to = [r for r in entry.meta.get("rcpt_tos", []) if inbound_of(r, inbound)]
         return to[0] if to else inbound[0]
+
+    def _validate_only(self, entry: SpoolEntry) -> bool:
+        """Sent to the validate sub-address (and to no plain inbound address)."""
+        inbound = [a.lower() for a in self.region.inbound_addresses]
+        found = [inbound_of(r, inbound) for r in entry.meta.get("rcpt_tos", [])]
+        ours = [f for f in found if f is not None]
+        return bool(ours) and all(validate for _, validate in ours)
 
     def handle(self, entry: SpoolEntry) -> None:
         if not entry.path.exists():
@@ -224,13 +238,20 @@ class MailWorker:
                 (scratch / "out").replace(work)
             except FileNotFoundError:
                 work.mkdir(mode=0o700)
-        outcome = self.processor.process(
-            Submission(path=attachment.path, received_name=attachment.filename,
-                       channel=str(entry.meta.get("channel", "smtp")), client_id=client_id,
-                       zip_password=password, require_aes=True, sha256=attachment.sha256,
-                       intake_id=entry.id, flag_file=False),
-            work,
-        )
+        submission = Submission(
+            path=attachment.path, received_name=attachment.filename,
+            channel=str(entry.meta.get("channel", "smtp")), client_id=client_id,
+            zip_password=password, require_aes=True, sha256=attachment.sha256,
+            intake_id=entry.id, flag_file=False)
+        if self._validate_only(entry):
+            checked = validate(self.processor, submission, work)
+            answer = validation_reply(message, describe(checked), checked.errors,
+                                      password=password, sender=ours, to=sender,
+                                      scratch=scratch)
+            self.outbox.enqueue(answer.message, sender=ours, recipients=[sender], key=key,
+                                attachment=answer.attachment)
+            return
+        outcome = self.processor.process(submission, work)
         batch = outcome.batch
         crash_point("purl-published")
         if batch.state is BatchState.FAILED or outcome.purl is None:

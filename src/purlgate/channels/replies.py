@@ -168,6 +168,19 @@ def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to
     return Reply(reply)
 
 
+def validation_reply(original: EmailMessage | None, report: str, errors: Path | None, *,
+                     password: bytes, sender: str, to: str, scratch: Path) -> Reply:
+    """The answer to a message sent to the validate address: the report (core/validation
+    ``describe``), and the error file (AES ZIP, the client's password) when there is one."""
+    reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
+    listed = (f"\nThe attached ZIP holds {errors.name} (row, column, reason), with the same "
+              "password as the file you sent.\n" if errors is not None else "")
+    set_text(reply, "Your data file was checked.\n\n" + report + listed)
+    if errors is not None:
+        return _attach_zip(reply, [errors], password, scratch)
+    return Reply(reply)
+
+
 def fault_reply(original: EmailMessage | None, *, sender: str, to: str, reference: str,
                 alerted: bool) -> EmailMessage:
     """A message we could not process through no fault of the client's."""

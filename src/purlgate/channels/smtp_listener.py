@@ -26,7 +26,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from purlgate.channels.mail_message import header_addresses
+from purlgate.channels.mail_message import header_addresses, inbound_of
 from purlgate.channels.spool import Spool, SpoolEntry, SpoolWriter
 from purlgate.config import ClientConfig, SmtpConfig, client_of_sender
 from purlgate.errors import ServerError, SpoolFullError
@@ -73,7 +73,7 @@ class SmtpHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,  # noqa: N802
                           address: str, rcpt_options: list[str]) -> str:
-        if address.lower() not in self.inbound:
+        if inbound_of(address, self.inbound) is None:
             log.info("refused recipient (no relay) from %s",
                      session.peer[0] if session.peer else "?")
             self.outcomes["refused-relay"] += 1
