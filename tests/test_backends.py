@@ -288,7 +288,7 @@ def test_regions_sharing_a_database_keep_apart(pg_url: str) -> None:
 def test_two_instances_starting_at_once_migrate_once(pg_url: str,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     """Eight instances open an empty database at the same moment: the schema is made
-    once (one log line), and every one of them can work."""
+    once (one log line per migration), and every one of them can work."""
     barrier = threading.Barrier(8)
     opened: list[PgDatabase] = []
     errors: list[BaseException] = []
@@ -308,7 +308,7 @@ def test_two_instances_starting_at_once_migrate_once(pg_url: str,
             t.join()
     assert errors == []
     assert [r.getMessage() for r in caplog.records] == [
-        f"database schema migrated to version {len(MIGRATIONS)}"]
+        f"database schema migrated to version {n}" for n in range(1, len(MIGRATIONS) + 1)]
     for db in opened:
         PgBatchStore(db).recent()
         db.close()
@@ -384,3 +384,20 @@ def test_the_mail_ledger_under_a_race_has_one_owner(backend: Backend) -> None:
     for t in threads:
         t.join()
     assert len(owners) == 8 and len(set(owners)) == 1, owners
+
+
+def test_a_validation_is_listed_but_holds_no_name_and_serves_no_link(
+        backend: Backend) -> None:
+    """A validation's record (kind "validation") is in the batch view, but never holds
+    its file name nor counts among the batches whose links answer."""
+    store = backend.store()
+    record = store.create(region="usa", client="acme", project="spring", channel="test",
+                          received_name="x.csv", sha256=None, at=AT, kind="validation")
+    store.transition(record.id, BatchState.IN_PROGRESS, at=AT)
+    store.transition(record.id, BatchState.DONE, at=AT, counts=Counts(5, 5, 0))
+    assert store.held_since("acme", "spring", "x.csv") is None
+    assert store.finished_since(None) == []
+    assert [(r.kind, r.state) for r in store.search()] == [("validation", BatchState.DONE)]
+    real = new(store, "x.csv")
+    store.claim_name(real, project="spring", data_name="x.csv")
+    assert store.held_since("acme", "spring", "x.csv") == AT

@@ -282,7 +282,8 @@ async def test_the_tree_is_the_client_s_own(running: Running, keys: Keys) -> Non
     no folder, link or deletion outside the rules is allowed."""
     async with running.connect(key=keys.acme) as conn, conn.start_sftp_client() as sftp:
         assert sorted(await sftp.listdir("/")) == [".", "..", "autumn", "spring"]
-        assert sorted(await sftp.listdir("/spring")) == [".", "..", "Downloads", "Uploads"]
+        assert sorted(await sftp.listdir("/spring")) == [".", "..", "Downloads", "Uploads",
+                                                          "Validate"]
         with pytest.raises(asyncssh.SFTPError):
             await sftp.listdir("/etc")
         for call in (sftp.mkdir("/spring/Uploads/sub"), sftp.rmdir("/spring/Uploads"),
@@ -319,7 +320,8 @@ async def test_client_cannot_reach_another_client(running: Running, keys: Keys) 
     (running.downloads() / f"PURL_secret_{T}.csv").write_bytes(b"acme only")
     async with running.connect(user="globex", key=keys.globex) as conn, \
             conn.start_sftp_client() as sftp:
-        assert sorted(await sftp.listdir("/")) == [".", "..", "Downloads", "Uploads"]
+        assert sorted(await sftp.listdir("/")) == [".", "..", "Downloads", "Uploads",
+                                                   "Validate"]
         for path in (f"/acme/spring/Downloads/PURL_secret_{T}.csv",
                      f"/../acme/spring/Downloads/PURL_secret_{T}.csv",
                      f"../../acme/spring/Downloads/PURL_secret_{T}.csv"):

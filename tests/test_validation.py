@@ -3,6 +3,7 @@ claimed or paid for (`purlgate validate`; the mail and SFTP channels use the sam
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import shutil
@@ -24,6 +25,8 @@ from tests.mail_helpers import (
     reply_zip,
     start,
 )
+from tests.sftp_helpers import Keys, openssh
+from tests.sftp_helpers import Running as SftpRunning
 from tests.test_cli import DATA, DEMO, purlgate
 
 RAGGED = "ragged_20261127_101500.csv"
@@ -122,3 +125,31 @@ async def test_mail_to_the_validate_address_is_checked_and_answered_not_processe
     finally:
         await run.shutdown()
         await sink.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_upload_to_validate_is_checked_and_reported_in_downloads(
+        running: SftpRunning, keys: Keys, tmp_path: Path) -> None:
+    """OpenSSH sftp puts a file into /spring/Validate: the report
+    (<name>_validation.txt) and the error file appear in Downloads, no PURL file, and
+    Validate is left empty; the same name then goes into Uploads and is processed."""
+    name = f"acme_spring_{T}_05.csv"
+    local = tmp_path / name
+    local.write_bytes((DATA / RAGGED).read_bytes())
+    listed = await asyncio.to_thread(openssh, running, "ls /spring\n", key=keys.acme)
+    assert "/spring/Validate" in listed.stdout.split()
+    put = await asyncio.to_thread(openssh, running, f"put {local} /spring/Validate/\n",
+                                  key=keys.acme)
+    assert put.returncode == 0, put.stderr
+    report = await running.wait_for(running.downloads() / f"{name}_validation.txt")
+    assert report.read_text().splitlines()[:2] == [
+        f"{name}, uploaded to Validate:",
+        "3 of 5 rows would be processed; 2 have errors (see the error file)."]
+    errors = running.downloads() / f"validation_PURL_acme_spring_{T}_05_errors.csv"
+    assert errors.exists()
+    assert not (running.downloads() / f"PURL_{name}").exists()
+    assert list((running.uploads().parent / "Validate").iterdir()) == []
+    put = await asyncio.to_thread(openssh, running, f"put {local} /spring/Uploads/\n",
+                                  key=keys.acme)
+    assert put.returncode == 0, put.stderr
+    await running.wait_for(running.downloads() / f"PURL_{name}")

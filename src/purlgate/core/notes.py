@@ -5,6 +5,7 @@ only ever gets ``.gpg`` files), written atomically."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from purlgate.core.errorlog import ErrorLog
@@ -46,22 +47,39 @@ def write_refusal_note(processor: BatchProcessor, out_dir: Path, *, client_id: s
     it was taken in (SFTP at open: OpenSSH sftp, curl and rclone do not print the
     status text); encrypted (``.txt.gpg``) for a project that encrypts its results.
     None for a name that cannot be a file of ours (it is in the status text only)."""
-    project = processor.clients[client_id].projects[project_id]
-    name = f"{received_name}_refused.txt"
+    text = (f"{received_name} was refused when it was uploaded: {reason}.\n"
+            "Nothing of it was kept or processed.\n")
+    return write_note(processor, out_dir, client_id=client_id, project_id=project_id,
+                      name=f"{received_name}_refused.txt", text=text)
+
+
+def write_note(processor: BatchProcessor, out_dir: Path, *, client_id: str,
+               project_id: str, name: str, text: str) -> Path | None:
+    """A text file ``name`` in ``out_dir`` (``name.gpg``, encrypted to the client's key,
+    for a project that encrypts its results); None for a name that cannot be ours."""
     try:
         check_safe_name(name)
     except FileNameError:
         return None
-    text = (f"{received_name} was refused when it was uploaded: {reason}.\n"
-            "Nothing of it was kept or processed.\n").encode()
-    if not project.pgp_encrypt_output:
-        with AtomicFile(out_dir / name, no_clobber=False, mode=processor.result_mode) as out:
-            out.file.write(text)
-            return out.commit()
-    plain = thread_scratch(processor.work_root) / "refused-plain.txt"
-    plain.write_bytes(text)
+    plain = thread_scratch(processor.work_root) / "note-plain.txt"
+    plain.write_text(text, encoding="utf-8")
     try:
-        return processor.encrypt_file(plain, out_dir / f"{name}.gpg",
-                                  processor.clients[client_id].pgp_fingerprint, replace=True)
+        return publish_result(processor, plain, out_dir / name, client_id=client_id,
+                              project_id=project_id)
     finally:
         plain.unlink(missing_ok=True)
+
+
+def publish_result(processor: BatchProcessor, source: Path, final: Path, *,
+                   client_id: str, project_id: str) -> Path:
+    """``source`` (a scratch file) published as the result ``final``, atomically, with the
+    results' mode; encrypted to ``final.gpg`` for a project that encrypts its results
+    (the plain file never appears beside the results)."""
+    client = processor.clients[client_id]
+    if client.projects[project_id].pgp_encrypt_output:
+        return processor.encrypt_file(source, final.with_name(f"{final.name}.gpg"),
+                                      client.pgp_fingerprint, replace=True)
+    with AtomicFile(final, no_clobber=False, mode=processor.result_mode) as out, \
+            source.open("rb") as f:
+        shutil.copyfileobj(f, out.file)
+        return out.commit()

@@ -43,6 +43,19 @@ def is_temp(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(TEMP_SUFFIXES)
 
 
+# A project's folders: Uploads (processed), Downloads (results), Validate (uploads only
+# checked: the report appears in Downloads; see core/validation.py).
+VALIDATE = "Validate"
+AREAS = ("Uploads", "Downloads", VALIDATE)
+INTAKE = ("Uploads", VALIDATE)
+
+
+def held_as(area: str, name: str) -> str:
+    """The name an upload holds while it is received and waits: a file checked in
+    Validate never holds (nor is refused for) the name a real upload would."""
+    return f"{VALIDATE}/{name}" if area == VALIDATE else name
+
+
 class NameState(Enum):
     RECEIVING = "receiving"  # a session is writing it
     SPOOLED = "spooled"  # complete: in the spool, waiting for its batch to end
@@ -111,7 +124,8 @@ class SftpService:
         for upload in spool.pending():
             m = upload.meta
             if not m.get("damaged"):  # a damaged entry holds no name: it is dead-lettered
-                self._in_flight[(m["client"], m["project"], m["name"])] = _Hold(
+                held = held_as(VALIDATE if m.get("validate") else "Uploads", m["name"])
+                self._in_flight[(m["client"], m["project"], held)] = _Hold(
                     NameState.SPOOLED, None, upload.path.parent)
         self.leases: Leases | None = None
 
@@ -162,13 +176,15 @@ class SftpService:
         flat = client.sftp is not None and client.sftp.flat
         for project in client.projects:
             base = home if flat else home / project
-            for area in ("Uploads", "Downloads"):
+            for area in AREAS:
                 (base / area).mkdir(parents=True, exist_ok=True)
 
     def reserve(self, client_id: str, project: str, name: str, owner: str) -> None:
-        """Refuse a name a batch holds or that is being received; else hold it."""
+        """Refuse a name a batch holds or that is being received; else hold it. A
+        Validate name (``held_as``) is only checked against other uploads of it."""
         try:
-            first = self.store.held_since(client_id, project, name)
+            validating = name.startswith(f"{VALIDATE}/")
+            first = None if validating else self.store.held_since(client_id, project, name)
         except DatabaseUnavailableError as exc:
             raise SFTPError(asyncssh.FX_FAILURE, UNAVAILABLE) from exc
         if first is not None:
@@ -214,7 +230,8 @@ class SftpService:
     def sweep_temp_uploads(self, now: float) -> int:
         """Delete temporary-named uploads older than ``temp_max_age_hours``."""
         hours = self.config.temp_max_age_hours
-        return self._sweep("Uploads", now, lambda _: hours * 3600, is_temp)
+        return sum(self._sweep(area, now, lambda _: hours * 3600, is_temp)
+                   for area in INTAKE)
 
     def release(self, client_id: str, project: str, name: str, owner: str) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ import asyncssh
 from asyncssh import SFTPError
 
 from purlgate.channels.defender import Event
-from purlgate.channels.sftp.service import SftpService, is_temp
+from purlgate.channels.sftp.service import AREAS, INTAKE, VALIDATE, SftpService, held_as, is_temp
 from purlgate.core.naming import (
     ARCHIVE_EXTENSIONS,
     DATA_EXTENSIONS,
@@ -115,6 +115,7 @@ class _Open:
     name: str
     upload: bool
     broken: bool = False  # a write failed (a full disk): the upload cannot complete
+    area: str = "Uploads"  # or "Validate": checked, never processed
 
     # asyncssh's default fstat, fsync and fstatvfs treat the handle as a file.
     def fileno(self) -> int:
@@ -180,7 +181,7 @@ class ClientSftp(asyncssh.SFTPServer):
             if not parts or parts[0] not in projects:
                 return None, None, "/".join(parts)
             project, rest = parts[0], parts[1:]
-        if rest and rest[0] in ("Uploads", "Downloads"):
+        if rest and rest[0] in AREAS:
             return project, rest[0], "/".join(rest[1:])
         return project, None, "/".join(rest)
 
@@ -203,18 +204,19 @@ class ClientSftp(asyncssh.SFTPServer):
         project, area, name = self._place(path)
         real = self._real(self._virtual(path))
         if pflags & WRITE_FLAGS:
-            if area != "Uploads" or not name or "/" in name or project is None:
-                raise denied("files can be uploaded to Uploads only")
+            if area not in INTAKE or not name or "/" in name or project is None:
+                raise denied("files can be uploaded to Uploads (or to Validate, to have "
+                             "them checked only) only")
             if not is_temp(name):
                 if self.account.client.sftp is not None \
                         and self.account.client.sftp.complete_on == "rename":
                     raise denied(f"this account completes an upload when a temporary name "
                                  f"is renamed to the final one: upload to {name}.filepart "
                                  "(or another temporary name) and rename it")
-                await self._admit(project, name)
+                await self._admit(project, area, name)
             # O_NOFOLLOW: a link planted after the lstat checks is still not followed.
             fd = _open_nofollow(real, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            return _Open(os.fdopen(fd, "wb"), real, project, name, upload=True)
+            return _Open(os.fdopen(fd, "wb"), real, project, name, upload=True, area=area)
         if pflags & asyncssh.FXF_READ:
             if area != "Downloads" or not name or "/" in name:
                 raise denied("files can be read from Downloads only")
@@ -224,14 +226,14 @@ class ClientSftp(asyncssh.SFTPServer):
             return _Open(os.fdopen(fd, "rb"), real, project, name, upload=False)
         raise denied("unsupported open mode")
 
-    async def _admit(self, project: str, name: str) -> None:
+    async def _admit(self, project: str, area: str, name: str) -> None:
         """Refuse at once what the name alone shows to be wrong (type, name rule,
         another project, a name held); the reason goes back in the status and the log."""
         client_id = self.account.client_id
         try:
             self._check_name(project, name)
-            await asyncio.to_thread(self.service.reserve, client_id, project, name,
-                                    self.session)
+            await asyncio.to_thread(self.service.reserve, client_id, project,
+                                    held_as(area, name), self.session)
         except SFTPError as exc:
             log.info("refused upload of %r for client %s project %s: %s", name, client_id,
                      project, exc.reason)
@@ -281,7 +283,8 @@ class ClientSftp(asyncssh.SFTPServer):
             file_obj.real.unlink(missing_ok=True)
             if file_obj.project is not None:
                 await asyncio.to_thread(self.service.release, self.account.client_id,
-                                        file_obj.project, file_obj.name, self.session)
+                                        file_obj.project,
+                                        held_as(file_obj.area, file_obj.name), self.session)
             raise SFTPError(asyncssh.FX_FAILURE, STORAGE_REFUSAL)
         if self.channel.is_closing():
             # The connection dropped with the file open: a cut-off transfer.
@@ -289,13 +292,19 @@ class ClientSftp(asyncssh.SFTPServer):
             file_obj.real.unlink(missing_ok=True)
             if file_obj.project is not None:
                 await asyncio.to_thread(self.service.release, self.account.client_id,
-                                        file_obj.project, file_obj.name, self.session)
+                                        file_obj.project,
+                                        held_as(file_obj.area, file_obj.name), self.session)
             return
         if not is_temp(file_obj.name):
-            await self._complete(file_obj.real, file_obj.project or "", file_obj.name)
+            await self._complete(file_obj.real, file_obj.project or "", file_obj.area,
+                                 file_obj.name)
 
-    async def _complete(self, real: Path, project: str, name: str) -> None:
-        meta = {"client": self.account.client_id, "project": project, "name": name}
+    async def _complete(self, real: Path, project: str, area: str, name: str) -> None:
+        meta: dict[str, object] = {"client": self.account.client_id, "project": project,
+                                   "name": name}
+        if area == VALIDATE:
+            meta["validate"] = True
+        held = held_as(area, name)
         attrs = asyncssh.SFTPAttrs.from_local(os.lstat(real))
         try:
             upload = await asyncio.to_thread(self.service.spool.adopt, real, name, meta)
@@ -303,35 +312,35 @@ class ClientSftp(asyncssh.SFTPServer):
             log.exception("could not spool upload %s", name)
             real.unlink(missing_ok=True)
             await asyncio.to_thread(self.service.release, self.account.client_id, project,
-                                    name, self.session)
+                                    held, self.session)
             raise SFTPError(asyncssh.FX_FAILURE,
                             STORAGE_REFUSAL if exc.errno in STORAGE_ERRNOS else
                             "the upload could not be stored; please upload it again") from exc
-        await asyncio.to_thread(self.service.spooled, self.account.client_id, project, name,
+        await asyncio.to_thread(self.service.spooled, self.account.client_id, project, held,
                                 attrs, upload.path.parent)
         self.service.on_upload(upload)
 
     async def rename(self, oldpath: bytes, newpath: bytes) -> None:
         project, area, old = self._place(oldpath)
         new_project, new_area, new = self._place(newpath)
-        if area != "Uploads" or new_area != "Uploads" or project != new_project or \
+        if area not in INTAKE or new_area != area or project != new_project or \
                 project is None or "/" in old or "/" in new or not new:
-            raise denied("renaming is allowed within Uploads only")
+            raise denied("renaming is allowed within Uploads (or within Validate) only")
         real_old = self._real(self._virtual(oldpath))
         if not real_old.is_file():
             raise SFTPError(asyncssh.FX_NO_SUCH_FILE, "no such file")
         if is_temp(new):
             real_old.rename(self._real(self._virtual(newpath)))
             return
-        await self._admit(project, new)
-        await self._complete(real_old, project, new)
+        await self._admit(project, area, new)
+        await self._complete(real_old, project, area, new)
 
     async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
         await self.rename(oldpath, newpath)
 
     def remove(self, path: bytes) -> None:
         _, area, name = self._place(path)
-        abandoned = area == "Uploads" and is_temp(name)  # a client's own unfinished upload
+        abandoned = area in INTAKE and is_temp(name)  # a client's own unfinished upload
         if (area != "Downloads" and not abandoned) or not name or "/" in name:
             raise denied("files can be deleted from Downloads (and temporary uploads from "
                          "Uploads) only")

@@ -9,16 +9,18 @@ project only ever gets ``.gpg`` results).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 
 from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.queue_worker import QueueWorker
-from purlgate.channels.sftp.service import SftpService
+from purlgate.channels.sftp.service import VALIDATE, SftpService, held_as
 from purlgate.channels.sftp.spool import Upload
 from purlgate.config import ProcessingConfig
 from purlgate.core.lifecycle import BatchState
-from purlgate.core.notes import write_error_note, write_refusal_note
+from purlgate.core.notes import publish_result, write_error_note, write_note, write_refusal_note
 from purlgate.core.pipeline import BatchProcessor, Submission
+from purlgate.core.validation import describe, validate
 from purlgate.errors import DamagedEntryError, ServerError
 
 log = logging.getLogger("purlgate.sftp")
@@ -56,6 +58,9 @@ class SftpWorker:
         # The client's agreed ZIP password opens a password ZIP (or one inside PGP) here
         # too; without one, only plain ZIPs open.
         password = client.zip_password.reveal() if client.zip_password else None
+        if m.get("validate"):
+            self._validate(upload, password)
+            return
         outcome = self.processor.process(
             Submission(path=upload.path, received_name=m["name"], channel="sftp",
                        client_id=m["client"], project_id=m["project"], intake_id=upload.id,
@@ -69,6 +74,29 @@ class SftpWorker:
                              outcome.batch.reason or "the file could not be processed")
         self.service.spool.finish(upload)
         self.service.done(m["client"], m["project"], m["name"])
+
+    def _validate(self, upload: Upload, password: bytes | None) -> None:
+        """An upload to Validate: checked, never processed; the report
+        (``<name>_validation.txt``) and the error file, if any, appear in Downloads."""
+        m = upload.meta
+        client, project, name = m["client"], m["project"], m["name"]
+        scratch = upload.path.parent / ".validation"  # goes with the spool entry
+        scratch.mkdir(exist_ok=True)
+        try:
+            checked = validate(self.processor, Submission(
+                path=upload.path, received_name=name, channel="sftp", client_id=client,
+                project_id=project, intake_id=upload.id, zip_password=password), scratch)
+            downloads = self.service.downloads(client, project)
+            if checked.errors is not None:
+                publish_result(self.processor, checked.errors, downloads / checked.errors.name,
+                               client_id=client, project_id=project)
+            write_note(self.processor, downloads, client_id=client, project_id=project,
+                       name=f"{name}_validation.txt",
+                       text=f"{name}, uploaded to Validate:\n{describe(checked)}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.service.spool.finish(upload)
+        self.service.done(client, project, held_as(VALIDATE, name))
 
     def dead_letter(self, upload: Upload, exc: BaseException, attempts: int) -> None:
         """An upload that cannot be processed: the operator is alerted, the client finds
@@ -89,7 +117,8 @@ class SftpWorker:
             self._error_file(client, project, name,
                              f"we could not process this file because of a fault on our "
                              f"side (reference {upload.id}); {told}")
-            self.service.done(client, project, name)
+            self.service.done(client, project,
+                              held_as(VALIDATE, name) if m.get("validate") else name)
         self.service.spool.dead_letter(upload, {
             "error": type(exc).__name__, "attempts": attempts, "channel": "sftp",
             "client": client, "alerted": alerted, "at": time.time()})
