@@ -34,6 +34,7 @@ from purlgate.channels.mail_message import (
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.replies import (
+    Reply,
     failure_reply,
     fault_reply,
     success_reply,
@@ -243,27 +244,33 @@ class MailWorker:
             channel=str(entry.meta.get("channel", "smtp")), client_id=client_id,
             zip_password=password, require_aes=True, sha256=attachment.sha256,
             intake_id=entry.id, flag_file=False)
-        if self._validate_only(entry):
-            checked = validate(self.processor, submission, work)
-            answer = validation_reply(message, describe(checked), checked.errors,
-                                      password=password, sender=ours, to=sender,
-                                      scratch=scratch)
-            self.outbox.enqueue(answer.message, sender=ours, recipients=[sender], key=key,
-                                attachment=answer.attachment)
-            return
+        make = self._check_only if self._validate_only(entry) else self._processed
+        reply = make(message, submission, work, password=password, sender=ours, to=sender,
+                     scratch=scratch)
+        self.outbox.enqueue(reply.message, sender=ours, recipients=[sender], key=key,
+                            attachment=reply.attachment)
+
+    def _processed(self, message: EmailMessage, submission: Submission, work: Path, *,
+                   password: bytes, sender: str, to: str, scratch: Path) -> Reply:
+        """The batch run, and the reply that says how it went."""
         outcome = self.processor.process(submission, work)
         batch = outcome.batch
         crash_point("purl-published")
         if batch.state is BatchState.FAILED or outcome.purl is None:
-            reply = failure_reply(message, batch.reason or "the file could not be processed",
-                                  sender=ours, to=sender, batch=batch, errors=outcome.errors,
-                                  password=password, scratch=scratch)
-        else:
-            files = [p for p in (outcome.purl, outcome.errors) if p is not None]
-            reply = success_reply(message, batch, files, password, sender=ours, to=sender,
-                                  scratch=scratch)
-        self.outbox.enqueue(reply.message, sender=ours, recipients=[sender], key=key,
-                            attachment=reply.attachment)
+            return failure_reply(message, batch.reason or "the file could not be processed",
+                                 sender=sender, to=to, batch=batch, errors=outcome.errors,
+                                 password=password, scratch=scratch)
+        files = [p for p in (outcome.purl, outcome.errors) if p is not None]
+        return success_reply(message, batch, files, password, sender=sender, to=to,
+                             scratch=scratch)
+
+    def _check_only(self, message: EmailMessage, submission: Submission, work: Path, *,
+                    password: bytes, sender: str, to: str, scratch: Path) -> Reply:
+        """The answer to a message sent to the validate address: the file checked, never
+        processed (core/validation.py)."""
+        checked = validate(self.processor, submission, work)
+        return validation_reply(message, describe(checked), checked.errors,
+                                password=password, sender=sender, to=to, scratch=scratch)
 
     def dead_letter(self, entry: SpoolEntry, exc: BaseException, attempts: int) -> None:
         """An entry that cannot be handled: the operator is alerted (at most once an hour
