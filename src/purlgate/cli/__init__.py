@@ -33,7 +33,7 @@ from purlgate.logs import set_instance, setup_logging
 COMMANDS = {
     "serve": ("purlgate.cli.run", "serve"),
     "process": ("purlgate.cli.run", "process"),
-    "validate": ("purlgate.cli.ops", "validate"),
+    "validate": ("purlgate.cli.run", "validate"),
     "check-config": ("purlgate.cli.run", "check_config"),
     "hash-password": ("purlgate.cli.run", "hash_password"),
     "batches": ("purlgate.cli.ops", "batches"),

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from purlgate.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, region_dir
+from purlgate.cli.common import EXIT_FAILED, EXIT_OK, region_dir
 from purlgate.errors import ConfigError
 
 
@@ -168,35 +168,3 @@ def healthcheck(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     return EXIT_OK if ok else EXIT_FAILED
 
-
-def validate(args: argparse.Namespace) -> int:
-    """Check a data file as a batch would, and make nothing (core/validation.py)."""
-    from pathlib import Path
-
-    from purlgate.cli.run import pick_client, zip_password
-    from purlgate.config import load_config
-    from purlgate.core.pipeline import Submission
-    from purlgate.core.validation import describe
-    from purlgate.core.validation import validate as check
-    from purlgate.region import build_region
-
-    config = load_config(args.config)
-    path: Path = args.file
-    if not path.is_file():
-        print(f"purlgate: {path}: no such file", file=sys.stderr)
-        return EXIT_USAGE
-    client_id = pick_client(config, args)
-    region_id = args.region or (config.clients[client_id].regions[0] if client_id
-                                else next(iter(config.regions)))
-    region = build_region(config, region_id, data_dir=args.data_dir)
-    out_dir: Path = args.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        outcome = check(region.processor, Submission(
-            path=path, received_name=path.name, channel="cli", client_id=client_id,
-            project_id=args.project, zip_password=zip_password(config, client_id, path)),
-            out_dir)
-    finally:
-        region.close()
-    print(describe(outcome), end="")
-    return EXIT_OK if outcome.valid else EXIT_FAILED

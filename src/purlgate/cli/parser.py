@@ -64,31 +64,29 @@ def _serve(sub: Any, common: argparse.ArgumentParser) -> None:
                         "in its region (default: $PURLGATE_INSTANCE, else the host name)")
 
 
-def _process(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("process", parents=[common],
-                       help="run the batch core on a local data file")
-    p.add_argument("file", type=Path, help="data file (.csv .tsv .txt .dat) or .zip")
+def _local_file(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The options of a command that runs the core on a local file."""
+    p.add_argument("file", type=Path, help="data file (.csv .tsv .txt .dat), .zip or PGP")
     p.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
     p.add_argument("--region", help="region (default: the client's first region)")
     p.add_argument("--client", help="client id (default: from the file name)")
     p.add_argument("--project", help="project id (default: from the file name)")
-    p.add_argument("--out", type=Path, default=Path("out"),
-                   help="output folder (default: ./out)")
+    p.add_argument("--out", type=Path, default=Path("out"), help=out_help)
     p.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
 
 
+def _process(sub: Any, common: argparse.ArgumentParser) -> None:
+    _local_file(sub.add_parser("process", parents=[common],
+                               help="run the batch core on a local data file"),
+                "output folder (default: ./out)")
+
+
 def _validate(sub: Any, common: argparse.ArgumentParser) -> None:
-    v = sub.add_parser("validate", parents=[common],
-                       help="check a data file as a batch would (nothing is processed, "
-                            "rendered, kept or claimed); exit 0 when valid")
-    v.add_argument("file", type=Path, help="data file (.csv .tsv .txt .dat), .zip or PGP")
-    v.add_argument("--config", type=Path, help="regions.toml (default: the bundled one)")
-    v.add_argument("--region", help="region (default: the client's first region)")
-    v.add_argument("--client", help="client id (default: from the file name)")
-    v.add_argument("--project", help="project id (default: from the file name)")
-    v.add_argument("--out", type=Path, default=Path("out"),
-                   help="where the error file goes, if any (default: ./out)")
-    v.add_argument("--data-dir", type=Path, help="state folder (default: the region's)")
+    _local_file(sub.add_parser("validate", parents=[common],
+                               help="check a data file as a batch would (nothing is "
+                                    "processed, rendered, kept or claimed); exit 0 when "
+                                    "valid"),
+                "where the error file goes, if any (default: ./out)")
 
 
 def _replay(sub: Any, common: argparse.ArgumentParser) -> None:

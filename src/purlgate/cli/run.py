@@ -19,7 +19,8 @@ from purlgate.errors import ConfigError
 if TYPE_CHECKING:
     from purlgate.app import Gateway
     from purlgate.config import Config
-    from purlgate.core.pipeline import BatchOutcome
+    from purlgate.core.pipeline import BatchOutcome, Submission
+    from purlgate.region import Region
 
 PROGRESS_FROM_BYTES = 16 * 1024 * 1024
 
@@ -101,7 +102,7 @@ def _one_embedded_instance(config: Config, args: argparse.Namespace) -> None:
     _held.append(lock)
 
 
-def pick_client(config: Config, args: argparse.Namespace) -> str | None:
+def _pick_client(config: Config, args: argparse.Namespace) -> str | None:
     if args.client:
         if args.client not in config.clients:
             raise ConfigError(f"unknown client {args.client!r}; known: "
@@ -112,7 +113,9 @@ def pick_client(config: Config, args: argparse.Namespace) -> str | None:
     return client_from_name(args.file.name, config.clients)
 
 
-def process(args: argparse.Namespace) -> int:
+def _local(args: argparse.Namespace) -> tuple[Region, Submission, Path] | None:
+    """`process` and `validate`: the region, the file as a submission, the output
+    folder (made); None when there is no such file (said on stderr)."""
     from purlgate.config import load_config
     from purlgate.core.pipeline import Submission
     from purlgate.region import build_region
@@ -121,29 +124,52 @@ def process(args: argparse.Namespace) -> int:
     path: Path = args.file
     if not path.is_file():
         print(f"purlgate: {path}: no such file", file=sys.stderr)
-        return EXIT_USAGE
-    client_id = pick_client(config, args)
+        return None
+    client_id = _pick_client(config, args)
     region_id = args.region or (config.clients[client_id].regions[0] if client_id
                                 else next(iter(config.regions)))
     region = build_region(config, region_id, data_dir=args.data_dir)
-    password = zip_password(config, client_id, path)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    bar = _progress_bar(path)
+    return region, Submission(
+        path=path, received_name=path.name, channel="cli", client_id=client_id,
+        project_id=args.project, zip_password=_zip_password(config, client_id, path)), out_dir
+
+
+def process(args: argparse.Namespace) -> int:
+    found = _local(args)
+    if found is None:
+        return EXIT_USAGE
+    region, submission, out_dir = found
+    bar = _progress_bar(submission.path)
     try:
-        outcome = region.processor.process(
-            Submission(path=path, received_name=path.name, channel="cli",
-                       client_id=client_id, project_id=args.project, zip_password=password),
-            out_dir, bar.update if bar is not None else None,
-        )
+        outcome = region.processor.process(submission, out_dir,
+                                           bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
         region.close()
-    return _report(outcome, region_id, args)
+    return _report(outcome, region.id, args)
 
 
-def zip_password(config: Config, client_id: str | None, path: Path) -> bytes | None:
+def validate(args: argparse.Namespace) -> int:
+    """Check a data file as a batch would, and make nothing (core/validation.py)."""
+    from purlgate.core.validation import describe
+    from purlgate.core.validation import validate as check
+
+    found = _local(args)
+    if found is None:
+        return EXIT_USAGE
+    region, submission, out_dir = found
+    try:
+        outcome = check(region.processor, submission, out_dir)
+    finally:
+        region.close()
+    print(describe(outcome), end="")
+    return EXIT_OK if outcome.valid else EXIT_FAILED
+
+
+def _zip_password(config: Config, client_id: str | None, path: Path) -> bytes | None:
     """The client's ZIP password, read only when it can matter (an encrypted ZIP, or a
     PGP file that may hold one): a plain file needs no secret, and a missing one is
     then a configuration error."""
