@@ -118,6 +118,19 @@ def message(i: int, password: bytes, sender: str = SENDER) -> tuple[str, bytes]:
     return msgid, raw
 
 
+async def session(port: int, share: list[tuple[str, bytes]],
+                  accepted: dict[str, float]) -> None:
+    """One SMTP session sending ``share`` one after another; when each got its 250."""
+    import aiosmtplib
+
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=120)
+    await client.connect()
+    for msgid, raw in share:
+        await client.sendmail(SENDER, [INBOUND], raw)
+        accepted[msgid] = time.perf_counter()
+    await client.quit()
+
+
 def tree_cpu(root: int) -> dict[int, tuple[float, float]]:
     """CPU seconds of a process and each of its descendants, by pid: (user + system,
     system alone)."""
@@ -221,16 +234,8 @@ async def burst(messages: int, sessions: int, setup: str,
             own_before = time.process_time()
             start = time.perf_counter()
 
-            async def session(share: list[tuple[str, bytes]]) -> None:
-                client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port,
-                                         start_tls=False, timeout=120)
-                await client.connect()
-                for msgid, raw in share:
-                    await client.sendmail(SENDER, [INBOUND], raw)
-                    accepted[msgid] = time.perf_counter()
-                await client.quit()
-
-            await asyncio.gather(*(session(mails[k::sessions]) for k in range(sessions)))
+            await asyncio.gather(*(session(smtp_port, mails[k::sessions], accepted)
+                                   for k in range(sessions)))
             last_accept = time.perf_counter()
             deadline = time.perf_counter() + 600
             while len(relay.arrived) < messages and time.perf_counter() < deadline:

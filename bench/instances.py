@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.burst import Relay, calibrate, message, start_serve, write_config
+from bench.burst import Relay, calibrate, message, session, start_serve, write_config
 from bench.smtp import INBOUND, ROOT, SENDER, free_port
 from tests.pg_helpers import PgCluster
 
@@ -93,16 +93,8 @@ async def burst(messages: int, instances: int, url: str | None) -> dict[str, flo
             accepted: dict[str, float] = {}
             start_at = time.perf_counter()
 
-            async def session(k: int, share: list[tuple[str, bytes]]) -> None:
-                client = aiosmtplib.SMTP(hostname="127.0.0.1", port=ports[k % instances],
-                                         start_tls=False, timeout=120)
-                await client.connect()
-                for msgid, raw in share:
-                    await client.sendmail(SENDER, [INBOUND], raw)
-                    accepted[msgid] = time.perf_counter()
-                await client.quit()
-
-            await asyncio.gather(*(session(k, mails[k::20]) for k in range(20)))
+            await asyncio.gather(*(session(ports[k % instances], mails[k::20], accepted)
+                                   for k in range(20)))
             deadline = time.perf_counter() + 600
             while len(relay.arrived) < messages + 20 and time.perf_counter() < deadline:
                 await asyncio.sleep(0.01)
