@@ -69,11 +69,6 @@ class Backend:
         instance sweeps at start must never be another's work in progress)."""
         return folder / self.leases.instance if self.shared else folder
 
-    def ping(self) -> None:
-        """Raise DatabaseUnavailableError while the database cannot be reached."""
-        if self.database is not None:
-            self.database.ping()
-
     def close(self) -> None:
         if self.database is not None:
             self.database.close()
