@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import pytest
@@ -157,7 +158,7 @@ def test_missing_required_column_fails_with_the_list(harness: Harness) -> None:
         ["row", "column", "reason"],
         ["", "", "missing required column(s): email. The header has: first_name, city"],
     ]
-    assert [e.kind for e in harness.events] == [EventKind.FAILED]
+    assert [e.kind for e in harness.events] == [EventKind.RECEIVED, EventKind.FAILED]
 
 
 def test_empty_required_value_is_a_row_error(harness: Harness) -> None:
@@ -285,17 +286,21 @@ def test_same_name_in_another_project_is_not_a_duplicate(harness: Harness) -> No
 
 
 def test_lifecycle_events_and_history(harness: Harness) -> None:
-    """Loaded then summary are published; the store keeps each transition's time."""
+    """Received, loaded then summary are published; the store keeps each transition's
+    time; the end carries the SHA-256 of the file received and of the PURL file made."""
     outcome = harness.fixture(f"ragged_{T}.csv")
-    assert [e.kind for e in harness.events] == [EventKind.LOADED, EventKind.SUMMARY]
-    assert harness.events[-1].batch.state is BatchState.DONE_WITH_ERRORS
+    assert [e.kind for e in harness.events] == [
+        EventKind.RECEIVED, EventKind.LOADED, EventKind.SUMMARY]
+    end = harness.events[-1].batch
+    assert end.state is BatchState.DONE_WITH_ERRORS
     assert [s for s, _ in outcome.batch.history] == [
         BatchState.INITIALIZING, BatchState.IN_PROGRESS, BatchState.DONE_WITH_ERRORS
     ]
-    assert outcome.batch.sha256 is None or len(outcome.batch.sha256) == 64
-    assert harness.store.get(outcome.batch.id).sha256 == (
-        __import__("hashlib").sha256((DATA / f"ragged_{T}.csv").read_bytes()).hexdigest()
-    )
+    received = hashlib.sha256((DATA / f"ragged_{T}.csv").read_bytes()).hexdigest()
+    made = hashlib.sha256(outcome.purl.read_bytes()).hexdigest()  # type: ignore[union-attr]
+    assert (end.sha256, end.purl_sha256) == (received, made)
+    stored = harness.store.get(outcome.batch.id)
+    assert (stored.sha256, stored.purl_sha256) == (received, made)
 
 
 def test_fixed_dialect_prefix_suffix_and_no_extra_files(harness: Harness) -> None:

@@ -28,11 +28,13 @@ class CrashingStore(SqliteBatchStore):
 
     def transition(self, batch_id: int, target: BatchState, *, at: datetime,
                    reason: str | None = None, error_code: str | None = None,
-                   counts: Counts | None = None, outputs: tuple[str, ...] = ()) -> BatchRecord:
+                   counts: Counts | None = None, outputs: tuple[str, ...] = (),
+                   purl_sha256: str | None = None) -> BatchRecord:
         if target is self.crash_at:
             raise Crash
         return super().transition(batch_id, target, at=at, reason=reason,
-                                  error_code=error_code, counts=counts, outputs=outputs)
+                                  error_code=error_code, counts=counts, outputs=outputs,
+                                  purl_sha256=purl_sha256)
 
 
 def submission(intake: str = "spool-1") -> Submission:

@@ -130,6 +130,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 2: validations (dry runs) are listed beside batches, never counted as one
     "ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'batch';",
+    # 3: the SHA-256 of the PURL file as delivered (the audit trail, the webhooks)
+    "ALTER TABLE batches ADD COLUMN purl_sha256 TEXT;",
 )
 
 
@@ -259,7 +261,8 @@ MOVE_BATCH = (
     "WITH moved AS (UPDATE batches SET state = %s,"
     " reason = COALESCE(%s, reason), error_code = COALESCE(%s, error_code),"
     " rows_total = %s, rows_ok = %s, rows_error = %s, outputs = %s,"
-    " updated_at = %s, instance = COALESCE(%s, instance)"
+    " updated_at = %s, instance = COALESCE(%s, instance),"
+    " purl_sha256 = COALESCE(%s, purl_sha256)"
     " WHERE id = %s AND state = ANY(%s) RETURNING *),"
     " logged AS (INSERT INTO transitions (batch_id, state, at)"
     " SELECT id, state, %s FROM moved)"
@@ -282,7 +285,7 @@ def _record(row: dict[str, Any],
         outputs=tuple(json.loads(row["outputs"])),
         created_at=row["created_at"], updated_at=row["updated_at"],
         history=history + more, intake_id=row["intake_id"], instance=row["instance"],
-        kind=row["kind"],
+        kind=row["kind"], purl_sha256=row["purl_sha256"],
     )
 
 
@@ -339,7 +342,7 @@ class PgBatchStore:
     def transition(
         self, batch_id: int, target: BatchState, *, at: datetime, reason: str | None = None,
         error_code: str | None = None, counts: Counts | None = None,
-        outputs: tuple[str, ...] = (),
+        outputs: tuple[str, ...] = (), purl_sha256: str | None = None,
     ) -> BatchRecord:
         sources = [s.value for s, targets in TRANSITIONS.items() if target in targets]
         c = counts or Counts()
@@ -350,7 +353,8 @@ class PgBatchStore:
                 cur = conn.execute(
                     MOVE_BATCH,
                     (target.value, reason, error_code, c.rows_total, c.rows_ok, c.rows_error,
-                     json.dumps(list(outputs)), at, self.instance, batch_id, sources, at))
+                     json.dumps(list(outputs)), at, self.instance, purl_sha256, batch_id,
+                     sources, at))
             row = cur.fetchone()
             if row is None:  # no such batch, or not from its state
                 now = conn.execute("SELECT state FROM batches WHERE id = %s",

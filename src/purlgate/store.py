@@ -77,6 +77,8 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE batches ADD COLUMN instance TEXT;",
     # 4: validations (dry runs) are listed beside batches, never counted as one
     "ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'batch';",
+    # 5: the SHA-256 of the PURL file as delivered (the audit trail, the webhooks)
+    "ALTER TABLE batches ADD COLUMN purl_sha256 TEXT;",
 )
 
 
@@ -190,7 +192,7 @@ class SqliteBatchStore:
     def transition(
         self, batch_id: int, target: BatchState, *, at: datetime, reason: str | None = None,
         error_code: str | None = None, counts: Counts | None = None,
-        outputs: tuple[str, ...] = (),
+        outputs: tuple[str, ...] = (), purl_sha256: str | None = None,
     ) -> BatchRecord:
         with self._connect(durable=target in TERMINAL) as db:
             db.execute("BEGIN IMMEDIATE")
@@ -208,9 +210,10 @@ class SqliteBatchStore:
                 "UPDATE batches SET state = ?, reason = COALESCE(?, reason),"
                 " error_code = COALESCE(?, error_code), rows_total = ?, rows_ok = ?,"
                 " rows_error = ?, outputs = ?, updated_at = ?,"
-                " instance = COALESCE(?, instance) WHERE id = ?",
+                " instance = COALESCE(?, instance), purl_sha256 = COALESCE(?, purl_sha256)"
+                " WHERE id = ?",
                 (target.value, reason, error_code, c.rows_total, c.rows_ok, c.rows_error,
-                 json.dumps(list(outputs)), _ts(at), self.instance, batch_id),
+                 json.dumps(list(outputs)), _ts(at), self.instance, purl_sha256, batch_id),
             )
             db.execute(
                 "INSERT INTO transitions (batch_id, state, at) VALUES (?,?,?)",
@@ -238,6 +241,7 @@ class SqliteBatchStore:
             updated_at=datetime.fromisoformat(row["updated_at"]),
             history=history,
             intake_id=row["intake_id"], instance=row["instance"], kind=row["kind"],
+            purl_sha256=row["purl_sha256"],
         )
 
     def get(self, batch_id: int) -> BatchRecord:

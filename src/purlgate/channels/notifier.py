@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from purlgate.channels.alerts import OPERATOR_CODES, OperatorAlerts
 from purlgate.channels.outbox import Outbox
-from purlgate.channels.replies import notification
+from purlgate.channels.replies import SUBJECTS, notification
 from purlgate.config import ClientConfig, RegionConfig
 from purlgate.core.lifecycle import BatchEvent, EventKind
 
@@ -27,8 +27,8 @@ class Notifier:
         if event.kind is EventKind.FAILED and batch.error_code in OPERATOR_CODES:
             self.alerts.batch_failed(batch)
         client = self.clients.get(batch.client)
-        if client is None:
-            return
+        if client is None or event.kind not in SUBJECTS:
+            return  # the guide's three notifications only (not received, validations)
         project = client.projects.get(batch.project or "")
         to = list(dict.fromkeys([*(project.notify if project else []), *client.notify]))
         if not to:

@@ -43,9 +43,11 @@ TERMINAL = frozenset(s for s, nxt in TRANSITIONS.items() if not nxt)
 
 
 class EventKind(StrEnum):
+    RECEIVED = "batch received"  # a new batch was recorded (Initializing)
     LOADED = "batch loaded"  # the file was read and rows are being processed
     SUMMARY = "batch summary"  # Done or Done with Errors
     FAILED = "batch failed"
+    VALIDATED = "validation finished"  # a validate-only check ended (its record's kind)
 
 
 EVENT_OF_STATE: Mapping[BatchState, EventKind] = {
@@ -89,6 +91,7 @@ class BatchRecord:
     intake_id: str | None = None  # the channel's id of the received file (its spool id)
     instance: str | None = None  # the instance that last moved it
     kind: str = "batch"  # or "validation": a dry run (no name claimed, nothing made)
+    purl_sha256: str | None = None  # of the PURL file as delivered (encrypted: as such)
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ class BatchStore(Protocol):
     def transition(
         self, batch_id: int, target: BatchState, *, at: datetime, reason: str | None = None,
         error_code: str | None = None, counts: Counts | None = None,
-        outputs: tuple[str, ...] = (),
+        outputs: tuple[str, ...] = (), purl_sha256: str | None = None,
     ) -> BatchRecord: ...
 
     def get(self, batch_id: int) -> BatchRecord: ...

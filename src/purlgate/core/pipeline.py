@@ -41,6 +41,7 @@ from purlgate.core.lifecycle import (
     BatchState,
     BatchStore,
     Counts,
+    EventKind,
 )
 from purlgate.core.naming import (
     DataName,
@@ -186,6 +187,7 @@ class BatchProcessor:
         self.clock = clock
         self.work_root = work_root
         self.subscribers = list(subscribers)
+        self._hashing = threading.local()  # the received file being hashed, per batch
         if work_root.is_dir():
             # Scratch of processes that are gone, and the per-batch folders of the
             # previous release: a batch cut off there starts again from scratch anyway.
@@ -217,11 +219,13 @@ class BatchProcessor:
     def _move(
         self, batch_id: int, target: BatchState, *, reason: str | None = None,
         error_code: str | None = None, counts: Counts | None = None,
-        outputs: tuple[str, ...] = (),
+        outputs: tuple[str, ...] = (), purl_sha256: str | None = None,
     ) -> BatchRecord:
+        if target in TERMINAL:
+            self._settle_received(batch_id)  # the end's record and events carry it
         record = self.store.transition(
             batch_id, target, at=self.clock(), reason=reason, error_code=error_code,
-            counts=counts, outputs=outputs,
+            counts=counts, outputs=outputs, purl_sha256=purl_sha256,
         )
         facts = _facts(record)
         if target in TERMINAL:
@@ -240,13 +244,17 @@ class BatchProcessor:
             log.info("batch %d %s: client=%s project=%s", record.id, record.state,
                      record.client, record.project,
                      extra={"facts": {**facts, "event": "batch-state"}})
-        event = BatchEvent(EVENT_OF_STATE[target], record)
+        self.publish(BatchEvent(EVENT_OF_STATE[target], record))
+        return record
+
+    def publish(self, event: BatchEvent) -> None:
+        """Hand ``event`` to every subscriber (notifications, webhooks, the web side)."""
         for subscriber in self.subscribers:
             try:
                 subscriber(event)
             except Exception:  # a notifier failing must not fail the batch
-                log.exception("subscriber failed on %s of batch %d", event.kind, record.id)
-        return record
+                log.exception("subscriber failed on %s of batch %d", event.kind,
+                              event.batch.id)
 
     # -- the batch ----------------------------------------------------------------
 
@@ -259,13 +267,14 @@ class BatchProcessor:
         if isinstance(opened, BatchOutcome):
             return opened  # this intake's batch ended before: its recorded outcome
         record, restarted = opened
-        digest: dict[str, str] = {}
-        hasher = None
         if submission.sha256 is None:
+            # Hashed beside the parser; recorded before the batch ends (see _move).
+            digest: dict[str, str] = {}
             hasher = threading.Thread(
                 target=_hash_file, args=(submission.path, digest), daemon=True
             )
             hasher.start()
+            self._hashing.pending = (hasher, digest)
         work = thread_scratch(self.work_root)
         clear_scratch(work, _kept_scratch)  # what a batch cut off on this thread left
         errors = ErrorLog(work / "row-errors.csv")
@@ -288,10 +297,19 @@ class BatchProcessor:
         finally:
             errors.close()
             clear_scratch(work, _kept_scratch)
-            if hasher is not None:
-                hasher.join()
-                if "sha256" in digest:
-                    self.store.set_sha256(record.id, digest["sha256"])
+            self._settle_received(record.id)
+
+    def _settle_received(self, batch_id: int) -> None:
+        """Record the received file's SHA-256 that this thread's batch is hashing (a
+        no-op when the channel gave it, or it is recorded already)."""
+        pending = getattr(self._hashing, "pending", None)
+        if pending is None:
+            return
+        self._hashing.pending = None
+        hasher, digest = pending
+        hasher.join()
+        if "sha256" in digest:
+            self.store.set_sha256(batch_id, digest["sha256"])
 
     def _open(self, submission: Submission, client_id: str,
               out_dir: Path) -> tuple[BatchRecord, bool] | BatchOutcome:
@@ -317,6 +335,7 @@ class BatchProcessor:
         log.info("batch %d received: client=%s channel=%s file=%s", record.id, client_id,
                  submission.channel, submission.received_name,
                  extra={"facts": {**_facts(record), "event": "batch-received"}})
+        self.publish(BatchEvent(EventKind.RECEIVED, record))
         return record, False
 
     def _prepare(self, submission: Submission, client_id: str, record: BatchRecord, *,
@@ -482,8 +501,11 @@ class BatchProcessor:
             errors_path = self._publish_errors(job)
             outputs.append(errors_path)
         state = BatchState.DONE_WITH_ERRORS if counts.rows_error else BatchState.DONE
+        made: dict[str, str] = {}
+        _hash_file(purl, made)  # the file the client gets, for them to check
         done = self._move(job.batch_id, state, counts=counts,
-                          outputs=tuple(p.name for p in outputs))
+                          outputs=tuple(p.name for p in outputs),
+                          purl_sha256=made["sha256"])
         return BatchOutcome(done, purl=purl, flag=flag, errors=errors_path)
 
     def _transform(self, job: _Job, dialect: dia.Dialect, plan: dia.ColumnPlan,

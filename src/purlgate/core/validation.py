@@ -24,7 +24,7 @@ from purlgate.core.archive import unwrap
 from purlgate.core.crypto import Decrypted, check_signature
 from purlgate.core.errorlog import ErrorLog
 from purlgate.core.files import clear_scratch, thread_scratch
-from purlgate.core.lifecycle import BatchRecord, BatchState, Counts
+from purlgate.core.lifecycle import BatchEvent, BatchRecord, BatchState, Counts, EventKind
 from purlgate.core.naming import error_name, error_name_of_received, parse_data_name
 from purlgate.core.render import RenderRequest, RenderResult
 from purlgate.core.transform import Target, transform
@@ -120,6 +120,7 @@ def validate(processor: BatchProcessor, submission: Submission, out_dir: Path) -
                                   "validation",
                                   outputs=(published.name,) if published else ())
     outcome = Validation(record, counts, problem, published, held)
+    processor.publish(BatchEvent(EventKind.VALIDATED, record))  # a webhook's, no mail
     log.info("validation %d: client=%s file=%s %s", record.id, client_id,
              submission.received_name, outcome.summary(),
              extra={"facts": {"event": "validation-finished", "batch": record.id,

@@ -318,8 +318,9 @@ class LinkServer:
         """Core subscriber (runs in the batch's thread): a finished batch's links answer
         at once, and the project's media are drawn ahead when it asks for that."""
         batch = event.batch
-        if batch.state not in (BatchState.DONE, BatchState.DONE_WITH_ERRORS):
-            return
+        if batch.state not in (BatchState.DONE, BatchState.DONE_WITH_ERRORS) \
+                or batch.kind != "batch":
+            return  # a validation makes no links
         self.index.add(BatchSummary(batch.id, batch.client, batch.project or "",
                                     batch.created_at, batch.updated_at))
         kinds = self.pregenerate_of.get((batch.client, batch.project or ""), ())
