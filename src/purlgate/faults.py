@@ -2,7 +2,8 @@
 SIGKILL the first time it reaches that point, as a power cut or the OOM killer would.
 
 Points: ``spool-committed`` (the message is on disk, 250 not said yet),
-``batch-running`` (mid-batch, after the first rows), ``purl-published`` (the PURL file is
+``batch-running`` (mid-batch, after the first rows), ``batch-ended`` (its end recorded,
+its events not yet published: notifications, webhooks), ``purl-published`` (the PURL file is
 out, the reply not queued), ``outbox-queued`` (an outbox entry is queued, the spool
 entry not yet finished), ``relay-accepted`` (the relay said 250, "sent" not recorded). Unset in
 production: one dictionary look-up per point. In a mail worker process the gateway

@@ -109,6 +109,10 @@ class BatchSummary:
 class BatchEvent:
     kind: EventKind
     batch: BatchRecord
+    # Published again for a batch a crash interrupted (its first publication may have
+    # been cut off): subscribers that deliver are idempotent and take it, those that
+    # count skip it.
+    again: bool = False
 
 
 class BatchStore(Protocol):

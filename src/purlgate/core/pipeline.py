@@ -66,6 +66,7 @@ from purlgate.errors import (
     StorageError,
     is_storage_fault,
 )
+from purlgate.faults import crash_point
 
 log = logging.getLogger("purlgate.core")
 
@@ -227,6 +228,8 @@ class BatchProcessor:
             batch_id, target, at=self.clock(), reason=reason, error_code=error_code,
             counts=counts, outputs=outputs, purl_sha256=purl_sha256,
         )
+        if target in TERMINAL:
+            crash_point("batch-ended")  # recorded; its events not yet published
         facts = _facts(record)
         if target in TERMINAL:
             seconds = (record.updated_at - record.created_at).total_seconds()
@@ -320,9 +323,12 @@ class BatchProcessor:
         if previous is not None and previous.state in TERMINAL:
             log.info("batch %d already %s for intake %s", previous.id, previous.state,
                      submission.intake_id)
+            # A crash may have come between its end and its events' delivery.
+            self.publish(BatchEvent(EVENT_OF_STATE[previous.state], previous, again=True))
             return _recorded_outcome(previous, out_dir)
         if previous is not None:
             log.warning("batch %d restarts after an interruption", previous.id)
+            self.publish(BatchEvent(EventKind.RECEIVED, previous, again=True))
             if previous.state is BatchState.IN_PROGRESS:
                 return self.store.transition(previous.id, BatchState.INITIALIZING,
                                              at=self.clock(), reason="restarted"), True

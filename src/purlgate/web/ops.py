@@ -116,8 +116,8 @@ class BatchMetrics:
 
     def __call__(self, event: BatchEvent) -> None:
         batch = event.batch
-        if batch.state not in TERMINAL or batch.kind != "batch":
-            return  # a validation is not a batch
+        if batch.state not in TERMINAL or batch.kind != "batch" or event.again:
+            return  # a validation is not a batch; a restarted one was counted
         self.batches.labels(batch.channel, batch.state.value).inc()
         self.rows.labels("ok").inc(batch.counts.rows_ok)
         self.rows.labels("error").inc(batch.counts.rows_error)

@@ -324,7 +324,7 @@ class LinkServer:
         self.index.add(BatchSummary(batch.id, batch.client, batch.project or "",
                                     batch.created_at, batch.updated_at))
         kinds = self.pregenerate_of.get((batch.client, batch.project or ""), ())
-        if kinds and self._loop is not None:
+        if kinds and self._loop is not None and not event.again:
             self._loop.call_soon_threadsafe(self._start_pregenerate, batch.id, kinds)
 
     def _start_pregenerate(self, batch_id: int, kinds: tuple[str, ...]) -> None:
