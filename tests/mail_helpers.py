@@ -171,13 +171,14 @@ async def drained(gateway: Any, timeout: float = 30.0) -> None:
 
 
 async def queues_empty(data_dir: Path, timeout: float = 60.0) -> None:
-    """As ``drained``, for a gateway in another process: its data directory's spool and
-    outbox queue hold nothing (twice in a row)."""
+    """As ``drained``, for a gateway in another process: its data directory's spool,
+    outbox queue and webhooks' queue hold nothing (twice in a row)."""
     deadline = asyncio.get_running_loop().time() + timeout
     quiet = 0
     while quiet < 2:
         busy = any((data_dir / "spool" / "incoming").glob("*.msg")) or any(
-            (data_dir / "outbox" / "queue").glob("*.msg"))
+            (data_dir / "outbox" / "queue").glob("*.msg")) or any(
+            (data_dir / "webhooks" / "queue").glob("*.json"))
         quiet = 0 if busy else quiet + 1
         assert asyncio.get_running_loop().time() < deadline, "the queues never drained"
         await asyncio.sleep(0.1)

@@ -38,6 +38,7 @@ from purlgate.channels.sftp import (
 )
 from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
+from purlgate.channels.webhooks import Webhooks
 from purlgate.config import ClientConfig, Config
 from purlgate.errors import ConfigError
 from purlgate.mail_side import MailSide, MailSideFactory
@@ -77,6 +78,7 @@ class Gateway:
     handler: SmtpHandler
     retention: RetentionSweep
     keeper: LeaseKeeper
+    webhooks: Webhooks
     relay: RelayConnections | None = None  # made here, so closed here
     imap: ImapPoller | None = None
     sftp_service: SftpService | None = None
@@ -127,8 +129,11 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     keeper = LeaseKeeper(mail.region.backend)
     handler.paused = lambda: keeper.down
     gateway = Gateway(mail.region, mail.spool, mail.outbox, mail.worker, handler,
-                      RetentionSweep(clients=clients, outbox=mail.outbox, sftp=None), keeper,
+                      RetentionSweep(clients=clients, outbox=mail.outbox, sftp=None,
+                                     webhooks=mail.webhooks), keeper, mail.webhooks,
                       relay=relay, imap=_imap(mail, clients))
+    # Events of batches run in mail worker processes: their webhooks were queued there.
+    mail.worker.event_sinks.append(mail.webhooks.adopt_event)
     if region_cfg.sftp is not None:
         _add_sftp(gateway, mail, clients)
     if region_cfg.web is not None:
@@ -254,8 +259,9 @@ def _resumed(gateway: Gateway) -> str:
     uploads = (len(gateway.sftp_service.spool.pending())
                if gateway.sftp_service is not None else 0)
     queued = len(gateway.outbox.items())
+    hooks = len(gateway.webhooks.entries())
     return (f"{mail} spooled message(s), {uploads} SFTP upload(s) to process, "
-            f"{queued} queued mail(s)")
+            f"{queued} queued mail(s), {hooks} queued webhook(s)")
 
 
 async def _start_listeners(gateway: Gateway) -> None:
@@ -287,6 +293,7 @@ async def _run(gateway: Gateway, stop: asyncio.Event, imap_stop: threading.Event
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(gateway.worker.run(stop))
         tasks.create_task(gateway.outbox.run(stop))
+        tasks.create_task(gateway.webhooks.run(stop))
         if gateway.imap is not None:
             tasks.create_task(asyncio.to_thread(gateway.imap.run, imap_stop))
         if gateway.sftp_worker is not None:

@@ -1,5 +1,5 @@
 """The email side of a region, wired once: the region's core, the outbox and what queues
-into it (notifier, operator alerts), the spool and the mail worker.
+into it (notifier, operator alerts), the webhooks' queue, the spool and the mail worker.
 
 ``serve`` builds it with the relay as the outbox's sender; each mail worker process
 builds it again from the same picklable ``MailSideFactory``, queueing only (the gateway
@@ -19,6 +19,7 @@ from purlgate.channels.notifier import Notifier
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.relay import Sender
 from purlgate.channels.spool import Spool
+from purlgate.channels.webhooks import Webhooks
 from purlgate.config import Config
 from purlgate.core.pipeline import Subscriber
 from purlgate.region import Region, build_region
@@ -31,6 +32,7 @@ class MailSide:
     alerts: OperatorAlerts
     spool: Spool
     worker: MailWorker
+    webhooks: Webhooks
 
 
 async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
@@ -57,8 +59,11 @@ class MailSideFactory:
                                 operator=region_cfg.relay.operator)
         outbox.on_failed = alerts.undeliverable
         notifier = Notifier(region=region_cfg, clients=clients, outbox=outbox, alerts=alerts)
+        # Queued by whichever process runs the batch; the gateway delivers.
+        webhooks = Webhooks(self.data_dir / "webhooks", region_cfg.webhooks,
+                            region=self.region_id, clients=clients, alerts=alerts)
         region = build_region(self.config, self.region_id, data_dir=self.data_dir,
-                              subscribers=[notifier, *subscribers])
+                              subscribers=[notifier, webhooks, *subscribers])
         backend = region.backend
         spool = Spool(self.data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes,
                       owner=owner, tmp=backend.scratch(self.data_dir / "spool" / "tmp"))
@@ -71,7 +76,8 @@ class MailSideFactory:
         if backend.shared:
             worker.queue.share(backend.leases, lambda entry: entry.path.exists())
             outbox.share(backend.leases)
-        return MailSide(region, outbox, alerts, spool, worker)
+            webhooks.share(backend.leases)
+        return MailSide(region, outbox, alerts, spool, worker, webhooks)
 
     def __call__(self, on_event: Subscriber) -> MailWorker:
         """The mail worker of a worker process: it queues only, leaves the spool's

@@ -27,6 +27,7 @@ from purlgate.channels.outbox import Outbox
 from purlgate.channels.queue_worker import QueueWorker
 from purlgate.channels.sftp import SftpService
 from purlgate.channels.spool import Spool
+from purlgate.channels.webhooks import Webhooks
 from purlgate.config import ClientConfig, WebConfig
 from purlgate.core.leases import InstanceSeen
 from purlgate.core.lifecycle import BatchRecord
@@ -168,12 +169,14 @@ def channel_families(channels: Mapping[str, tuple[Callable[[], int], QueueWorker
 
 class RetentionSweep:
     """Results in SFTP Downloads past their project's retention, abandoned temporary
-    uploads, and sent mail past the longest retention of the region's projects (a reply
-    does not say its project). Counts only in the log."""
+    uploads, and sent mail and webhook delivery records past the longest retention of
+    the region's projects (a reply does not say its project). Counts only in the log."""
 
     def __init__(self, *, clients: Mapping[str, ClientConfig], outbox: Outbox,
-                 sftp: SftpService | None, clock: Callable[[], float] = time.time) -> None:
+                 sftp: SftpService | None, webhooks: Webhooks | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.outbox = outbox
+        self.webhooks = webhooks
         self.sftp = sftp
         self.clock = clock
         self.days = max((p.retention_days for c in clients.values()
@@ -186,6 +189,8 @@ class RetentionSweep:
             results = self.sftp.sweep_downloads(self.clock())
             temp = self.sftp.sweep_temp_uploads(self.clock())
         mail = self.outbox.sweep_sent(self.days * 86400)
+        if self.webhooks is not None:
+            self.webhooks.sweep_sent(self.days * 86400)
         if results or mail or temp:
             log.info("retention: deleted %d result file(s) from Downloads, %d abandoned "
                      "temporary upload(s) and %d sent mail(s)", results, temp, mail)

@@ -5,11 +5,13 @@
     validate         check a data file as a batch would, and make nothing
     batches          the batch view in the terminal
     outbox           queued replies and notifications (like mailq)
+    webhooks         queued, failed and stopped webhook deliveries, and requeue
     dead-letters     what could not be processed or delivered, and requeue
     e2e              the 20-row end-to-end check before a client's launch
     replay           QA: send fixture emails and check the replies
     check-config     validate regions.toml, its secrets, keys and templates
     hash-password    an SFTP account's password_hash
+    webhook-secret   a new secret for a client's webhook endpoint
     healthcheck      exit 0 while the web side answers /healthz (containers)
 
 Each command lives in a module of this package and imports what it needs when it runs
@@ -36,6 +38,8 @@ COMMANDS = {
     "validate": ("purlgate.cli.run", "validate"),
     "check-config": ("purlgate.cli.run", "check_config"),
     "hash-password": ("purlgate.cli.run", "hash_password"),
+    "webhook-secret": ("purlgate.cli.run", "webhook_secret"),
+    "webhooks": ("purlgate.cli.ops", "webhooks"),
     "batches": ("purlgate.cli.ops", "batches"),
     "outbox": ("purlgate.cli.ops", "outbox"),
     "dead-letters": ("purlgate.cli.ops", "dead_letters"),

@@ -1,5 +1,5 @@
-"""Operators' commands on a region's state folder: batches, outbox, dead-letters,
-healthcheck. They read what a running gateway writes and never touch its temporary
+"""Operators' commands on a region's state folder: batches, outbox, webhooks,
+dead-letters, healthcheck. They read what a running gateway writes and never touch its temporary
 files."""
 
 # Imports inside the command functions are on purpose: each command imports what it
@@ -92,6 +92,49 @@ def outbox(args: argparse.Namespace) -> int:
               f"{max(0.0, meta['next_at'] - now):>8.0f}s  {', '.join(meta['recipients'])}"
               + (f" / {meta['last_error']}" if meta.get("last_error") else ""))
     print(f"-- {len(items)} message(s) queued")
+    return EXIT_OK
+
+
+def webhooks(args: argparse.Namespace) -> int:
+    import time
+
+    from purlgate.channels.webhook_post import origin
+    from purlgate.channels.webhooks import Webhooks
+
+    region_id, data_dir, config = region_dir(args)
+    hooks = Webhooks(data_dir / "webhooks", config.region(region_id).webhooks,
+                     region=region_id, clients=config.clients_of(region_id))
+    if args.revive:
+        if not hooks.revive(args.revive):
+            raise ConfigError(f"{args.revive} is not stopped; `purlgate webhooks` lists the "
+                              "endpoints that answered 410 Gone")
+        print(f"{origin(args.revive)}: deliveries start again (--requeue its failed ones "
+              "to send them)")
+        return EXIT_OK
+    if args.requeue:
+        ids = ([e.id for e in hooks.entries(hooks.failed)] if args.requeue == "all"
+               else [args.requeue])
+        try:
+            for entry_id in ids:
+                hooks.requeue(entry_id)
+        except KeyError as exc:
+            raise ConfigError(f"no failed webhook delivery {exc.args[0]!r}; `purlgate "
+                              "webhooks` lists them") from exc
+        print(f"{len(ids)} delivery(ies) queued again (a running gateway sends within 30 s)")
+        return EXIT_OK
+    now = time.time()
+    for title, folder in (("QUEUED", hooks.queue), ("FAILED", hooks.failed)):
+        found = hooks.entries(folder)
+        print(f"{title + ' ID':<52} {'TYPE':<22} {'CLIENT':<10} {'TRIES':>5} {'AGE':>8}  "
+              "ENDPOINT / LAST ERROR")
+        for e in found:
+            d = e.data
+            print(f"{e.id:<52} {d['type']:<22} {d['client']:<10} {d['attempts']:>5} "
+                  f"{now - d['created_at']:>7.0f}s  {origin(d['url'])}"
+                  + (f" / {d['last_error']}" if d.get("last_error") else ""))
+        print(f"-- {len(found)} {title.lower()}\n")
+    for gone in hooks.gone_endpoints():
+        print(f"STOPPED: {gone['url']} answered 410 Gone at {gone['at']}")
     return EXIT_OK
 
 

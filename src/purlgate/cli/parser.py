@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      parents=[common])
     parser.add_argument("--version", action="version", version=f"purlgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_serve, _process, _validate, _replay, _hash_password, _batches, _outbox,
-                _dead_letters, _e2e, _healthcheck, _check_config):
+    for add in (_serve, _process, _validate, _replay, _hash_password, _webhook_secret,
+                _batches, _outbox, _webhooks, _dead_letters, _e2e, _healthcheck,
+                _check_config):
         add(sub, common)
     return parser
 
@@ -107,6 +108,23 @@ def _hash_password(sub: Any, common: argparse.ArgumentParser) -> None:
     sub.add_parser("hash-password", parents=[common],
                    help="read a password (prompt or stdin) and print its scrypt hash for "
                         "an SFTP account's password_hash")
+
+
+def _webhook_secret(sub: Any, common: argparse.ArgumentParser) -> None:
+    sub.add_parser("webhook-secret", parents=[common],
+                   help="print a new webhook secret (whsec_ and 32 random bytes, base64), "
+                        "for the client and for the endpoint's secret reference")
+
+
+def _webhooks(sub: Any, common: argparse.ArgumentParser) -> None:
+    w = sub.add_parser("webhooks", parents=[common],
+                       help="queued, failed and stopped (410) webhook deliveries")
+    region_options(w)
+    act = w.add_mutually_exclusive_group()
+    act.add_argument("--requeue", metavar="ID",
+                     help="send a failed delivery again from scratch ('all': every one)")
+    act.add_argument("--revive", metavar="URL",
+                     help="deliver to an endpoint again after it answered 410 Gone")
 
 
 def _batches(sub: Any, common: argparse.ArgumentParser) -> None:

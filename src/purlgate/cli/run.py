@@ -281,6 +281,9 @@ def _database_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
 
 def _secret_problems(config: Config) -> list[str]:
     """Every secret (relay, IMAP, keys, passwords) that cannot be read or is unusable."""
+    import re
+
+    from purlgate.channels.webhook_post import check_secret
     from purlgate.config import secret_refs
     from purlgate.pgp import check_passphrase
 
@@ -290,6 +293,8 @@ def _secret_problems(config: Config) -> list[str]:
             secret = ref.reveal()
             if where.endswith("field pgp.passphrase"):
                 check_passphrase(secret.decode("utf-8", "replace"))
+            if re.search(r"field webhooks\.\d+\.secret$", where):
+                check_secret(secret)
         except ConfigError as exc:
             problems.append(f"  {where}: {exc.message}")
     return problems
@@ -371,4 +376,13 @@ def hash_password(args: argparse.Namespace) -> int:
         print("purlgate: empty password", file=sys.stderr)
         return EXIT_USAGE
     print(hash_password(password))
+    return EXIT_OK
+
+
+def webhook_secret(args: argparse.Namespace) -> int:
+    import base64
+    import secrets
+
+    # As Standard Webhooks secrets are: the prefix, then the base64 of random bytes.
+    print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
     return EXIT_OK

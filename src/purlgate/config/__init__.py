@@ -26,7 +26,10 @@ from purlgate.config.clients import (
     Output,
     ProjectConfig,
     RenderSettings,
+    WebhookConfig,
+    WebhookEvent,
     client_of_sender,
+    is_loopback_host,
 )
 from purlgate.config.loading import load_config, parse_config, secret_refs
 from purlgate.config.regions import (
@@ -43,6 +46,7 @@ from purlgate.config.regions import (
     SmtpConfig,
     StoryboardConfig,
     WebConfig,
+    WebhookDeliveryConfig,
 )
 from purlgate.config.secrets import SecretRef
 
@@ -71,7 +75,11 @@ __all__ = [
     "SmtpConfig",
     "StoryboardConfig",
     "WebConfig",
+    "WebhookConfig",
+    "WebhookDeliveryConfig",
+    "WebhookEvent",
     "client_of_sender",
+    "is_loopback_host",
     "load_config",
     "parse_config",
     "secret_refs",

@@ -3,9 +3,11 @@ the agreed columns, the PURL file's name and dialect, the render backend."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal, Self, get_args
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -56,6 +58,44 @@ class RenderSettings(Model):
         return self
 
 
+WebhookEvent = Literal["batch.received", "batch.loaded", "batch.done",
+                       "batch.done_with_errors", "batch.failed", "validation.finished"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1, localhost and *.localhost (RFC 6761)."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebhookConfig(Model):
+    """Where a batch's outcome is POSTed, signed as Standard Webhooks say."""
+
+    url: str
+    # "whsec_" and the base64 of 24 to 64 random bytes (`purlgate webhook-secret` makes
+    # one), as the Standard Webhooks libraries take it.
+    secret: SecretRef
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(WEBHOOK_EVENTS),
+                                       min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname \
+                or parts.username or parts.password or parts.fragment:
+            raise ValueError("must be an https:// URL, without user, password or fragment")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ValueError("must be https:// (plain http only to the loopback address)")
+        return value
+
+
 class ProjectConfig(Model):
     columns: list[ColumnSpec] = Field(default_factory=list)
     keep_all_columns: bool = True
@@ -68,6 +108,7 @@ class ProjectConfig(Model):
     output_encoding: Encoding | None = None
     output_delimiter: Delimiter | None = None
     notify: list[str] = Field(default_factory=list)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)  # besides the client's
     render: RenderSettings = Field(default_factory=RenderSettings)
     pgp_encrypt_output: bool = False  # PURL (and error) file encrypted to the client's key
     pgp_require_signature: bool = False  # inbound PGP must be signed by the client's key
@@ -127,6 +168,7 @@ class ClientConfig(Model):
     regions: list[Identifier] = Field(min_length=1)
     senders: list[str] = Field(default_factory=list)
     notify: list[str] = Field(default_factory=list)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)  # every project's events
     zip_password: SecretRef | None = None
     pgp_public_key: Path | None = None  # armored or binary public key file (not a secret)
     pgp_fingerprint: Fingerprint | None = None  # pinned: the key file must hold this key

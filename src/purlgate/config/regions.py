@@ -200,6 +200,18 @@ class StoryboardConfig(Model):
         return value.rstrip("/")
 
 
+class WebhookDeliveryConfig(Model):
+    """How the region delivers its clients' webhooks: from a durable queue, retried with
+    doubling delays until ``expire_seconds`` (then dead-lettered, the operator alerted)."""
+
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)  # per attempt, in all
+    retry_first_seconds: float = Field(default=30.0, gt=0)  # then doubling
+    retry_max_seconds: float = Field(default=3600.0, gt=0)
+    expire_seconds: float = Field(default=3 * 24 * 3600.0, gt=0)
+    max_connections: int = Field(default=4, ge=1, le=64)  # attempts at once
+    ca_file: Path | None = None  # CA bundle for receivers' certificates (else the system's)
+
+
 class DatabaseConfig(Model):
     """The region's shared database (PostgreSQL): what several instances agree on. Absent:
     SQLite in ``data_dir``, one instance."""
@@ -225,6 +237,7 @@ class RegionConfig(Model):
     web: WebConfig | None = None
     storyboard: StoryboardConfig | None = None
     database: DatabaseConfig | None = None
+    webhooks: WebhookDeliveryConfig = Field(default_factory=WebhookDeliveryConfig)
     # Mode of PURL, flag and error files (octal): the owner writes, its group may read.
     results_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0640"
 
