@@ -69,7 +69,9 @@ async def test_metrics_count_batches_rows_and_queues(tmp_path: Path) -> None:
     assert 'purlgate_rows_total{outcome="error"} 0.0' in lines
     assert "purlgate_batch_duration_seconds_count 2.0" in lines
     for gauge in ("purlgate_outbox_depth", "purlgate_outbox_failed", "purlgate_spool_depth",
-                  "purlgate_render_queue_depth", "purlgate_outbox_oldest_age_seconds"):
+                  "purlgate_render_queue_depth", "purlgate_outbox_oldest_age_seconds",
+                  "purlgate_webhooks_depth", "purlgate_webhooks_failed",
+                  "purlgate_webhooks_oldest_age_seconds"):
         assert any(line.startswith(gauge + " ") for line in lines), gauge
     assert "José" not in text
 

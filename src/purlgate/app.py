@@ -54,6 +54,7 @@ from purlgate.operations import (
     ops_access,
     render_families,
     sftp_families,
+    webhook_families,
 )
 from purlgate.region import Region, utc_now
 from purlgate.web.links import BatchIndex
@@ -204,7 +205,8 @@ def _build_ops(gateway: Gateway) -> OpsRoutes:
     def families() -> list[Any]:
         found = [*mail_families(gateway.handler.outcomes, gateway.outbox, gateway.spool),
                  *channel_families(channels), *render_families(lambda: links.pool.depth),
-                 *relay.families(), *(gateway.keeper.families() if shared else ())]
+                 *relay.families(), *webhook_families(gateway.webhooks),
+                 *(gateway.keeper.families() if shared else ())]
         return found + (list(sftp_families(service)) if service is not None else [])
 
     return OpsRoutes(links.app, region=region.id, store=region.store, checks=checks,

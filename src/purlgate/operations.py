@@ -145,6 +145,19 @@ def sftp_families(service: SftpService) -> Iterable[Metric]:
                             value=len(service.spool.pending()))
 
 
+def webhook_families(webhooks: Webhooks) -> Iterable[Metric]:
+    queued = webhooks.entries()
+    oldest = min((e.data["created_at"] for e in queued), default=None)
+    yield GaugeMetricFamily("purlgate_webhooks_depth", "Webhook events not delivered yet",
+                            value=len(queued))
+    yield GaugeMetricFamily("purlgate_webhooks_oldest_age_seconds",
+                            "Age of the oldest webhook event not delivered yet",
+                            value=time.time() - oldest if oldest is not None else 0)
+    yield GaugeMetricFamily("purlgate_webhooks_failed",
+                            "Webhook events dead-lettered (webhooks/failed)",
+                            value=len(list(webhooks.failed.glob("*.json"))))
+
+
 def render_families(depth: Callable[[], int]) -> Iterable[Metric]:
     yield GaugeMetricFamily("purlgate_render_queue_depth",
                             "Thumbnails and videos being drawn or waiting", value=depth())
