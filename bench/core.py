@@ -8,7 +8,8 @@ pyarrow.csv's writer. Core: `BatchProcessor.process` with the embedded renderer 
 real SQLite store (name rule, claim, sniffing, row checks, tokens, minimal quoting,
 atomic publish, flag file, sha256). Each runs in its own child process so that each
 peak RSS is its own. Prints rows/s, the ratio core/baseline and peak RSS, and the cost
-of the row store (the core with it vs without it, same file, same run).
+of the row store (the core with it vs without it, same file, same run): keeping what the
+bundled template reads (the default) and every column (its worst case), sealed.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def child_baseline(path: Path, out: Path) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "rows": rows}
 
 
-def child_core(path: Path, out: Path, *, rows: bool = True) -> dict[str, float]:
+def child_core(path: Path, out: Path, *, rows: bool = True,
+               every_column: bool = False) -> dict[str, float]:
     from purlgate.config import load_config
     from purlgate.core.pipeline import Submission
     from purlgate.region import build_region
@@ -98,6 +100,8 @@ def child_core(path: Path, out: Path, *, rows: bool = True) -> dict[str, float]:
     region = build_region(load_config(None), "usa", data_dir=state)
     if not rows:
         region.processor.rows = None  # the core as it was before the web side
+    if every_column:  # the row store's worst case: a template that reads every column
+        region.rows.keep = lambda client, project, columns: list(columns)
     start = time.perf_counter()
     outcome = region.processor.process(
         Submission(path=path, received_name=NAME, channel="bench"), out
@@ -107,7 +111,7 @@ def child_core(path: Path, out: Path, *, rows: bool = True) -> dict[str, float]:
     return {"seconds": seconds, "rows": outcome.batch.counts.rows_ok}
 
 
-KINDS = ("baseline", "core-no-rows", "core")
+KINDS = ("baseline", "core-no-rows", "core", "core-all-cols")
 
 
 def run_child(kind: str, path: Path, out: Path) -> dict[str, float]:
@@ -131,7 +135,8 @@ def main() -> None:
         if kind == "baseline":
             result = child_baseline(Path(file), Path(out))
         else:
-            result = child_core(Path(file), Path(out), rows=kind == "core")
+            result = child_core(Path(file), Path(out), rows=kind != "core-no-rows",
+                                every_column=kind == "core-all-cols")
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -149,7 +154,7 @@ def main() -> None:
             for kind in KINDS:
                 out = root / f"{kind}-{i}"
                 out.mkdir()
-                r = run_child(kind, data, out if kind == "core" else out / "out.csv")
+                r = run_child(kind, data, out / "out.csv" if kind == "baseline" else out)
                 if kind not in best or r["seconds"] < best[kind]["seconds"]:
                     best[kind] = r
                 for p in sorted(out.rglob("*"), reverse=True):
@@ -161,9 +166,11 @@ def main() -> None:
         ratio = best["core"]["seconds"] / best["baseline"]["seconds"]
         print(f"ratio core/baseline: {ratio:.2f} (target <= 1.5); "
               f"cpu: {os.cpu_count()} cores")
-        cost = best["core"]["seconds"] / best["core-no-rows"]["seconds"] - 1
-        print(f"row store cost: {cost:+.1%} (core with vs without the row store; "
-              "target <= +10%)")
+        for kind, what in (("core", "the columns the bundled template reads"),
+                           ("core-all-cols", "every column")):
+            cost = best[kind]["seconds"] / best["core-no-rows"]["seconds"] - 1
+            print(f"row store cost, {what}, sealed: {cost:+.1%} (vs no row store; "
+                  "target <= +10%)")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from purlgate.core.lifecycle import BatchState
 from purlgate.core.pipeline import Submission
 from purlgate.errors import ConfigError, RenderTimeoutError
 from purlgate.region import build_region
+from purlgate.renderers.columns import default_template_dir
 from purlgate.renderers.embedded import decode, tokens
 from purlgate.web.media import MAX_DRAWN_CHARS, Canvas, Text, _fit, _font, render_thumbnail
 from purlgate.web.render_pool import RenderPool
-from purlgate.web.templates import default_template_dir
 from purlgate.web.tls import tls_context
 from tests.slow_draw import draw_forever
 from tests.waiting import eventually
@@ -201,15 +201,15 @@ async def test_retention_sweep_deletes_row_data_and_renders(tmp_path: Path) -> N
             async with run.http.get(run.url(row["thumbnail_1"])) as resp:
                 assert resp.status == 200
         data = tmp_path / "usa"
-        assert sorted(p.name for p in (data / "rows").iterdir()) == ["batch-1.arrow",
-                                                                     "batch-2.arrow"]
+        assert sorted(p.name for p in (data / "rows").iterdir()) == ["batch-1.rows",
+                                                                     "batch-2.rows"]
         links = run.gateway.links
         assert links is not None
         real_clock = links.clock
         links.clock = lambda: real_clock() + timedelta(days=2)
         links.index._clock = links.clock
         assert links.sweep() == (1, 1)
-        assert sorted(p.name for p in (data / "rows").iterdir()) == ["batch-2.arrow"]
+        assert sorted(p.name for p in (data / "rows").iterdir()) == ["batch-2.rows"]
         assert sorted(p.name for p in (data / "renders").iterdir()) == ["batch-2"]
         async with run.http.get(run.url(short["landingPage"])) as resp:
             assert resp.status == 404
@@ -226,11 +226,11 @@ async def test_row_data_is_private_and_failed_batches_leave_none(tmp_path: Path)
         await run.process(NAME, data_file(3))
         rows_dir = tmp_path / "usa" / "rows"
         assert rows_dir.stat().st_mode & 0o777 == 0o700
-        assert (rows_dir / "batch-1.arrow").stat().st_mode & 0o777 == 0o600
+        assert (rows_dir / "batch-1.rows").stat().st_mode & 0o777 == 0o600
         failed = await run.process("acme_spring_20261127_111500_00.csv",
                                    b"first_name,email\r\na,b,c\r\nd,e,f\r\n")
         assert failed.state is BatchState.FAILED
-        assert sorted(p.name for p in rows_dir.iterdir()) == ["batch-1.arrow"]
+        assert sorted(p.name for p in rows_dir.iterdir()) == ["batch-1.rows"]
 
 
 def small_video_template(folder: Path) -> Path:
@@ -555,7 +555,7 @@ async def test_a_batch_finished_elsewhere_is_served_and_kept(tmp_path: Path) -> 
             assert resp.status == 200
         second = await asyncio.to_thread(process, NAME.replace("_00.", "_01."))
         other.close()
-        rows = tmp_path / "usa" / "rows" / f"batch-{second.batch.id}.arrow"
+        rows = tmp_path / "usa" / "rows" / f"batch-{second.batch.id}.rows"
         long_ago = time.time() - 7200  # published long before: "settled"
         os.utime(rows, (long_ago, long_ago))
         links = run.gateway.links

@@ -57,11 +57,12 @@ from purlgate.operations import (
     webhook_families,
 )
 from purlgate.region import Region, utc_now
+from purlgate.renderers.columns import default_template_dir
 from purlgate.web.links import BatchIndex
 from purlgate.web.ops import OpsRoutes, ReadyCheck
 from purlgate.web.render_pool import RenderPool
 from purlgate.web.server import LinkServer, retention_of, start_web
-from purlgate.web.templates import Template, default_template_dir
+from purlgate.web.templates import Template
 from purlgate.web.tls import tls_context
 
 log = logging.getLogger("purlgate.app")
@@ -303,6 +304,8 @@ async def _run(gateway: Gateway, stop: asyncio.Event, imap_stop: threading.Event
         if gateway.links is not None:
             tasks.create_task(gateway.links.run_sweeper(stop))
         tasks.create_task(gateway.retention.run(stop))
+        # Row data the previous release kept in plaintext is sealed, in the background.
+        tasks.create_task(asyncio.to_thread(gateway.region.rows.encrypt_legacy, stop.is_set))
         if gateway.region.backend.shared:
             tasks.create_task(gateway.keeper.run(stop))
         await stop.wait()

@@ -25,8 +25,9 @@ from purlgate.core.render import Renderer, RenderLedgerPort
 from purlgate.errors import ConfigError
 from purlgate.logs import instance_name
 from purlgate.pgp import GpgKeyStore
+from purlgate.renderers.columns import EVERY_COLUMN, RowColumns, template_columns
 from purlgate.renderers.embedded import EmbeddedRenderer, load_or_create_key, parse_key
-from purlgate.rowstore import ArrowRowStore
+from purlgate.rowstore import ArrowRowStore, Keep
 from purlgate.store import SqliteBatchStore
 
 if TYPE_CHECKING:
@@ -124,6 +125,31 @@ def token_key(region: RegionConfig, data_dir: Path) -> bytes:
     return load_or_create_key(data_dir / "token.key")
 
 
+def rows_key(region: RegionConfig, data_dir: Path) -> bytes:
+    """The key the row store is sealed with, kept like the token key."""
+    if region.rows_key is not None:
+        return parse_key(region.rows_key.reveal(), what="rows key")
+    return load_or_create_key(data_dir / "rows.key", what="rows key")
+
+
+def row_columns(config: Config, region_id: str) -> Keep:
+    """What the row store keeps of each project's rows: the columns listed in its
+    config, else those its template reads (``renderers/columns.py``)."""
+    read: dict[Path | None, RowColumns] = {}
+    kept: dict[tuple[str, str], RowColumns] = {}
+    for client_id, client in config.clients_of(region_id).items():
+        for project_id, project in client.projects.items():
+            render = project.render
+            if render.keep_columns is not None:
+                kept[client_id, project_id] = RowColumns(frozenset(render.keep_columns))
+            elif render.backend == "embedded":
+                if render.template not in read:
+                    read[render.template] = template_columns(render.template)
+                kept[client_id, project_id] = read[render.template]
+    return lambda client, project, columns: kept.get(
+        (client, project), EVERY_COLUMN).select(columns)
+
+
 def build_region(
     config: Config,
     region_id: str,
@@ -139,7 +165,8 @@ def build_region(
     backend = open_backend(region_id, region, data_dir)
     key = token_key(region, data_dir)
     embedded = EmbeddedRenderer(key, region.public_base_url)
-    rows = ArrowRowStore(data_dir / "rows")
+    rows = ArrowRowStore(data_dir / "rows", key=rows_key(region, data_dir),
+                         keep=row_columns(config, region_id))
     clients = config.clients_of(region_id)
 
     api = None

@@ -45,6 +45,9 @@ class RenderSettings(Model):
     template: Path | None = None
     # embedded: render these for every row when the batch ends, not on first view
     pregenerate: list[Output] = Field(default_factory=list)
+    # embedded: the columns the web side keeps of each row (for the page and media), as
+    # listed; default: those the template reads (the row store keeps nothing else)
+    keep_columns: list[str] | None = None
     # storyboard-api: the storyboard to render, and column -> API data key
     storyboard_id: str | None = None
     fields: dict[str, str] = Field(default_factory=dict)  # default: the column's own name
@@ -53,8 +56,10 @@ class RenderSettings(Model):
     def _backend_settings(self) -> Self:
         if self.backend == "storyboard-api" and not self.storyboard_id:
             raise ValueError("the storyboard-api backend needs a storyboard_id")
-        if self.backend != "embedded" and (self.template is not None or self.pregenerate):
-            raise ValueError("template and pregenerate belong to the embedded backend")
+        if self.backend != "embedded" and (self.template is not None or self.pregenerate
+                                           or self.keep_columns is not None):
+            raise ValueError("template, pregenerate and keep_columns belong to the "
+                             "embedded backend")
         return self
 
 

@@ -227,6 +227,7 @@ class RegionConfig(Model):
     data_dir: Path
     public_base_url: str
     token_key: SecretRef | None = None
+    rows_key: SecretRef | None = None  # seals the row store; default: data_dir/rows.key
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
     pgp: PgpConfig | None = None

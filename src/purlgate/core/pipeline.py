@@ -117,6 +117,7 @@ class _Job:
     """What one batch run carries from step to step, once its name is claimed."""
 
     batch_id: int
+    owner: tuple[str, str]  # the client's id and the project's
     client: ClientConfig
     path: Path  # the data file (decrypted, unwrapped)
     data: DataName
@@ -371,7 +372,8 @@ class BatchProcessor:
             self.crypto.check_recipient(client.pgp_fingerprint)
         self.store.claim_name(record.id, project=project_id, data_name=data.name)
         return _Job(
-            batch_id=record.id, client=client, path=unwrapped.path, data=data,
+            batch_id=record.id, owner=(client_id, project_id), client=client,
+            path=unwrapped.path, data=data,
             project=project, renderer=self.renderer_for(client_id, project_id),
             out_dir=out_dir, work=work, errors=errors, progress=progress,
             restarted=restarted, flag_file=submission.flag_file,
@@ -478,7 +480,7 @@ class BatchProcessor:
         target = Target(path=job.work / "purl-plain" if job.encrypt else job.purl_path,
                         mode=0o600 if job.encrypt else self.result_mode,
                         replace=job.restarted, batch_id=job.batch_id, renderer=job.renderer,
-                        rows=self.rows)
+                        rows=self.rows, owner=job.owner)
         try:
             counts = self._transform(job, dialect, plan, target)
         except InvalidUtf8Error as exc:

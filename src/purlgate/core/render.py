@@ -80,6 +80,9 @@ class RowSink(Protocol):
 class RowStore(Protocol):
     """Where the web side finds a row by (batch id, ordinal): the core only writes."""
 
-    def writer(self, batch_id: int, columns: Sequence[str]) -> RowSink: ...
+    def writer(self, batch_id: int, columns: Sequence[str], *, client: str,
+               project: str) -> RowSink:
+        """Where a batch's rows go; the store keeps what the project's pages read."""
+        ...
 
     def delete(self, batch_id: int) -> bool: ...

@@ -34,6 +34,7 @@ class Target:
     batch_id: int
     renderer: Renderer
     rows: RowStore | None
+    owner: tuple[str, str] = ("", "")  # the batch's client and project
 
 
 def transform(source: Path, dialect: dia.Dialect, plan: dia.ColumnPlan, *,
@@ -50,7 +51,9 @@ def transform(source: Path, dialect: dia.Dialect, plan: dia.ColumnPlan, *,
             contextlib.ExitStack() as stack:
         sink: RowSink | None = None
         if target.rows is not None and target.renderer.keeps_rows:
-            sink = target.rows.writer(target.batch_id, out_names)
+            client, project = target.owner
+            sink = target.rows.writer(target.batch_id, out_names, client=client,
+                                      project=project)
             stack.callback(sink.discard)  # a no-op once committed
         writer = LineWriter(out.file, delimiter=delimiter or dialect.delimiter,
                             eol=dialect.eol, encoding=encoding or dialect.encoding,

@@ -28,25 +28,26 @@ TOKEN_HEX = 32
 FIELD_LIMIT = 1 << 40  # batch ids and row ordinals stay below this; the rest is redundancy
 
 
-def load_or_create_key(path: Path) -> bytes:
-    """Read the region's token key, creating it (mode 0600) on first start."""
+def load_or_create_key(path: Path, *, what: str = "token key") -> bytes:
+    """Read a region key (the token key, the rows key), creating it (mode 0600) on
+    first start."""
     try:
-        return parse_key(path.read_bytes())
+        return parse_key(path.read_bytes(), what=what)
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     # Instances starting together on a shared data_dir: one key is published, all use it.
     fresh = (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode()
-    return parse_key(publish_once(path, fresh))
+    return parse_key(publish_once(path, fresh), what=what)
 
 
-def parse_key(raw: bytes) -> bytes:
+def parse_key(raw: bytes, *, what: str = "token key") -> bytes:
     try:
         key = bytes.fromhex(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError("the token key must be 64 hex digits") from exc
+        raise ConfigError(f"the {what} must be 64 hex digits") from exc
     if len(key) != KEY_BYTES:
-        raise ConfigError("the token key must be 64 hex digits (32 bytes)")
+        raise ConfigError(f"the {what} must be 64 hex digits (32 bytes)")
     return key
 
 

@@ -13,7 +13,6 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from purlgate.errors import ConfigError
+from purlgate.renderers.columns import NAME_COLUMNS, loose
 from purlgate.web.media import Canvas, Text
 
-NAME_COLUMNS = ("first_name", "firstname", "first", "given_name", "name", "full_name")
 _SAFE_URL = re.compile(r"^https?://[^\s\"'<>]+$")
 
 
@@ -73,13 +72,9 @@ class TemplateSpec(_Model):
     video: VideoSpec = Field(default_factory=VideoSpec)
 
 
-def default_template_dir() -> Path:
-    return Path(str(resources.files("purlgate.web").joinpath("default_template")))
-
-
 def greeting_name(row: Mapping[str, str]) -> str:
     """The value a greeting uses: the first name-like column, matched loosely."""
-    by_key = {re.sub(r"[\s_-]+", "_", k.strip().casefold()): v for k, v in row.items()}
+    by_key = {loose(k): v for k, v in row.items()}
     for key in NAME_COLUMNS:
         value = by_key.get(key)
         if value and value.strip():
