@@ -9,9 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from purlgate.config import parse_config
 from purlgate.core.lifecycle import BatchState
+from purlgate.region import build_region
 from purlgate.renderers.embedded import decode
 from purlgate.rowstore import ROWS_PER_CHUNK, ArrowRowStore
+from tests.config_builder import region_toml
 from tests.conftest import KEY, Harness, make_harness, read_csv
 
 ROWS_KEY = bytes(range(100, 132))
@@ -169,10 +172,6 @@ def test_a_region_keeps_what_its_templates_read(tmp_path: Path) -> None:
     """Built from the configuration: a project on the bundled template keeps only the
     greeting's name-like column; one listing keep_columns keeps those; a template that
     loops over the row keeps every column; the rows key is made once, 0600."""
-    from purlgate.config import parse_config
-    from purlgate.region import build_region
-    from tests.config_builder import region_toml
-
     looping = tmp_path / "looping"
     looping.mkdir()
     (looping / "landing.html").write_text("{% for k, v in row.items() %}{{ v }}{% endfor %}")
