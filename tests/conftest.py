@@ -56,7 +56,7 @@ def _database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 
 # Fixtures shared by several test modules live with their helpers.
-pytest_plugins = ["tests.sftp_helpers", "tests.pg_helpers"]
+pytest_plugins = ["tests.sftp_helpers", "tests.pg_helpers", "tests.dns_helpers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "fixtures" / "data"

@@ -36,17 +36,20 @@ from purlgate.config.regions import (
     Config,
     DatabaseConfig,
     DefenderConfig,
+    DnsConfig,
     ImapConfig,
     LimitsConfig,
     PgpConfig,
     ProcessingConfig,
     RegionConfig,
     RelayConfig,
+    SenderAuthConfig,
     SftpConfig,
     SmtpConfig,
     StoryboardConfig,
     WebConfig,
     WebhookDeliveryConfig,
+    split_server,
 )
 from purlgate.config.secrets import SecretRef
 
@@ -59,6 +62,7 @@ __all__ = [
     "DatabaseConfig",
     "DefenderConfig",
     "Delimiter",
+    "DnsConfig",
     "Encoding",
     "Identifier",
     "ImapConfig",
@@ -71,6 +75,7 @@ __all__ = [
     "RelayConfig",
     "RenderSettings",
     "SecretRef",
+    "SenderAuthConfig",
     "SftpConfig",
     "SmtpConfig",
     "StoryboardConfig",
@@ -83,4 +88,5 @@ __all__ = [
     "load_config",
     "parse_config",
     "secret_refs",
+    "split_server",
 ]

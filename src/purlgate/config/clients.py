@@ -174,6 +174,10 @@ class ClientConfig(Model):
     senders: list[str] = Field(default_factory=list)
     notify: list[str] = Field(default_factory=list)
     webhooks: list[WebhookConfig] = Field(default_factory=list)  # every project's events
+    # Who really sent a mail: "record" the SPF, DKIM, DMARC (and ARC) verdicts with the
+    # batch; "require-dmarc": the From domain must pass DMARC; "require-dkim": a DKIM
+    # signature aligned with the From domain must pass. Else the mail is refused.
+    sender_auth: Literal["record", "require-dmarc", "require-dkim"] = "record"
     zip_password: SecretRef | None = None
     pgp_public_key: Path | None = None  # armored or binary public key file (not a secret)
     pgp_fingerprint: Fingerprint | None = None  # pinned: the key file must hold this key

@@ -3,6 +3,7 @@ processing, PGP, SMTP, relay, IMAP, SFTP, web, the render API); and the whole fi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -200,6 +201,51 @@ class StoryboardConfig(Model):
         return value.rstrip("/")
 
 
+class DnsConfig(Model):
+    """Where sender checks (SPF, DKIM, DMARC, ARC) look names up."""
+
+    servers: list[str] = Field(default_factory=list)  # "ip" or "ip:port"; none: the system's
+    timeout_seconds: float | None = Field(default=None, gt=0, le=60)  # None: the system's
+
+    @field_validator("servers")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for server in value:
+            host, port = split_server(server)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                raise ValueError(f"{server!r}: give an IP address, optionally :port") from exc
+            if not 0 < port < 65536:
+                raise ValueError(f"{server!r}: the port must be 1-65535")
+        return value
+
+
+def split_server(server: str) -> tuple[str, int]:
+    """("ip", port) of "ip", "ip:port" or "[v6]:port" (port 53 by default)."""
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:]+)(?::(\d+))?|([0-9a-fA-F:]+)", server)
+    if match is None:
+        return server, 53
+    v6, v6_port, v4, v4_port, bare = match.groups()
+    host = v6 or v4 or bare or server
+    port = v6_port or v4_port
+    return host, int(port) if port else 53
+
+
+class SenderAuthConfig(Model):
+    """How the region learns who really sent a mail (see the README's sender checks)."""
+
+    # The id our own verdicts are recorded under (default: smtp.hostname).
+    authserv_id: str | None = None
+    # Behind a trusted MTA (Postfix with OpenDKIM/OpenDMARC, rspamd) or for the IMAP
+    # mailbox: its Authentication-Results header (the topmost one with this id) is
+    # read instead of checking here; every other such header is ignored.
+    trusted_authserv_id: str | None = None
+    # Domains whose ARC seal vouches for a forward (a list, a forwarding service) that
+    # broke SPF and DKIM alignment: a DMARC failure they sealed as a pass is a pass.
+    trusted_arc_sealers: list[str] = Field(default_factory=list)
+
+
 class WebhookDeliveryConfig(Model):
     """How the region delivers its clients' webhooks: from a durable queue, retried with
     doubling delays until ``expire_seconds`` (then dead-lettered, the operator alerted)."""
@@ -239,6 +285,8 @@ class RegionConfig(Model):
     storyboard: StoryboardConfig | None = None
     database: DatabaseConfig | None = None
     webhooks: WebhookDeliveryConfig = Field(default_factory=WebhookDeliveryConfig)
+    dns: DnsConfig = Field(default_factory=DnsConfig)
+    sender_auth: SenderAuthConfig = Field(default_factory=SenderAuthConfig)
     # Mode of PURL, flag and error files (octal): the owner writes, its group may read.
     results_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0640"
 
