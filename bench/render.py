@@ -164,7 +164,7 @@ def lookup_bench(tmp: Path, rows: int) -> tuple[float, float, float]:
 
     from purlgate.rowstore import ArrowRowStore
 
-    store = ArrowRowStore(tmp / "lookup")
+    store = ArrowRowStore(tmp / "lookup", key=bytes(range(32)))
     writer = store.writer(1, ["first_name", "email", "city"])
     start = time.perf_counter()
     block = 100_000

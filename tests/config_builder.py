@@ -47,6 +47,10 @@ def region_toml(region: str = "usa", *, data_dir: str = "var/usa",
         # The suite's PostgreSQL pass: every region on the test's own database (conftest).
         # A table, not an inline one: some tests str.format() the text (no braces).
         tables = {**tables, "database__url": {"env": "PURLGATE_DATABASE_URL"}}
+    if os.environ.get("PURLGATE_TEST_DNS") and "dns" not in tables:
+        # The suite's own DNS server (tests/dns_helpers.py): sender checks stay offline.
+        tables = {**tables, "dns": {"servers": [os.environ["PURLGATE_TEST_DNS"]],
+                                    "timeout_seconds": 2}}
     for name, table in tables.items():
         lines += ["", f"[regions.{region}.{name.replace('__', '.')}]"]
         if isinstance(table, str):

@@ -5,6 +5,7 @@ them as a client's mail servers (or a forwarder) would sign it."""
 from __future__ import annotations
 
 import base64
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -65,9 +66,32 @@ class Zones:
         return private
 
 
+class _NoSuchName:
+    """Every name: NXDOMAIN, at once (the suite's default DNS: nothing leaves the
+    machine, and a sender check costs no wait)."""
+
+    def resolve(self, request: object, handler: object) -> object:
+        reply = request.reply()  # type: ignore[attr-defined]
+        reply.header.rcode = RCODE.NXDOMAIN
+        return reply
+
+
 class _Quiet(DNSLogger):
     def __init__(self) -> None:
         super().__init__(log="-request,-reply,-truncated,-error,-recv,-send,-data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _suite_dns() -> Iterator[None]:
+    """Regions the tests configure (tests/config_builder.py) look names up here unless
+    a test gives its own DNS: checks run offline, and fast."""
+    server = DNSServer(_NoSuchName(), address="127.0.0.1", port=0, logger=_Quiet())
+    server.start_thread()
+    os.environ["PURLGATE_TEST_DNS"] = f"127.0.0.1:{server.server.server_address[1]}"
+    yield
+    os.environ.pop("PURLGATE_TEST_DNS", None)
+    server.stop()
+    server.server.server_close()
 
 
 @pytest.fixture

@@ -240,10 +240,12 @@ class Running:
 
 
 async def start(tmp_path: Path, sink: Sink, *, max_bytes: int = 5_000_000,
-                min_free: int = 0, data_dir: Path | None = None, **smtp: object) -> Running:
-    """The gateway of ``mail_config`` served in this loop, once it is ready."""
-    config = parse_config(mail_config(sink.port, max_bytes=max_bytes, min_free=min_free,
-                                      **smtp))
+                min_free: int = 0, data_dir: Path | None = None, text: str | None = None,
+                **smtp: object) -> Running:
+    """The gateway of ``mail_config`` (or of ``text``) served in this loop, once it is
+    ready."""
+    config = parse_config(text or mail_config(sink.port, max_bytes=max_bytes,
+                                              min_free=min_free, **smtp))
     data_dir = data_dir or tmp_path / "state"
     gateway = build_gateway(config, "usa", data_dir=data_dir)
     stop = asyncio.Event()

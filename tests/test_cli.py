@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -258,6 +259,13 @@ def test_batches_lists_and_filters(tmp_path: Path) -> None:
     batches = json.loads(only.stdout)["batches"]
     assert [b["id"] for b in batches] == [1]
     assert "José" not in only.stdout
+    # The audit trail: where it came from, what we received and what we made.
+    purl = tmp_path / "out" / f"PURL_{DEMO}"
+    assert (batches[0]["source"], batches[0]["received_sha256"], batches[0]["purl_sha256"],
+            batches[0]["signer"], batches[0]["sender_auth"]) == (
+        f"{DEMO} on {socket.gethostname()}",
+        hashlib.sha256((DATA / DEMO).read_bytes()).hexdigest(),
+        hashlib.sha256(purl.read_bytes()).hexdigest(), None, None)
 
 
 def test_outbox_and_dead_letters_commands(tmp_path: Path) -> None:

@@ -111,7 +111,10 @@ regions = ["usa"]
      "no [regions.<id>.storyboard] section"),
     ('render.backend = "storyboard-api"\nrender.storyboard_id = "1"\n'
      'render.pregenerate = ["video"]',
-     "template and pregenerate belong to the embedded backend"),
+     "template, pregenerate and keep_columns belong to the embedded backend"),
+    ('render.backend = "storyboard-api"\nrender.storyboard_id = "1"\n'
+     'render.keep_columns = ["email"]',
+     "template, pregenerate and keep_columns belong to the embedded backend"),
     ("retention_days = 0", "field retention_days: Input should be greater than 0"),
 ])
 def test_render_settings_are_checked(extra: str, message: str) -> None:

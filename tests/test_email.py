@@ -7,10 +7,13 @@ its relay is a real aiosmtpd sink; replies are opened with pyzipper and with 7z.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 import aiosmtplib
@@ -126,11 +129,23 @@ async def test_happy_path_reply_and_notifications(running: Running, tmp_path: Pa
                    capture_output=True, check=True)
     assert (out / f"PURL_acme_spring_{T}_00.csv").read_bytes() == \
         files[f"PURL_acme_spring_{T}_00.csv"]
+    # Both SHA-256 values, for the client to check what we received and what they got.
+    sent_zip = next(p for p in BytesParser(policy=policy.default).parsebytes(raw)
+                    .iter_attachments()).get_payload(decode=True)
+    received = hashlib.sha256(sent_zip).hexdigest()
+    made = hashlib.sha256(files[f"PURL_acme_spring_{T}_00.csv"]).hexdigest()
+    assert (f"SHA-256 of the file we received (acme_spring_{T}_00.zip): {received}\n"
+            f"SHA-256 of the PURL file we made: {made}\n") in body.replace("\r\n", "\n")
+    assert (batch.sha256, batch.purl_sha256) == (received, made)
+    assert batch.source is not None and batch.source.startswith(f"{SENDER} from 127.0.0.1")
     notes = running.sink.to("campaigns@acme.example")
     assert sorted(str(n.message["Subject"]) for n in notes) == [
         f"[purlgate] batch done: acme_spring_{T}_00.csv",
         f"[purlgate] batch loaded: acme_spring_{T}_00.csv",
     ]
+    done = next(n for n in notes if "batch done" in str(n.message["Subject"]))
+    done_text = done.message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert f"SHA-256 of the PURL file we made: {made}" in done_text
     assert all("Zoë" not in n.raw.decode("utf-8", "replace") for n in notes)
     assert running.spooled() == []
 

@@ -7,6 +7,7 @@ as in production.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -247,6 +248,10 @@ def test_guide_example_name(keys: Keys, gateway: Gateway) -> None:
                            f"data_file_{T}.pgp")
     assert outcome.state is BatchState.DONE, outcome.batch.reason
     assert outputs(gateway) == [f"PURL_data_file_{T}.gpg", f"PURL_data_file_{T}.gpg.flg"]
+    # The audit trail: the key that signed it, and the PURL file as delivered (encrypted).
+    assert outcome.batch.signer == keys.acme.fpr
+    assert outcome.batch.purl_sha256 == hashlib.sha256(
+        (gateway.out / f"PURL_data_file_{T}.gpg").read_bytes()).hexdigest()
 
 
 def test_pgp_recognised_by_content(keys: Keys, gateway: Gateway) -> None:

@@ -29,12 +29,12 @@ class CrashingStore(SqliteBatchStore):
     def transition(self, batch_id: int, target: BatchState, *, at: datetime,
                    reason: str | None = None, error_code: str | None = None,
                    counts: Counts | None = None, outputs: tuple[str, ...] = (),
-                   purl_sha256: str | None = None) -> BatchRecord:
+                   purl_sha256: str | None = None, signer: str | None = None) -> BatchRecord:
         if target is self.crash_at:
             raise Crash
         return super().transition(batch_id, target, at=at, reason=reason,
                                   error_code=error_code, counts=counts, outputs=outputs,
-                                  purl_sha256=purl_sha256)
+                                  purl_sha256=purl_sha256, signer=signer)
 
 
 def submission(intake: str = "spool-1") -> Submission:

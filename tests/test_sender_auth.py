@@ -5,11 +5,29 @@ read and a forged one ignored, and a DNS that does not answer."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+import aiosmtplib
+import pytest
 
 from purlgate.channels.resolver import Resolver
 from purlgate.channels.sender_auth import SenderChecks, Verdicts, decide
+from purlgate.cli import main
 from purlgate.config import DnsConfig, SenderAuthConfig
+from tests.config_builder import region_toml
 from tests.dns_helpers import Zones, forwarded, message, signed
+from tests.mail_helpers import (
+    INBOUND,
+    PASSWORD,
+    Running,
+    Sink,
+    T,
+    aes_zip,
+    client_mail,
+    drained,
+    rows,
+    start,
+)
 
 
 def checks(port: int, **config: object) -> SenderChecks:
@@ -156,3 +174,191 @@ def test_answers_are_cached_for_their_ttl(dns_server: tuple[Zones, int]) -> None
 def test_verdicts_name_no_local_part() -> None:
     v = Verdicts("purlgate.test", "acme.test", "pass", "acme.test")
     assert "@" not in v.summary()
+
+
+# -- in the SMTP session and the worker ---------------------------------------------
+
+ZIP_NAME = f"acme_spring_{T}_00"
+
+
+def gateway_config(relay: int, dns_port: int, policy: str, **sender_auth: object) -> str:
+    tables: dict[str, object] = {
+        "smtp": {"port": 0}, "relay": {"host": "127.0.0.1", "port": relay,
+                                       "retry_first_seconds": 0.2,
+                                       "operator": "ops@idomoo.example"},
+        "dns": {"servers": [f"127.0.0.1:{dns_port}"], "timeout_seconds": 1}}
+    if sender_auth:
+        tables["sender_auth"] = sender_auth
+    return region_toml(**tables) + f"""[clients.acme]
+name = "Acme"
+regions = ["usa"]
+senders = ["data-team@acme.test", "ops@slow.test"]
+zip_password = {{ env = "PG_TEST_ACME_ZIP" }}
+sender_auth = "{policy}"
+
+[clients.acme.projects.spring]
+"""
+
+
+def acme_mail(zones: Zones | None = None, sender: str = "data-team@acme.test",
+              extra: bytes = b"") -> bytes:
+    raw = extra + client_mail(
+        [(f"{ZIP_NAME}.zip", aes_zip({f"{ZIP_NAME}.csv": rows()}), "application/zip")],
+        sender=sender)
+    return signed(raw, zones) if zones is not None else raw
+
+
+async def _send(run: Running, raw: bytes, sender: str = "data-team@acme.test") -> str:
+    """The server's answer to DATA (250 or the refusal's code and text)."""
+    try:
+        await aiosmtplib.send(raw, sender=sender, recipients=[INBOUND], hostname="127.0.0.1",
+                              port=run.port, start_tls=False)
+    except aiosmtplib.SMTPDataError as exc:
+        return f"{exc.code} {exc.message}"
+    return "250"
+
+
+@pytest.mark.asyncio
+async def test_require_dmarc_refuses_a_forgery_in_the_session_and_keeps_nothing(
+        tmp_path: Path, dns_server: tuple[Zones, int], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Mail claiming acme.test from a server its SPF does not list, unsigned: 550 5.7.26
+    at DATA's end saying what to fix; nothing spooled, no reply to anyone. The same
+    file signed by acme.test's key passes, and its batch keeps the verdicts and where
+    it came from."""
+    zones, port = dns_server
+    zones.txt["acme.test"] = ["v=spf1 ip4:192.0.2.1 -all"]  # not this machine
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    caplog.set_level("INFO", logger="purlgate.smtp")
+    sink = await Sink().start()
+    run = await start(tmp_path, sink, text=gateway_config(sink.port, port, "require-dmarc"))
+    try:
+        answer = await _send(run, acme_mail())
+        assert answer == (
+            "550 5.7.26 DMARC failed for acme.test (SPF fail, DKIM none): your mail administrator "
+            "must sign mail for acme.test with DKIM, or send it from servers acme.test's "
+            "SPF record lists")
+        assert run.spooled() == [] and list((run.data_dir / "spool" / "tmp").iterdir()) == []
+        assert await _send(run, acme_mail(zones)) == "250"
+        await sink.wait_to("data-team@acme.test", timeout=30)
+        await drained(run.gateway)
+        [batch] = run.gateway.region.store.recent()
+    finally:
+        await run.shutdown()
+        await sink.stop()
+    assert len(sink.messages) == 1, "one reply: to the signed mail, none to the forgery"
+    assert batch.state.value == "Done" and batch.sender_auth is not None
+    assert batch.sender_auth.startswith(
+        "spf=fail dkim=pass(acme.test) dmarc=pass(p=reject) arc=none from=acme.test")
+    assert batch.source is not None and batch.source.startswith(
+        "data-team@acme.test from 127.0.0.1")
+    assert "refused a message from data-team@acme.test: DMARC failed" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_require_dkim_and_dns_that_does_not_answer(
+        tmp_path: Path, dns_server: tuple[Zones, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """require-dkim: a mail signed by another domain is 550 5.7.22 naming both; a sender
+    whose domain's DNS does not answer in time gets 451 4.4.3 (its server tries again
+    later), never a pass."""
+    zones, port = dns_server
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    sink = await Sink().start()
+    run = await start(tmp_path, sink, text=gateway_config(sink.port, port, "require-dkim"))
+    try:
+        other = signed(acme_mail(), zones, "other.test")
+        assert await _send(run, other) == (
+            "550 5.7.22 no valid DKIM signature matches the From domain acme.test (signed by "
+            "other.test); your mail administrator must sign with d=acme.test")
+        zones.dkim_key("s1", "slow.test")
+        slow = signed(acme_mail(sender="ops@slow.test"), zones, "slow.test")
+        assert await _send(run, slow, sender="ops@slow.test") == (
+            "451 4.4.3 Could not check who sent this message (DNS did not answer); please try "
+            "again later")
+        assert run.spooled() == []
+    finally:
+        await run.shutdown()
+        await sink.stop()
+    assert sink.messages == []
+
+
+@pytest.mark.asyncio
+async def test_record_keeps_a_failing_verdict_and_processes(
+        tmp_path: Path, dns_server: tuple[Zones, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default policy refuses nothing: the batch runs and its record says DMARC
+    failed, for an operator to see (batch view, purlgate batches --json)."""
+    zones, port = dns_server
+    zones.txt["acme.test"] = ["v=spf1 ip4:192.0.2.1 -all"]
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    sink = await Sink().start()
+    run = await start(tmp_path, sink, text=gateway_config(sink.port, port, "record"))
+    try:
+        assert await _send(run, acme_mail()) == "250"
+        await sink.wait_to("data-team@acme.test", timeout=30)
+        await drained(run.gateway)
+        [batch] = run.gateway.region.store.recent()
+    finally:
+        await run.shutdown()
+        await sink.stop()
+    assert batch.state.value == "Done"
+    assert batch.sender_auth == ("spf=fail dkim=none dmarc=fail(p=reject) arc=none "
+                                 "from=acme.test by=purlgate.localhost")
+
+
+@pytest.mark.asyncio
+async def test_mailbox_mail_is_judged_by_the_trusted_header_and_answered_to_the_client(
+        tmp_path: Path, dns_server: tuple[Zones, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mail the IMAP poller takes is checked by the mailbox's own Authentication-Results
+    (the trusted authserv-id), a sender's forged pass ignored: under require-dmarc a
+    fail is answered to the client's registered address, nothing processed."""
+    _zones, port = dns_server
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    sink = await Sink().start()
+    text = gateway_config(sink.port, port, "require-dmarc",
+                          trusted_authserv_id="mx.mailbox.test")
+    run = await start(tmp_path, sink, text=text)
+    real = (b"Authentication-Results: mx.mailbox.test; dkim=none; spf=fail "
+            b"smtp.mailfrom=data-team@acme.test; dmarc=fail header.from=acme.test\r\n")
+    forged = b"Authentication-Results: mx.mailbox.test; dmarc=pass header.from=acme.test\r\n"
+    try:
+        entry = run.gateway.spool.accept(acme_mail(extra=real + forged), {
+            "channel": "imap", "mail_from": "data-team@acme.test", "rcpt_tos": [INBOUND]})
+        run.gateway.worker.submit(entry)
+        [reply] = await sink.wait_to("data-team@acme.test", timeout=30)
+        await drained(run.gateway)
+        batches = run.gateway.region.store.recent()
+    finally:
+        await run.shutdown()
+        await sink.stop()
+    body_part = reply.message.get_body(("plain",))
+    assert body_part is not None
+    body = body_part.get_content()
+    assert "who sent this message could not be confirmed: DMARC failed for acme.test" in body
+    assert batches == [], "nothing processed"
+
+
+def test_check_config_warns_of_a_missing_dmarc_policy_only_where_required(
+        tmp_path: Path, dns_server: tuple[Zones, int], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A require-dmarc client whose sender domain has no DMARC record is warned about
+    (its mail would be refused); the same domain under record is not, nor a domain
+    that has one."""
+    _zones, port = dns_server
+    monkeypatch.setenv("PG_TEST_ACME_ZIP", PASSWORD.decode())
+    text = gateway_config(2525, port, "require-dmarc").replace(
+        'senders = ["data-team@acme.test", "ops@slow.test"]',
+        'senders = ["data-team@acme.test", "files@nodmarc.test"]') + """
+[clients.globex]
+name = "Globex"
+regions = ["usa"]
+senders = ["files@nodmarc.test"]
+[clients.globex.projects.main]
+"""
+    (tmp_path / "regions.toml").write_text(text)
+    assert main(["check-config", "--config", str(tmp_path / "regions.toml")]) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning:  region usa: client acme (require-dmarc): nodmarc.test publishes no DMARC "
+        "policy (_dmarc.nodmarc.test): its mail will be refused until it does"]
+    assert "configuration OK (1 warning(s))" in out

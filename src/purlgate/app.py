@@ -127,7 +127,8 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     mail = factory.build(sender=sender, processes=processes)
     clients = config.clients_of(region_id)
     handler = SmtpHandler(inbound=set(region_cfg.inbound_addresses), clients=clients,
-                          spool=mail.spool, on_accepted=mail.worker.submit)
+                          spool=mail.spool, on_accepted=mail.worker.submit,
+                          checks=mail.checks)
     keeper = LeaseKeeper(mail.region.backend)
     handler.paused = lambda: keeper.down
     gateway = Gateway(mail.region, mail.spool, mail.outbox, mail.worker, handler,

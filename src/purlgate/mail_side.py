@@ -18,6 +18,8 @@ from purlgate.channels.mail_worker import Elsewhere, MailLedger, MailWorker
 from purlgate.channels.notifier import Notifier
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.relay import Sender
+from purlgate.channels.resolver import Resolver
+from purlgate.channels.sender_auth import SenderChecks
 from purlgate.channels.spool import Spool
 from purlgate.channels.webhooks import Webhooks
 from purlgate.config import Config
@@ -33,6 +35,7 @@ class MailSide:
     spool: Spool
     worker: MailWorker
     webhooks: Webhooks
+    checks: SenderChecks
 
 
 async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
@@ -65,6 +68,8 @@ class MailSideFactory:
         region = build_region(self.config, self.region_id, data_dir=self.data_dir,
                               subscribers=[notifier, webhooks, *subscribers])
         backend = region.backend
+        checks = SenderChecks(region_cfg.sender_auth, Resolver(region_cfg.dns),
+                              hostname=region_cfg.smtp.hostname)
         spool = Spool(self.data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes,
                       owner=owner, tmp=backend.scratch(self.data_dir / "spool" / "tmp"))
         worker = MailWorker(region=region_cfg, clients=clients, processor=region.processor,
@@ -72,12 +77,12 @@ class MailSideFactory:
                             ledger=backend.mail_ledger or MailLedger(
                                 self.data_dir / "mail.sqlite3"),
                             work_root=backend.scratch(self.data_dir / "mail-work"),
-                            alerts=alerts, processes=processes)
+                            alerts=alerts, processes=processes, checks=checks)
         if backend.shared:
             worker.queue.share(backend.leases, lambda entry: entry.path.exists())
             outbox.share(backend.leases)
             webhooks.share(backend.leases)
-        return MailSide(region, outbox, alerts, spool, worker, webhooks)
+        return MailSide(region, outbox, alerts, spool, worker, webhooks, checks)
 
     def __call__(self, on_event: Subscriber) -> MailWorker:
         """The mail worker of a worker process: it queues only, leaves the spool's

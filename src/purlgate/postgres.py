@@ -132,6 +132,9 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'batch';",
     # 3: the SHA-256 of the PURL file as delivered (the audit trail, the webhooks)
     "ALTER TABLE batches ADD COLUMN purl_sha256 TEXT;",
+    # 4: the rest of the audit trail: source, sender verdicts, PGP signer
+    "ALTER TABLE batches ADD COLUMN source TEXT, ADD COLUMN sender_auth TEXT,"
+    " ADD COLUMN signer TEXT;",
 )
 
 
@@ -262,7 +265,7 @@ MOVE_BATCH = (
     " reason = COALESCE(%s, reason), error_code = COALESCE(%s, error_code),"
     " rows_total = %s, rows_ok = %s, rows_error = %s, outputs = %s,"
     " updated_at = %s, instance = COALESCE(%s, instance),"
-    " purl_sha256 = COALESCE(%s, purl_sha256)"
+    " purl_sha256 = COALESCE(%s, purl_sha256), signer = COALESCE(%s, signer)"
     " WHERE id = %s AND state = ANY(%s) RETURNING *),"
     " logged AS (INSERT INTO transitions (batch_id, state, at)"
     " SELECT id, state, %s FROM moved)"
@@ -285,7 +288,8 @@ def _record(row: dict[str, Any],
         outputs=tuple(json.loads(row["outputs"])),
         created_at=row["created_at"], updated_at=row["updated_at"],
         history=history + more, intake_id=row["intake_id"], instance=row["instance"],
-        kind=row["kind"], purl_sha256=row["purl_sha256"],
+        kind=row["kind"], purl_sha256=row["purl_sha256"], source=row["source"],
+        sender_auth=row["sender_auth"], signer=row["signer"],
     )
 
 
@@ -302,7 +306,7 @@ class PgBatchStore:
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
         received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
-        kind: str = "batch",
+        kind: str = "batch", source: str | None = None, sender_auth: str | None = None,
     ) -> BatchRecord:
         with self.db.connection() as conn, conn.pipeline(), conn.transaction():
             # Durable with the name claim or the end state, as on SQLite.
@@ -310,11 +314,13 @@ class PgBatchStore:
             cur = conn.execute(
                 "WITH b AS (INSERT INTO batches (region, client, project, channel,"
                 " received_name, sha256, state, created_at, updated_at, intake_id, instance,"
-                " kind) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING *),"
+                " kind, source, sender_auth)"
+                " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING *),"
                 " t AS (INSERT INTO transitions (batch_id, state, at)"
                 " SELECT id, state, created_at FROM b) SELECT * FROM b",
                 (region, client, project, channel, received_name, sha256,
-                 BatchState.INITIALIZING.value, at, at, intake_id, self.instance, kind))
+                 BatchState.INITIALIZING.value, at, at, intake_id, self.instance, kind,
+                 source, sender_auth))
         row = cur.fetchone()
         assert row is not None
         return _record(row, ((BatchState.INITIALIZING, at),))
@@ -343,6 +349,7 @@ class PgBatchStore:
         self, batch_id: int, target: BatchState, *, at: datetime, reason: str | None = None,
         error_code: str | None = None, counts: Counts | None = None,
         outputs: tuple[str, ...] = (), purl_sha256: str | None = None,
+        signer: str | None = None,
     ) -> BatchRecord:
         sources = [s.value for s, targets in TRANSITIONS.items() if target in targets]
         c = counts or Counts()
@@ -353,8 +360,8 @@ class PgBatchStore:
                 cur = conn.execute(
                     MOVE_BATCH,
                     (target.value, reason, error_code, c.rows_total, c.rows_ok, c.rows_error,
-                     json.dumps(list(outputs)), at, self.instance, purl_sha256, batch_id,
-                     sources, at))
+                     json.dumps(list(outputs)), at, self.instance, purl_sha256, signer,
+                     batch_id, sources, at))
             row = cur.fetchone()
             if row is None:  # no such batch, or not from its state
                 now = conn.execute("SELECT state FROM batches WHERE id = %s",

@@ -79,6 +79,12 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE batches ADD COLUMN kind TEXT NOT NULL DEFAULT 'batch';",
     # 5: the SHA-256 of the PURL file as delivered (the audit trail, the webhooks)
     "ALTER TABLE batches ADD COLUMN purl_sha256 TEXT;",
+    # 6: the rest of the audit trail: source, sender verdicts, PGP signer
+    """
+    ALTER TABLE batches ADD COLUMN source TEXT;
+    ALTER TABLE batches ADD COLUMN sender_auth TEXT;
+    ALTER TABLE batches ADD COLUMN signer TEXT;
+    """,
 )
 
 
@@ -148,17 +154,17 @@ class SqliteBatchStore:
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
         received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
-        kind: str = "batch",
+        kind: str = "batch", source: str | None = None, sender_auth: str | None = None,
     ) -> BatchRecord:
         with self._connect(durable=False) as db:  # durable with the claim or the end
             db.execute("BEGIN IMMEDIATE")
             cur = db.execute(
                 "INSERT INTO batches (region, client, project, channel, received_name, sha256,"
-                " state, created_at, updated_at, intake_id, instance, kind)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " state, created_at, updated_at, intake_id, instance, kind, source,"
+                " sender_auth) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (region, client, project, channel, received_name, sha256,
                  BatchState.INITIALIZING.value, _ts(at), _ts(at), intake_id, self.instance,
-                 kind),
+                 kind, source, sender_auth),
             )
             batch_id = int(cur.lastrowid or 0)
             db.execute(
@@ -193,6 +199,7 @@ class SqliteBatchStore:
         self, batch_id: int, target: BatchState, *, at: datetime, reason: str | None = None,
         error_code: str | None = None, counts: Counts | None = None,
         outputs: tuple[str, ...] = (), purl_sha256: str | None = None,
+        signer: str | None = None,
     ) -> BatchRecord:
         with self._connect(durable=target in TERMINAL) as db:
             db.execute("BEGIN IMMEDIATE")
@@ -210,10 +217,11 @@ class SqliteBatchStore:
                 "UPDATE batches SET state = ?, reason = COALESCE(?, reason),"
                 " error_code = COALESCE(?, error_code), rows_total = ?, rows_ok = ?,"
                 " rows_error = ?, outputs = ?, updated_at = ?,"
-                " instance = COALESCE(?, instance), purl_sha256 = COALESCE(?, purl_sha256)"
-                " WHERE id = ?",
+                " instance = COALESCE(?, instance), purl_sha256 = COALESCE(?, purl_sha256),"
+                " signer = COALESCE(?, signer) WHERE id = ?",
                 (target.value, reason, error_code, c.rows_total, c.rows_ok, c.rows_error,
-                 json.dumps(list(outputs)), _ts(at), self.instance, purl_sha256, batch_id),
+                 json.dumps(list(outputs)), _ts(at), self.instance, purl_sha256, signer,
+                 batch_id),
             )
             db.execute(
                 "INSERT INTO transitions (batch_id, state, at) VALUES (?,?,?)",
@@ -241,7 +249,8 @@ class SqliteBatchStore:
             updated_at=datetime.fromisoformat(row["updated_at"]),
             history=history,
             intake_id=row["intake_id"], instance=row["instance"], kind=row["kind"],
-            purl_sha256=row["purl_sha256"],
+            purl_sha256=row["purl_sha256"], source=row["source"],
+            sender_auth=row["sender_auth"], signer=row["signer"],
         )
 
     def get(self, batch_id: int) -> BatchRecord:

@@ -207,6 +207,21 @@ def _looks_like_zip(f: BinaryIO, leaf: _Leaf, name: str | None) -> bool:
     return False
 
 
+def raw_headers(path: Path, offset: int = 0, limit: int = 1 << 20) -> bytes:
+    """The header block of a stored message as bytes, up to its blank line (at most
+    ``limit`` bytes): what the sender checks read of a trusted MTA's results."""
+    lines: list[bytes] = []
+    size = 0
+    with path.open("rb") as f:
+        f.seek(offset)
+        while size < limit and (line := f.readline(LINE_PIECE)):
+            lines.append(line)
+            size += len(line)
+            if line in (b"\r\n", b"\n"):
+                break
+    return b"".join(lines)
+
+
 def read_headers(path: Path, offset: int = 0) -> EmailMessage:
     """The header block of the message stored in ``path`` from ``offset`` (a spool file
     has its envelope line first); the body is not read (the stdlib's header parser

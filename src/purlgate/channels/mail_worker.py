@@ -28,6 +28,7 @@ from purlgate.channels.mail_message import (
     addresses,
     inbound_of,
     message_id,
+    raw_headers,
     read_headers,
     zip_attachment,
 )
@@ -40,6 +41,7 @@ from purlgate.channels.replies import (
     success_reply,
     validation_reply,
 )
+from purlgate.channels.sender_auth import Refusal, SenderChecks, Verdicts, decide
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.config import ClientConfig, RegionConfig, client_of_sender
 from purlgate.core.files import clear_scratch, retire, sweep_scratch, thread_scratch
@@ -104,8 +106,10 @@ class MailWorker:
     def __init__(self, *, region: RegionConfig, clients: Mapping[str, ClientConfig],
                  processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: Ledger,
                  work_root: Path, alerts: OperatorAlerts | None = None,
-                 processes: Elsewhere | None = None) -> None:
+                 processes: Elsewhere | None = None,
+                 checks: SenderChecks | None = None) -> None:
         self.region = region
+        self.checks = checks
         self.clients = clients
         self.processor = processor
         self.spool = spool
@@ -223,13 +227,19 @@ class MailWorker:
         if owner != entry.id:
             log.info("spool entry %s repeats entry %s; processed once", entry.id, owner)
             return
+        client = self.clients[client_id]
+        verdicts = self._verdicts(entry, offset, sender)
+        refusal = self._refused(entry, client, verdicts)
+        if refusal is not None:
+            problem = MessageError(f"who sent this message could not be confirmed: "
+                                   f"{refusal.reason}. Nothing from it was processed")
+            attachment = None
         if attachment is None:
             assert problem is not None
             self.outbox.enqueue(failure_reply(message, problem.message, sender=ours,
                                               to=sender).message,
                                 sender=ours, recipients=[sender], key=key)
             return
-        client = self.clients[client_id]
         if client.zip_password is None:
             raise ConfigError(f"client {client_id} mails data files but has no zip_password")
         password = client.zip_password.reveal()
@@ -243,12 +253,42 @@ class MailWorker:
             path=attachment.path, received_name=attachment.filename,
             channel=str(entry.meta.get("channel", "smtp")), client_id=client_id,
             zip_password=password, require_aes=True, sha256=attachment.sha256,
-            intake_id=entry.id, flag_file=False)
+            intake_id=entry.id, flag_file=False, source=_source(entry, sender),
+            sender_auth=verdicts.summary() if verdicts is not None else None)
         make = self._check_only if self._validate_only(entry) else self._processed
         reply = make(message, submission, work, password=password, sender=ours, to=sender,
                      scratch=scratch)
         self.outbox.enqueue(reply.message, sender=ours, recipients=[sender], key=key,
                             attachment=reply.attachment)
+
+    def _verdicts(self, entry: SpoolEntry, offset: int, sender: str) -> Verdicts | None:
+        """Who sent ``entry``, as checked here (SMTP) or as the trusted MTA or mailbox
+        recorded it (IMAP, or behind a trusted MTA); None without checks."""
+        if self.checks is None:
+            return None
+        try:
+            if self.checks.trusts_headers or entry.meta.get("channel") == "imap":
+                return self.checks.from_headers(raw_headers(entry.path, offset))
+            with entry.path.open("rb") as f:  # the whole message, for its signatures
+                f.seek(offset)
+                raw = f.read()
+            return self.checks.verify(raw, ip=entry.meta.get("peer"),
+                                      helo=entry.meta.get("helo"), mail_from=sender)
+        except Exception:  # a check that breaks is recorded as such, never a pass
+            log.exception("spool entry %s: the sender checks failed", entry.id)
+            return Verdicts(self.checks.authserv_id, None, notes=("the checks failed",))
+
+    def _refused(self, entry: SpoolEntry, client: ClientConfig,
+                 verdicts: Verdicts | None) -> Refusal | None:
+        """The client's policy for mail that had no check before it was taken: the
+        IMAP mailbox's (SMTP mail was checked before its 250)."""
+        if verdicts is None or entry.meta.get("channel") != "imap":
+            return None
+        refusal = decide(client.sender_auth, verdicts)
+        if refusal is not None:
+            log.info("spool entry %s refused by the sender checks: %s", entry.id,
+                     refusal.reason)
+        return refusal
 
     def _processed(self, message: EmailMessage, submission: Submission, work: Path, *,
                    password: bytes, sender: str, to: str, scratch: Path) -> Reply:
@@ -298,6 +338,15 @@ class MailWorker:
             "error": type(exc).__name__, "attempts": attempts, "channel": channel,
             "client": client_id, "alerted": alerted, "at": time.time()})
         shutil.rmtree(self.work_root / entry.id, ignore_errors=True)
+
+
+def _source(entry: SpoolEntry, sender: str) -> str:
+    """Where a message came from, for the audit trail: its sender and the address that
+    delivered it (SMTP) or the mailbox (IMAP)."""
+    if entry.meta.get("channel") == "imap":
+        return f"{sender} via the IMAP mailbox"
+    helo = entry.meta.get("helo")
+    return f"{sender} from {entry.meta.get('peer') or '?'}" + (f" ({helo})" if helo else "")
 
 
 def _let_go(work: Path, scratch: Path) -> None:

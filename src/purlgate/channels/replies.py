@@ -114,12 +114,18 @@ def _threaded(original: EmailMessage | None, *, sender: str, to: str,
 
 
 def _summary(batch: BatchRecord) -> str:
+    """The batch in a few lines, with the SHA-256 of the file we received and of the
+    PURL file we made, so the client can check both (``sha256sum``, ``Get-FileHash``)."""
     c = batch.counts
     return (f"Batch: {batch.id} (project {batch.project or '-'})\n"
             f"File: {batch.data_name or batch.received_name}\n"
             f"Status: {batch.state}\n"
             f"Rows read: {c.rows_total}; in the PURL file: {c.rows_ok}; "
-            f"with errors: {c.rows_error}\n")
+            f"with errors: {c.rows_error}\n"
+            + (f"SHA-256 of the file we received ({batch.received_name}): {batch.sha256}\n"
+               if batch.sha256 else "")
+            + (f"SHA-256 of the PURL file we made: {batch.purl_sha256}\n"
+               if batch.purl_sha256 else ""))
 
 
 def success_reply(original: EmailMessage | None, batch: BatchRecord, files: Sequence[Path],

@@ -175,7 +175,7 @@ class SenderChecks:
                dkims: tuple[tuple[str, str], ...]) -> tuple[str, str | None, bool]:
         """(result, policy, a DKIM pass aligned (relaxed) with From)."""
         try:
-            record, at_org = self._dmarc_record(from_domain)
+            record, at_org = self.dmarc_record(from_domain)
         except DnsUnavailableError:
             relaxed = any(r == "pass" and _aligned(d, from_domain, "r") for d, r in dkims)
             return "temperror", None, relaxed
@@ -193,7 +193,7 @@ class SenderChecks:
             return "temperror", policy, dkim_aligned
         return "fail", policy, dkim_aligned
 
-    def _dmarc_record(self, domain: str) -> tuple[dict[str, str] | None, bool]:
+    def dmarc_record(self, domain: str) -> tuple[dict[str, str] | None, bool]:
         """The DMARC record's tags for ``domain`` (its own, else its organizational
         domain's: True), or (None, False)."""
         for name, at_org in ((domain, False), (org_domain(domain), True)):

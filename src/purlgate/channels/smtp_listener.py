@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from purlgate.channels.mail_message import header_addresses, inbound_of
+from purlgate.channels.sender_auth import Refusal, SenderChecks, decide
 from purlgate.channels.spool import Spool, SpoolEntry, SpoolWriter
 from purlgate.config import ClientConfig, SmtpConfig, client_of_sender
 from purlgate.errors import ServerError, SpoolFullError
@@ -34,6 +36,7 @@ from purlgate.errors import ServerError, SpoolFullError
 log = logging.getLogger("purlgate.smtp")
 SPOOL_THREADS = 32
 FLUSH_BYTES = 256 * 1024  # DATA is written to the spool file in pieces of about this
+VERIFYING = 2  # whole messages read at once for the sender checks (memory)
 
 REFUSED_SENDER = "550 5.7.1 Sender not authorized to submit data files here"
 REFUSED_RCPT = "550 5.7.1 Relaying denied: this server accepts mail for its own addresses only"
@@ -45,11 +48,15 @@ PAUSED = "451 4.3.0 Temporarily unable to accept mail (database unreachable); tr
 
 class SmtpHandler:
     def __init__(self, *, inbound: set[str], clients: Mapping[str, ClientConfig],
-                 spool: Spool, on_accepted: Callable[[SpoolEntry], None]) -> None:
+                 spool: Spool, on_accepted: Callable[[SpoolEntry], None],
+                 checks: SenderChecks | None = None) -> None:
         self.inbound = {a.lower() for a in inbound}
         self.clients = clients
         self.spool = spool
         self.on_accepted = on_accepted
+        self.checks = checks
+        # A whole message is read to check its DKIM signatures: two at a time.
+        self._verifying = threading.BoundedSemaphore(VERIFYING)
         # Spooling waits on fsync, not on the CPU: more threads than the default pool's
         # (cores + 4) let concurrent sessions share journal commits.
         self.io = ThreadPoolExecutor(max_workers=SPOOL_THREADS, thread_name_prefix="spool")
@@ -82,11 +89,15 @@ class SmtpHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    def begin(self, envelope: Envelope) -> SpoolWriter:
+    def begin(self, envelope: Envelope, session: Session | None = None) -> SpoolWriter:
         """The spool entry of the message about to arrive (its file is made at its first
-        write, off the event loop); SpoolFullError when the disk is below its floor."""
+        write, off the event loop); SpoolFullError when the disk is below its floor. The
+        connecting address and HELO name go with it (SPF, the audit trail)."""
+        peer = session.peer if session is not None else None
         meta = {"channel": "smtp", "mail_from": (envelope.mail_from or "").lower(),
-                "rcpt_tos": [r.lower() for r in envelope.rcpt_tos]}
+                "rcpt_tos": [r.lower() for r in envelope.rcpt_tos],
+                "peer": str(peer[0]) if isinstance(peer, tuple) else None,
+                "helo": session.host_name if session is not None else None}
         return self.spool.begin(meta)
 
     async def discard(self, writer: SpoolWriter) -> None:
@@ -95,12 +106,17 @@ class SmtpHandler:
 
     async def finish(self, envelope: Envelope, writer: SpoolWriter, tail: bytes) -> str:
         """The rest of the message (``tail``: all of a small one) goes to ``writer``, its
-        From header is checked and it is committed, in one trip off the event loop.
-        Never leaves a partial file."""
+        From header is checked, the sender checks the client's policy asks for are made,
+        and it is committed, in one trip off the event loop. Never leaves a partial file."""
         sender = (envelope.mail_from or "").lower()
         try:
             entry = await asyncio.get_running_loop().run_in_executor(
-                self.io, _accept, writer, tail, sender)
+                self.io, _accept, writer, tail, sender, self._check_sender)
+        except SenderRefusedError as refused:
+            self.outcomes["refused-auth"] += 1
+            log.info("refused a message from %s: %s", sender, refused.refusal.reason)
+            await self.discard(writer)
+            return refused.refusal.smtp
         except SpoolFullError:
             refusal = self.no_space()
         except Exception:
@@ -119,6 +135,24 @@ class SmtpHandler:
         await self.discard(writer)
         return refusal
 
+    def _check_sender(self, writer: SpoolWriter, sender: str) -> Refusal | None:
+        """At DATA's end, in a spool thread: the checks a client's require-* policy
+        needs before the 250 (under "record" the mail worker checks, and records)."""
+        client_id = client_of_sender(sender, self.clients)
+        if self.checks is None or client_id is None:
+            return None
+        policy = self.clients[client_id].sender_auth
+        if policy == "record":
+            return None
+        if self.checks.trusts_headers:
+            verdicts = self.checks.from_headers(writer.headers())
+        else:
+            with self._verifying:
+                verdicts = self.checks.verify(
+                    writer.message(), ip=writer.meta.get("peer"),
+                    helo=writer.meta.get("helo"), mail_from=sender)
+        return decide(policy, verdicts)
+
     def no_space(self) -> str:
         log.warning("spool full or below its free-space floor: answering 452")
         self.outcomes["no-space"] += 1
@@ -129,14 +163,25 @@ class SmtpHandler:
         return LOCAL_ERROR
 
 
-def _accept(writer: SpoolWriter, tail: bytes, sender: str) -> SpoolEntry | None:
+class SenderRefusedError(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.smtp)
+        self.refusal = refusal
+
+
+def _accept(writer: SpoolWriter, tail: bytes, sender: str,
+            check: Callable[[SpoolWriter, str], Refusal | None]) -> SpoolEntry | None:
     """In a spool thread: the message's last piece written, its From header checked
-    against the envelope sender, and committed; None when the From is not the sender's
-    (the caller discards the file)."""
+    against the envelope sender, the sender checks made, and committed; None when the
+    From is not the sender's (the caller discards the file), SenderRefusedError when
+    the client's policy refuses it."""
     if tail:
         writer.write(tail)
     if header_addresses(writer.headers(), "From") != [sender]:
         return None
+    refusal = check(writer, sender)
+    if refusal is not None:
+        raise SenderRefusedError(refusal)
     return writer.commit()
 
 
@@ -262,7 +307,7 @@ class LimitedSMTP(SMTP):
             return None
         handler: SmtpHandler = self.event_handler
         try:
-            return handler.begin(self.envelope)
+            return handler.begin(self.envelope, self.session)
         except SpoolFullError:
             await self.push(handler.no_space())
         except Exception:

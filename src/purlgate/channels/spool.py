@@ -128,6 +128,18 @@ class SpoolWriter:
         end = head.find(b"\r\n\r\n")
         return head if end < 0 else head[: end + 4]
 
+    def message(self) -> bytes:
+        """The whole message written so far (the sender checks read it, once)."""
+        if self._file is None:
+            return b""
+        try:
+            self._file.flush()
+            with self.tmp.open("rb") as f:
+                f.seek(self._body_at)
+                return f.read()
+        except OSError as exc:
+            raise _storage(exc) from exc
+
     def commit(self) -> SpoolEntry:
         out = self._file or self._open()  # an empty message still gets its file
         final = self.spool.incoming / self.tmp.name

@@ -8,6 +8,7 @@ hash-password."""
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,7 +134,8 @@ def _local(args: argparse.Namespace) -> tuple[Region, Submission, Path] | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     return region, Submission(
         path=path, received_name=path.name, channel="cli", client_id=client_id,
-        project_id=args.project, zip_password=_zip_password(config, client_id, path)), out_dir
+        project_id=args.project, zip_password=_zip_password(config, client_id, path),
+        source=f"{path.name} on {socket.gethostname()}"), out_dir
 
 
 def process(args: argparse.Namespace) -> int:
@@ -243,7 +245,8 @@ def check_config(args: argparse.Namespace) -> int:
     if not problems:  # the keys themselves: each one opened, pinned and dated
         for region_id in config.regions:
             for fatal, message in [*_key_report(config, region_id),
-                                   *_database_report(config, region_id)]:
+                                   *_database_report(config, region_id),
+                                   *_sender_report(config, region_id)]:
                 (problems if fatal else warnings).append(f"  region {region_id}: {message}")
     for warning in warnings:
         print(f"warning:{warning}")
@@ -277,6 +280,37 @@ def _database_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
         return [(False, f"field database.url: the database is of schema {version}; the "
                         f"first instance to start brings it to {len(MIGRATIONS)}")]
     return []
+
+
+def _sender_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
+    """Warnings for the clients whose mail must pass DMARC or DKIM (require-*) while a
+    sender domain of theirs publishes no DMARC policy: their mail would be refused."""
+    from purlgate.channels.resolver import DnsUnavailableError, Resolver
+    from purlgate.channels.sender_auth import SenderChecks
+
+    region = config.region(region_id)
+    checks = SenderChecks(region.sender_auth, Resolver(region.dns),
+                          hostname=region.smtp.hostname)
+    found: list[tuple[bool, str]] = []
+    for client_id, client in config.clients_of(region_id).items():
+        if client.sender_auth == "record":
+            continue
+        for domain in sorted({s.rsplit("@", 1)[1] for s in client.senders}):
+            try:
+                record, _ = checks.dmarc_record(domain)
+            except DnsUnavailableError:
+                found.append((False, f"client {client_id} ({client.sender_auth}): could not "
+                                     f"look up the DMARC policy of {domain} (DNS did not "
+                                     "answer)"))
+                continue
+            if record is None:
+                then = ("its mail will be refused until it does" if
+                        client.sender_auth == "require-dmarc" else
+                        f"its mail is still taken when signed with DKIM for {domain}, but "
+                        "other receivers have no policy to refuse forgeries of it")
+                found.append((False, f"client {client_id} ({client.sender_auth}): {domain} "
+                                     f"publishes no DMARC policy (_dmarc.{domain}): {then}"))
+    return found
 
 
 def _secret_problems(config: Config) -> list[str]:

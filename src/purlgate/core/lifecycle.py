@@ -92,6 +92,11 @@ class BatchRecord:
     instance: str | None = None  # the instance that last moved it
     kind: str = "batch"  # or "validation": a dry run (no name claimed, nothing made)
     purl_sha256: str | None = None  # of the PURL file as delivered (encrypted: as such)
+    # The audit trail: where it came from (channel's words: an address and a host),
+    # who the mail checks say sent it, and the PGP key that signed it.
+    source: str | None = None
+    sender_auth: str | None = None
+    signer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class BatchStore(Protocol):
     def create(
         self, *, region: str, client: str, project: str | None, channel: str,
         received_name: str, sha256: str | None, at: datetime, intake_id: str | None = None,
-        kind: str = "batch",
+        kind: str = "batch", source: str | None = None, sender_auth: str | None = None,
     ) -> BatchRecord: ...
 
     def find_by_intake(self, intake_id: str) -> BatchRecord | None: ...
@@ -136,6 +141,7 @@ class BatchStore(Protocol):
         self, batch_id: int, target: BatchState, *, at: datetime, reason: str | None = None,
         error_code: str | None = None, counts: Counts | None = None,
         outputs: tuple[str, ...] = (), purl_sha256: str | None = None,
+        signer: str | None = None,
     ) -> BatchRecord: ...
 
     def get(self, batch_id: int) -> BatchRecord: ...

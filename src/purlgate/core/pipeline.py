@@ -97,6 +97,10 @@ class Submission:
     # False: the channel delivers no flag file whatever the project says (email: the
     # reply itself says the PURL file is complete), so none is written.
     flag_file: bool = True
+    # The audit trail, in the channel's words: where it came from (an address, a host)
+    # and what the mail's sender checks said.
+    source: str | None = None
+    sender_auth: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class _Job:
     progress: Progress | None
     restarted: bool = False  # a crash interrupted this batch: its own outputs may exist
     flag_file: bool = True  # the channel delivers one (if the project has one)
+    signer: str | None = None  # the fingerprint of a valid PGP signature
 
     @property
     def encrypt(self) -> bool:
@@ -222,12 +227,13 @@ class BatchProcessor:
         self, batch_id: int, target: BatchState, *, reason: str | None = None,
         error_code: str | None = None, counts: Counts | None = None,
         outputs: tuple[str, ...] = (), purl_sha256: str | None = None,
+        signer: str | None = None,
     ) -> BatchRecord:
         if target in TERMINAL:
             self._settle_received(batch_id)  # the end's record and events carry it
         record = self.store.transition(
             batch_id, target, at=self.clock(), reason=reason, error_code=error_code,
-            counts=counts, outputs=outputs, purl_sha256=purl_sha256,
+            counts=counts, outputs=outputs, purl_sha256=purl_sha256, signer=signer,
         )
         if target in TERMINAL:
             crash_point("batch-ended")  # recorded; its events not yet published
@@ -338,6 +344,7 @@ class BatchProcessor:
             region=self.region_id, client=client_id, project=submission.project_id,
             channel=submission.channel, received_name=submission.received_name,
             sha256=submission.sha256, at=self.clock(), intake_id=submission.intake_id,
+            source=submission.source, sender_auth=submission.sender_auth,
         )
         log.info("batch %d received: client=%s channel=%s file=%s", record.id, client_id,
                  submission.channel, submission.received_name,
@@ -377,6 +384,7 @@ class BatchProcessor:
             project=project, renderer=self.renderer_for(client_id, project_id),
             out_dir=out_dir, work=work, errors=errors, progress=progress,
             restarted=restarted, flag_file=submission.flag_file,
+            signer=decrypted.signer if decrypted is not None else None,
         )
 
     def _refused(self, record: BatchRecord, exc: ClientInputError, errors: ErrorLog,
@@ -394,6 +402,7 @@ class BatchProcessor:
             record.id, BatchState.FAILED, reason=exc.message, error_code=exc.code,
             counts=Counts(errors.rows_with_errors, 0, errors.rows_with_errors),
             outputs=tuple(p.name for p in (published,) if p),
+            signer=job.signer if job is not None else None,
         )
         return BatchOutcome(failed, errors=published, error=exc)
 
@@ -513,7 +522,7 @@ class BatchProcessor:
         _hash_file(purl, made)  # the file the client gets, for them to check
         done = self._move(job.batch_id, state, counts=counts,
                           outputs=tuple(p.name for p in outputs),
-                          purl_sha256=made["sha256"])
+                          purl_sha256=made["sha256"], signer=job.signer)
         return BatchOutcome(done, purl=purl, flag=flag, errors=errors_path)
 
     def _transform(self, job: _Job, dialect: dia.Dialect, plan: dia.ColumnPlan,

@@ -84,7 +84,7 @@ def validate(processor: BatchProcessor, submission: Submission, out_dir: Path) -
         region=processor.region_id, client=client_id, project=submission.project_id,
         channel=submission.channel, received_name=submission.received_name,
         sha256=submission.sha256, at=processor.clock(), intake_id=submission.intake_id,
-        kind=KIND)
+        kind=KIND, source=submission.source, sender_auth=submission.sender_auth)
     if record.state is BatchState.INITIALIZING:
         record = store.transition(record.id, BatchState.IN_PROGRESS, at=processor.clock())
     work = thread_scratch(processor.work_root)

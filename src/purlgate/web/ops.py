@@ -129,7 +129,7 @@ PAGE = Environment(autoescape=True).from_string("""<!doctype html>
 <title>purlgate {{ region }}: batches</title>
 <style>body{font:14px system-ui,sans-serif;margin:1rem}table{border-collapse:collapse}
 td,th{border-bottom:1px solid #ccc;padding:.25rem .5rem;text-align:left}
-.Failed{color:#b00020}.Done{color:#1b5e20}</style></head><body>
+.Failed{color:#b00020}.Done{color:#1b5e20}.audit{font-size:12px;word-break:break-all}</style></head><body>
 <h1>Region {{ region }}: batches</h1>
 <form method="get"><label>Client <input name="client" value="{{ f.client or '' }}"></label>
 <label>Project <input name="project" value="{{ f.project or '' }}"></label>
@@ -138,7 +138,7 @@ td,th{border-bottom:1px solid #ccc;padding:.25rem .5rem;text-align:left}
 </select></label> <button>Filter</button></form>
 <table><thead><tr><th>Batch</th><th>Client</th><th>Project</th><th>Channel</th><th>File</th>
 <th>Status</th><th>Rows</th><th>OK</th><th>Errors</th><th>Received (UTC)</th><th>Took</th>
-<th>Reason</th><th>Files</th><th>Instance</th></tr></thead><tbody>
+<th>Reason</th><th>Files</th><th>Instance</th><th>Audit trail</th></tr></thead><tbody>
 {% for b in batches %}<tr><td>{{ b.id }}</td><td>{{ b.client }}</td><td>{{ b.project or '' }}</td>
 <td>{{ b.channel }}</td><td>{{ b.file }}{% if b.kind == 'validation' %} (validation){% endif %}</td>
 <td class="{{ b.status.split()[0] }}">{{ b.status }}</td>
@@ -146,8 +146,13 @@ td,th{border-bottom:1px solid #ccc;padding:.25rem .5rem;text-align:left}
 <td>{{ b.received_at[:19] }}</td><td>{{ '%.1f s' % b.seconds }}</td><td>{{ b.reason or '' }}</td>
 <td>{{ b.outputs | join(', ') }}{% if b.error_file_url %}
  (<a href="{{ b.error_file_url }}">error file</a>){% endif %}</td>
-<td>{{ b.instance or '' }}</td></tr>
-{% else %}<tr><td colspan="14">No batches match.</td></tr>{% endfor %}
+<td>{{ b.instance or '' }}</td>
+<td class="audit">{% if b.source %}from {{ b.source }}<br>{% endif %}
+{% if b.sender_auth %}{{ b.sender_auth }}<br>{% endif %}
+{% if b.signer %}signed by PGP key {{ b.signer }}<br>{% endif %}
+{% if b.received_sha256 %}received SHA-256 {{ b.received_sha256 }}<br>{% endif %}
+{% if b.purl_sha256 %}PURL file SHA-256 {{ b.purl_sha256 }}{% endif %}</td></tr>
+{% else %}<tr><td colspan="15">No batches match.</td></tr>{% endfor %}
 </tbody></table>
 {% if instances %}<h2>Instances</h2>
 <table><thead><tr><th>Instance</th><th>Last seen</th><th>Working on</th></tr></thead><tbody>
@@ -170,6 +175,10 @@ def batch_view(batch: BatchRecord) -> dict[str, Any]:
         "seconds": (batch.updated_at - batch.created_at).total_seconds(),
         "outputs": list(batch.outputs), "instance": batch.instance, "kind": batch.kind,
         "history": [{"status": s.value, "at": at.isoformat()} for s, at in batch.history],
+        # The audit trail: where it came from, who the checks say sent it, the PGP key
+        # that signed it, and what we received and made.
+        "source": batch.source, "sender_auth": batch.sender_auth, "signer": batch.signer,
+        "received_sha256": batch.sha256, "purl_sha256": batch.purl_sha256,
     }
 
 

@@ -141,8 +141,10 @@ class ClientSftp(asyncssh.SFTPServer):
 
     def __init__(self, chan: asyncssh.SSHServerChannel[bytes], service: SftpService) -> None:
         username = chan.get_extra_info("username")
+        peer = chan.get_extra_info("peername")
         self.service = service
         self.account = service.accounts[username]
+        self.source = f"{username} from {peer[0] if peer else '?'}"  # the audit trail
         self.session = uuid.uuid4().hex
         self.home = service.home(self.account.client_id).resolve()
         self.flat = bool(self.account.client.sftp and self.account.client.sftp.flat)
@@ -301,7 +303,7 @@ class ClientSftp(asyncssh.SFTPServer):
 
     async def _complete(self, real: Path, project: str, area: str, name: str) -> None:
         meta: dict[str, object] = {"client": self.account.client_id, "project": project,
-                                   "name": name}
+                                   "name": name, "source": self.source}
         if area == VALIDATE:
             meta["validate"] = True
         held = held_as(area, name)

@@ -64,7 +64,7 @@ class SftpWorker:
         outcome = self.processor.process(
             Submission(path=upload.path, received_name=m["name"], channel="sftp",
                        client_id=m["client"], project_id=m["project"], intake_id=upload.id,
-                       zip_password=password),
+                       zip_password=password, source=m.get("source")),
             downloads,
         )
         if outcome.state is BatchState.FAILED and outcome.errors is None:
@@ -85,7 +85,8 @@ class SftpWorker:
         try:
             checked = validate(self.processor, Submission(
                 path=upload.path, received_name=name, channel="sftp", client_id=client,
-                project_id=project, intake_id=upload.id, zip_password=password), scratch)
+                project_id=project, intake_id=upload.id, zip_password=password,
+                source=m.get("source")), scratch)
             downloads = self.service.downloads(client, project)
             if checked.errors is not None:
                 publish_result(self.processor, checked.errors, downloads / checked.errors.name,
