@@ -303,6 +303,9 @@ async def test_failure_replies(running: Running, attachments: list[tuple[str, by
     assert list(reply.iter_attachments()) == []
     body = reply.get_body(("plain",)).get_content()  # type: ignore[union-attr]
     assert f"What to fix: {reason}." in body
+    if len(attachments) == 1:  # a batch was opened: what we received, for the client
+        zip_sha = hashlib.sha256(attachments[0][1]).hexdigest()
+        assert f"SHA-256 of the file we received (a.zip): {zip_sha}" in body
     assert "not-the-password" not in replies[0].raw.decode()
     assert PASSWORD.decode() not in replies[0].raw.decode()
 

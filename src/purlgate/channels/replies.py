@@ -158,6 +158,8 @@ def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to
     """The failure and what to fix; the error list attached (AES ZIP) when there is one."""
     reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
     reference = f"\nReference: batch {batch.id}\n" if batch is not None else ""
+    if batch is not None and batch.sha256:  # what we received, for the client to check
+        reference += f"SHA-256 of the file we received ({batch.received_name}): {batch.sha256}\n"
     attach = errors is not None and password is not None and scratch is not None
     listed = (f"\nThe attached ZIP holds {errors.name}, every error of the file (row, "
               "column, reason), with the same password as the file you sent.\n"
