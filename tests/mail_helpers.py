@@ -87,6 +87,7 @@ class Sink:
     server: asyncio.Server | None = None
     tried: int = 0  # every DATA, also those answered with something else than 250
     sessions: list[SMTP] = field(default_factory=list)  # every connection, in order
+    size: int | None = None  # the SIZE it announces and enforces (None: aiosmtpd's 32 MiB)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.tried += 1
@@ -102,6 +103,8 @@ class Sink:
 
     def session(self, **options: Any) -> SMTP:
         """aiosmtpd's protocol for one more connection, remembered (``stop`` ends it)."""
+        if self.size is not None:
+            options.setdefault("data_size_limit", self.size)
         smtp = SMTP(self, **options)
         self.sessions.append(smtp)
         return smtp

@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,8 +41,10 @@ from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.channels.webhooks import Webhooks
 from purlgate.config import ClientConfig, Config
+from purlgate.core.lifecycle import BatchRecord
+from purlgate.downloads import Downloads
 from purlgate.errors import ConfigError
-from purlgate.mail_side import MailSide, MailSideFactory
+from purlgate.mail_side import MailSide, MailSideFactory, relay_limit
 from purlgate.operations import (
     LeaseKeeper,
     RelayWatch,
@@ -119,8 +122,9 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     data_dir = data_dir or region_cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     relay = None
-    if sender is None:
-        sender = relay = relay_sender(region_cfg.relay)
+    if sender is None:  # learns the relay's SIZE for the replies too big for mail
+        sender = relay = relay_sender(region_cfg.relay,
+                                      on_size=relay_limit(region_cfg.relay, data_dir).learn)
     factory = MailSideFactory(config, region_id, data_dir)
     processes = (MailProcesses(factory, region_cfg.processing.workers)
                  if region_cfg.processing.mode == "processes" else None)
@@ -211,12 +215,26 @@ def _build_ops(gateway: Gateway) -> OpsRoutes:
                  *(gateway.keeper.families() if shared else ())]
         return found + (list(sftp_families(service)) if service is not None else [])
 
-    return OpsRoutes(links.app, region=region.id, store=region.store, checks=checks,
+    ops = OpsRoutes(links.app, region=region.id, store=region.store, checks=checks,
                      families=families, access=ops_access(web_cfg),
                      advisory=frozenset({"relay"}),
                      leases=region.backend.leases if shared else None,
                      error_file=(downloads_error_file(service) if service is not None
                                  else lambda batch: None))
+    ops.download = download_of(links, region.config.public_base_url)
+    return ops
+
+
+def download_of(links: LinkServer, base_url: str
+                ) -> Callable[[BatchRecord], dict[str, str] | None]:
+    """A batch's reply that was too big for mail, as the batch view shows it."""
+    def find(batch: BatchRecord) -> dict[str, str] | None:
+        kept = links.downloads.for_batch(batch.id) if links.downloads is not None else None
+        if kept is None:
+            return None
+        until = datetime.fromtimestamp(kept.expires_at, UTC).isoformat(timespec="seconds")
+        return {"url": f"{base_url}/d/{kept.token}", "until": until}
+    return find
 
 
 def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> LinkServer:
@@ -244,6 +262,7 @@ def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> Li
         cache_dir=web_cfg.cache_dir or region.data_dir / "renders",
         pool=RenderPool(web_cfg.render_workers, web_cfg.render_queue,
                         web_cfg.render_timeout_seconds), clock=utc_now,
+        downloads=Downloads(region.data_dir / "downloads"),
     )
 
 
@@ -298,6 +317,8 @@ async def _run(gateway: Gateway, stop: asyncio.Event, imap_stop: threading.Event
         tasks.create_task(gateway.worker.run(stop))
         tasks.create_task(gateway.outbox.run(stop))
         tasks.create_task(gateway.webhooks.run(stop))
+        if gateway.relay is not None:  # its SIZE, before a reply is weighed against it
+            tasks.create_task(gateway.relay.probe())
         if gateway.imap is not None:
             tasks.create_task(asyncio.to_thread(gateway.imap.run, imap_stop))
         if gateway.sftp_worker is not None:

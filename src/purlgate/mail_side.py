@@ -17,14 +17,21 @@ from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.mail_worker import Elsewhere, MailLedger, MailWorker
 from purlgate.channels.notifier import Notifier
 from purlgate.channels.outbox import Outbox
-from purlgate.channels.relay import Sender
+from purlgate.channels.relay import RelayLimit, Sender
 from purlgate.channels.resolver import Resolver
 from purlgate.channels.sender_auth import SenderChecks
 from purlgate.channels.spool import Spool
+from purlgate.channels.too_big import TooBigForMail
 from purlgate.channels.webhooks import Webhooks
-from purlgate.config import Config
+from purlgate.config import Config, RelayConfig
 from purlgate.core.pipeline import Subscriber
+from purlgate.downloads import Downloads
 from purlgate.region import Region, build_region
+
+
+def relay_limit(relay: RelayConfig, data_dir: Path) -> RelayLimit:
+    """What the relay takes: its SIZE as the gateway learned it, or the configured limit."""
+    return RelayLimit(data_dir / "outbox" / "relay.json", relay.max_message_bytes)
 
 
 @dataclass
@@ -58,6 +65,8 @@ class MailSideFactory:
         clients = self.config.clients_of(self.region_id)
         outbox = Outbox(self.data_dir / "outbox", region_cfg.relay,
                         sender=sender or _never_sends)
+        limit = relay_limit(region_cfg.relay, self.data_dir)
+        outbox.limit = limit.current
         alerts = OperatorAlerts(outbox, sender=region_cfg.inbound_addresses[0],
                                 operator=region_cfg.relay.operator)
         outbox.on_failed = alerts.undeliverable
@@ -77,7 +86,13 @@ class MailSideFactory:
                             ledger=backend.mail_ledger or MailLedger(
                                 self.data_dir / "mail.sqlite3"),
                             work_root=backend.scratch(self.data_dir / "mail-work"),
-                            alerts=alerts, processes=processes, checks=checks)
+                            alerts=alerts, processes=processes, checks=checks,
+                            too_big=TooBigForMail(
+                                limit=limit,
+                                downloads=Downloads(self.data_dir / "downloads"),
+                                base_url=region_cfg.public_base_url if region_cfg.web else None,
+                                hours=region_cfg.web.download_hours if region_cfg.web else 0,
+                                alerts=alerts, region=self.region_id))
         if backend.shared:
             worker.queue.share(backend.leases, lambda entry: entry.path.exists())
             outbox.share(backend.leases)

@@ -43,6 +43,7 @@ from purlgate.channels.replies import (
 )
 from purlgate.channels.sender_auth import Refusal, SenderChecks, Verdicts, decide
 from purlgate.channels.spool import Spool, SpoolEntry
+from purlgate.channels.too_big import TooBigForMail
 from purlgate.config import ClientConfig, RegionConfig, client_of_sender
 from purlgate.core.files import clear_scratch, retire, sweep_scratch, thread_scratch
 from purlgate.core.lifecycle import BatchEvent, BatchState
@@ -107,9 +108,11 @@ class MailWorker:
                  processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: Ledger,
                  work_root: Path, alerts: OperatorAlerts | None = None,
                  processes: Elsewhere | None = None,
-                 checks: SenderChecks | None = None) -> None:
+                 checks: SenderChecks | None = None,
+                 too_big: TooBigForMail | None = None) -> None:
         self.region = region
         self.checks = checks
+        self.too_big = too_big  # replies past the relay's limit: a download link instead
         self.clients = clients
         self.processor = processor
         self.spool = spool
@@ -296,21 +299,25 @@ class MailWorker:
         outcome = self.processor.process(submission, work)
         batch = outcome.batch
         crash_point("purl-published")
+        stash = self.too_big.stash(batch.id, batch.client) if self.too_big else None
         if batch.state is BatchState.FAILED or outcome.purl is None:
             return failure_reply(message, batch.reason or "the file could not be processed",
                                  sender=sender, to=to, batch=batch, errors=outcome.errors,
-                                 password=password, scratch=scratch)
+                                 password=password, scratch=scratch, stash=stash)
         files = [p for p in (outcome.purl, outcome.errors) if p is not None]
         return success_reply(message, batch, files, password, sender=sender, to=to,
-                             scratch=scratch)
+                             scratch=scratch, stash=stash)
 
     def _check_only(self, message: EmailMessage, submission: Submission, work: Path, *,
                     password: bytes, sender: str, to: str, scratch: Path) -> Reply:
         """The answer to a message sent to the validate address: the file checked, never
         processed (core/validation.py)."""
         checked = validate(self.processor, submission, work)
+        record = checked.record
         return validation_reply(message, describe(checked), checked.errors,
-                                password=password, sender=sender, to=to, scratch=scratch)
+                                password=password, sender=sender, to=to, scratch=scratch,
+                                stash=self.too_big.stash(record.id, record.client)
+                                if self.too_big else None)
 
     def dead_letter(self, entry: SpoolEntry, exc: BaseException, attempts: int) -> None:
         """An entry that cannot be handled: the operator is alerted (at most once an hour

@@ -85,6 +85,9 @@ class Outbox:
         self._upgraded = False
         self.leases: Leases | None = None  # set when other instances share the folders
         self.rescan_seconds = RESCAN_SECONDS
+        # The largest message the relay takes (relay.RelayLimit.current), if known: a
+        # larger one is never handed to it (replies past it went out as download links).
+        self.limit: Callable[[], int | None] = lambda: None
 
     def share(self, leases: Leases) -> None:
         """Other instances deliver from the same folders (see the module docstring)."""
@@ -311,6 +314,13 @@ class Outbox:
     async def _attempt(self, item: Item) -> str:
         """One delivery try: "sent", "failed" or "deferred" (recorded on disk)."""
         meta = item.meta
+        limit, size = self.limit(), _size(item)
+        if limit is not None and size > limit:
+            meta["last_error"] = (f"larger than the relay takes ({size} bytes; its limit is "
+                                  f"{limit}): not handed to it")
+            log.error("outbox %s: %s", item.id, meta["last_error"])
+            await asyncio.to_thread(self._fail, item, "refused")
+            return "failed"
         meta["attempts"] += 1
         data = await asyncio.to_thread(message_bytes, item.path)
         try:

@@ -11,14 +11,21 @@ that closed it meanwhile costs a new connection, never the message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiosmtplib
 
 from purlgate.config import RelayConfig
-from purlgate.errors import PermanentDeliveryError, TemporaryDeliveryError
+from purlgate.core.files import write_json
+from purlgate.errors import PermanentDeliveryError, StorageError, TemporaryDeliveryError
+
+log = logging.getLogger("purlgate.relay")
 
 Sender = Callable[[bytes, str, Sequence[str]], Awaitable[None]]
 
@@ -33,6 +40,41 @@ class _Kept:
     used: float
 
 
+class RelayLimit:
+    """The largest message the relay takes: the SIZE its EHLO announces (learned by the
+    gateway's connections, kept in a file so that the mail worker processes know it
+    too) or ``relay.max_message_bytes``, whichever is smaller; None: no limit known."""
+
+    def __init__(self, path: Path, configured: int | None) -> None:
+        self.path = path
+        self.configured = configured
+        self._learned: int | None = None
+
+    def learn(self, size: int) -> None:
+        """The relay's SIZE, as its EHLO said (0: it names no limit)."""
+        if size == self._learned:
+            return
+        self._learned = size
+        try:
+            write_json(self.path, {"size": size, "at": time.time()})
+        except (OSError, StorageError) as exc:  # learned again at the next connection
+            self._learned = None
+            log.warning("could not keep the relay's SIZE (%s)",
+                        getattr(exc, "message", None) or exc)
+        log.info("the relay takes messages of at most %s", f"{size} bytes" if size
+                 else "any size (it names no SIZE)")
+
+    def learned(self) -> int | None:
+        """The SIZE the gateway last learned (read afresh: another process learns it)."""
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return int(json.loads(self.path.read_bytes())["size"])
+        return None
+
+    def current(self) -> int | None:
+        found = [n for n in (self.learned(), self.configured) if n]
+        return min(found) if found else None
+
+
 class RelayConnections:
     """Deliver through the configured relay; failures sorted into temporary/permanent.
 
@@ -44,8 +86,10 @@ class RelayConnections:
     """
 
     def __init__(self, relay: RelayConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_size: Callable[[int], None] | None = None) -> None:
         self.relay = relay
+        self.on_size = on_size  # told the SIZE each new connection's EHLO announces
         self._password = relay.password.reveal().decode() if relay.password else None
         self._clock = clock
         self._kept: list[_Kept] = []
@@ -96,11 +140,25 @@ class RelayConnections:
             cert_bundle=str(relay.ca_file) if relay.ca_file else None)
         try:
             await client.connect()
+            if self.on_size is not None:
+                if client.is_ehlo_or_helo_needed:  # else its first command would
+                    await client.ehlo()
+                self.on_size(_size_of(client))
         except BaseException:
             client.close()
             raise
         now = self._clock()
         return _Kept(client, now, now)
+
+    async def probe(self) -> None:
+        """Connect once (EHLO) to learn the relay's SIZE before any reply is built; a
+        relay that does not answer now is asked again at the first delivery."""
+        try:
+            kept = await self._connection()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            log.info("the relay's SIZE is not known yet (%s)", type(exc).__name__)
+            return
+        self._keep(kept)
 
     def _usable(self, kept: _Kept) -> bool:
         now = self._clock()
@@ -154,6 +212,15 @@ class RelayConnections:
         await asyncio.gather(*(self._quit(k) for k in kept), *self._quitting)
 
 
-def relay_sender(relay: RelayConfig) -> RelayConnections:
+def _size_of(client: aiosmtplib.SMTP) -> int:
+    """The SIZE the server's EHLO announced (0: none, or no limit)."""
+    try:
+        return int(client.esmtp_extensions.get("size", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def relay_sender(relay: RelayConfig,
+                 on_size: Callable[[int], None] | None = None) -> RelayConnections:
     """Deliver through the configured relay (over kept connections)."""
-    return RelayConnections(relay)
+    return RelayConnections(relay, on_size=on_size)

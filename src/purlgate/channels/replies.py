@@ -10,7 +10,7 @@ Utility and older Windows Explorer cannot, and the reply says so.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.contentmanager import raw_data_manager
 from email.message import EmailMessage
@@ -87,11 +87,22 @@ class Reply:
     attachment: Path | None = None
 
 
-def _attach_zip(reply: EmailMessage, files: Sequence[Path], password: bytes,
-                scratch: Path) -> Reply:
-    zip_name = f"{files[0].name.rsplit('.', 1)[0]}.zip"
-    target = scratch / "reply.zip"  # its name in the mail is zip_name
+# Offered the ZIP a reply is about to attach (its path, its name in the mail): None to
+# attach it, or the sentence that stands instead (it was moved where the client can
+# download it: it is too big for mail).
+Stash = Callable[[Path, str], str | None]
+
+
+def _zip(files: Sequence[Path], password: bytes, scratch: Path) -> tuple[Path, str]:
+    """The reply's AES ZIP of ``files`` in ``scratch``, and its name in the mail."""
+    target = scratch / "reply.zip"
     aes_zip(files, password, target)
+    return target, f"{files[0].name.rsplit('.', 1)[0]}.zip"
+
+
+def _attached(reply: EmailMessage, target: Path, zip_name: str, link: str | None) -> Reply:
+    if link is not None:
+        return Reply(reply)  # the ZIP was moved for its download
     attach(reply, PLACEHOLDER, maintype="application", subtype="zip", filename=zip_name)
     return Reply(reply, target)
 
@@ -129,19 +140,24 @@ def _summary(batch: BatchRecord) -> str:
 
 
 def success_reply(original: EmailMessage | None, batch: BatchRecord, files: Sequence[Path],
-                  password: bytes, *, sender: str, to: str, scratch: Path) -> Reply:
+                  password: bytes, *, sender: str, to: str, scratch: Path,
+                  stash: Stash | None = None) -> Reply:
     reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
     names = ", ".join(p.name for p in files)
+    target, zip_name = _zip(files, password, scratch)
+    link = stash(target, zip_name) if stash is not None else None
+    where = (f"The attached ZIP holds {names}." if link is None else
+             f"The ZIP {zip_name} holds {names}. {link}")
     set_text(
         reply,
         "Your data file was processed.\n\n" + _summary(batch) +
-        f"\nThe attached ZIP holds {names}. It is protected with the same password as the "
+        f"\n{where} It is protected with the same password as the "
         "file you sent, with AES-256 encryption: open it with 7-Zip or WinZip (Windows), "
         "The Unarchiver or Keka (macOS), or 7z from p7zip (Linux). macOS's "
         "built-in Archive Utility and older versions of Windows Explorer cannot open "
         "AES-encrypted ZIPs.\n"
     )
-    return _attach_zip(reply, files, password, scratch)
+    return _attached(reply, target, zip_name, link)
 
 
 def name_sentence(batch: BatchRecord) -> str:
@@ -154,16 +170,23 @@ def name_sentence(batch: BatchRecord) -> str:
 
 def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to: str,
                   batch: BatchRecord | None = None, errors: Path | None = None,
-                  password: bytes | None = None, scratch: Path | None = None) -> Reply:
+                  password: bytes | None = None, scratch: Path | None = None,
+                  stash: Stash | None = None) -> Reply:
     """The failure and what to fix; the error list attached (AES ZIP) when there is one."""
     reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
     reference = f"\nReference: batch {batch.id}\n" if batch is not None else ""
     if batch is not None and batch.sha256:  # what we received, for the client to check
         reference += f"SHA-256 of the file we received ({batch.received_name}): {batch.sha256}\n"
-    attach = errors is not None and password is not None and scratch is not None
-    listed = (f"\nThe attached ZIP holds {errors.name}, every error of the file (row, "
-              "column, reason), with the same password as the file you sent.\n"
-              if attach and errors is not None else "")
+    listed = ""
+    zipped: tuple[Path, str, str | None] | None = None
+    if errors is not None and password is not None and scratch is not None:
+        target, zip_name = _zip([errors], password, scratch)
+        link = stash(target, zip_name) if stash is not None else None
+        zipped = target, zip_name, link
+        listed = (f"\nThe {'attached ZIP' if link is None else 'ZIP ' + zip_name} holds "
+                  f"{errors.name}, every error of the file (row, column, reason), with the "
+                  "same password as the file you sent." + (f" {link}" if link else "")
+                  + "\n")
     set_text(
         reply,
         "Your data file could not be processed.\n\n"
@@ -171,22 +194,27 @@ def failure_reply(original: EmailMessage | None, reason: str, *, sender: str, to
         "\nNothing from this message was processed. Please send a new message with the "
         "corrected file.\n" + (name_sentence(batch) if batch is not None else "")
     )
-    if attach and errors is not None and password is not None and scratch is not None:
-        return _attach_zip(reply, [errors], password, scratch)
+    if zipped is not None:
+        return _attached(reply, *zipped)
     return Reply(reply)
 
 
 def validation_reply(original: EmailMessage | None, report: str, errors: Path | None, *,
-                     password: bytes, sender: str, to: str, scratch: Path) -> Reply:
+                     password: bytes, sender: str, to: str, scratch: Path,
+                     stash: Stash | None = None) -> Reply:
     """The answer to a message sent to the validate address: the report (core/validation
     ``describe``), and the error file (AES ZIP, the client's password) when there is one."""
     reply = _threaded(original, sender=sender, to=to, fallback_subject="your data file")
-    listed = (f"\nThe attached ZIP holds {errors.name} (row, column, reason), with the same "
-              "password as the file you sent.\n" if errors is not None else "")
+    if errors is None:
+        set_text(reply, "Your data file was checked.\n\n" + report)
+        return Reply(reply)
+    target, zip_name = _zip([errors], password, scratch)
+    link = stash(target, zip_name) if stash is not None else None
+    listed = (f"\nThe {'attached ZIP' if link is None else 'ZIP ' + zip_name} holds "
+              f"{errors.name} (row, column, reason), with the same password as the file you "
+              "sent." + (f" {link}" if link else "") + "\n")
     set_text(reply, "Your data file was checked.\n\n" + report + listed)
-    if errors is not None:
-        return _attach_zip(reply, [errors], password, scratch)
-    return Reply(reply)
+    return _attached(reply, target, zip_name, link)
 
 
 def fault_reply(original: EmailMessage | None, *, sender: str, to: str, reference: str,

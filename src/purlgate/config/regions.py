@@ -100,6 +100,9 @@ class RelayConfig(Model):
     # is used for at most 300 s in all. 0: one connection per message.
     keep_connections_seconds: float = Field(default=2.0, ge=0, le=300)
     operator: str | None = None  # alerted when a message cannot be delivered
+    # The largest message sent (besides the SIZE the relay announces, the smaller
+    # wins): a reply past it goes out as a download link instead of an attachment.
+    max_message_bytes: int | None = Field(default=None, ge=64 * 1024)
 
     @field_validator("operator")
     @classmethod
@@ -163,6 +166,8 @@ class WebConfig(Model):
     # or after its last answer (a slow sender, an idle keep-alive) is closed.
     idle_timeout_seconds: float = Field(default=15.0, gt=0, le=600)
     cache_dir: Path | None = None  # rendered media; default: <data_dir>/renders
+    # A reply too big for the relay: its ZIP is downloaded from a link this long.
+    download_hours: float = Field(default=72.0, gt=0, le=24 * 90)
     # /readyz, /metrics and the batch view: from these networks, or with the password.
     ops_networks: Networks = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     ops_user: str = "ops"

@@ -145,7 +145,9 @@ td,th{border-bottom:1px solid #ccc;padding:.25rem .5rem;text-align:left}
 <td>{{ b.rows }}</td><td>{{ b.rows_ok }}</td><td>{{ b.rows_error }}</td>
 <td>{{ b.received_at[:19] }}</td><td>{{ '%.1f s' % b.seconds }}</td><td>{{ b.reason or '' }}</td>
 <td>{{ b.outputs | join(', ') }}{% if b.error_file_url %}
- (<a href="{{ b.error_file_url }}">error file</a>){% endif %}</td>
+ (<a href="{{ b.error_file_url }}">error file</a>){% endif %}{% if b.download %}
+<br>too big for mail: <a href="{{ b.download.url }}">download link</a> until
+{{ b.download.until }}{% endif %}</td>
 <td>{{ b.instance or '' }}</td>
 <td class="audit">{% if b.source %}from {{ b.source }}<br>{% endif %}
 {% if b.sender_auth %}{{ b.sender_auth }}<br>{% endif %}
@@ -213,6 +215,8 @@ class OpsRoutes:
         self.access = access
         self.logins = LoginLimiter(clock)
         self.error_file = error_file
+        # A reply too big for mail: its download link and until when (url, ISO time).
+        self.download: Callable[[BatchRecord], dict[str, str] | None] = lambda batch: None
         self.registry = registry or CollectorRegistry()
         self.registry.register(_Families(families))
         self.batch_metrics = BatchMetrics(self.registry)
@@ -301,6 +305,7 @@ class OpsRoutes:
             found = await asyncio.to_thread(self.error_file, record)
             view["error_file_url"] = (f"/ops/batches/{record.id}/errors"
                                       if found is not None else None)
+            view["download"] = await asyncio.to_thread(self.download, record)
             views.append(view)
         return f, views
 

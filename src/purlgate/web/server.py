@@ -33,6 +33,7 @@ from jinja2 import TemplateError
 
 from purlgate.config import WebConfig
 from purlgate.core.lifecycle import BatchEvent, BatchState, BatchSummary
+from purlgate.downloads import Downloads
 from purlgate.errors import RenderBusyError, RenderTimeoutError, StorageError
 from purlgate.rowstore import ArrowRowStore
 from purlgate.web.hot_cache import HOT_BYTES, HOT_SECONDS, Hot, HotCache
@@ -129,8 +130,10 @@ class LinkServer:
         templates: Mapping[tuple[str, str], Template], pregenerate: Mapping[
             tuple[str, str], tuple[str, ...]],
         cache_dir: Path, pool: RenderPool, clock: Callable[[], datetime],
+        downloads: Downloads | None = None,
     ) -> None:
         self.index = index
+        self.downloads = downloads  # replies too big for mail, each behind its own link
         self.rows = rows
         self.templates = templates
         self.pregenerate_of = pregenerate
@@ -152,6 +155,7 @@ class LinkServer:
         self.app.router.add_get(p + "/v/{token}.mp4", self.video, name="video")
         self.app.router.add_get(p + "/a/{key}/{path:.+}", self.asset, name="asset")
         self.app.router.add_get(p + "/robots.txt", self.robots, name="robots")
+        self.app.router.add_get(p + "/d/{token}", self.download, name="download")
 
     # -- responses ------------------------------------------------------------------
 
@@ -309,6 +313,18 @@ class LinkServer:
         return web.FileResponse(path, headers=_headers(
             {"Cache-Control": "public, max-age=31536000, immutable"}))
 
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        """A reply's ZIP that was too big for mail, while its link lasts; else the 404
+        of any unknown link."""
+        found = (await asyncio.to_thread(self.downloads.find, request.match_info["token"])
+                 if self.downloads is not None else None)
+        if found is None:
+            return self.not_found()
+        kept, path = found
+        return web.FileResponse(path, headers=_headers({
+            "Content-Type": "application/zip", "Cache-Control": "private, no-store",
+            "Content-Disposition": f'attachment; filename="{_ascii(kept.name)}"'}))
+
     async def robots(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="User-agent: *\nDisallow: /\n", headers=_headers())
 
@@ -390,6 +406,8 @@ class LinkServer:
         if rows or renders:
             log.info("retention: removed the row data of %d and the renders of %d batch(es)",
                      rows, renders)
+        if self.downloads is not None and (expired := self.downloads.sweep()):
+            log.info("retention: removed %d download(s) past their time", expired)
         return rows, renders
 
     def _settled(self, batch_id: int) -> bool:
@@ -445,3 +463,9 @@ async def start_web(server: LinkServer, config: WebConfig,
         port = int(address[1])
         break
     return runner, port
+
+
+def _ascii(name: str) -> str:
+    """A file name safe inside a quoted Content-Disposition (ours: ASCII already)."""
+    return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
+                   for c in name)
