@@ -119,16 +119,11 @@ def mail_families(outcomes: Mapping[str, int], outbox: Outbox,
     for outcome, count in sorted(outcomes.items()):
         smtp.add_metric([outcome], count)
     yield smtp
-    queued = outbox.items()
-    oldest = min((item.meta["created_at"] for item in queued), default=None)
-    yield GaugeMetricFamily("purlgate_outbox_depth", "Mail waiting for the relay",
-                            value=len(queued))
-    yield GaugeMetricFamily("purlgate_outbox_oldest_age_seconds",
-                            "Age of the oldest mail waiting for the relay",
-                            value=time.time() - oldest if oldest is not None else 0)
-    yield GaugeMetricFamily("purlgate_outbox_failed",
-                            "Mail refused by the relay or expired (outbox/failed)",
-                            value=len(list(outbox.failed.glob("*.msg"))))
+    yield from _queue_families(
+        "purlgate_outbox", "mail waiting for the relay",
+        [item.meta["created_at"] for item in outbox.items()],
+        "Mail refused by the relay or expired (outbox/failed)",
+        len(list(outbox.failed.glob("*.msg"))))
     yield GaugeMetricFamily("purlgate_spool_depth", "Accepted mail not answered yet",
                             value=len(spool.pending()))
 
@@ -146,16 +141,20 @@ def sftp_families(service: SftpService) -> Iterable[Metric]:
 
 
 def webhook_families(webhooks: Webhooks) -> Iterable[Metric]:
-    queued = webhooks.entries()
-    oldest = min((e.data["created_at"] for e in queued), default=None)
-    yield GaugeMetricFamily("purlgate_webhooks_depth", "Webhook events not delivered yet",
-                            value=len(queued))
-    yield GaugeMetricFamily("purlgate_webhooks_oldest_age_seconds",
-                            "Age of the oldest webhook event not delivered yet",
-                            value=time.time() - oldest if oldest is not None else 0)
-    yield GaugeMetricFamily("purlgate_webhooks_failed",
-                            "Webhook events dead-lettered (webhooks/failed)",
-                            value=len(list(webhooks.failed.glob("*.json"))))
+    yield from _queue_families(
+        "purlgate_webhooks", "webhook events not delivered yet",
+        [e.data["created_at"] for e in webhooks.entries()],
+        "Webhook events dead-lettered (webhooks/failed)",
+        len(list(webhooks.failed.glob("*.json"))))
+
+
+def _queue_families(prefix: str, what: str, created: list[float], failed_help: str,
+                    failed: int) -> Iterable[Metric]:
+    """A durable queue's depth, the age of its oldest entry, and its dead letters."""
+    yield GaugeMetricFamily(f"{prefix}_depth", what.capitalize(), value=len(created))
+    yield GaugeMetricFamily(f"{prefix}_oldest_age_seconds", f"Age of the oldest of the {what}",
+                            value=time.time() - min(created) if created else 0)
+    yield GaugeMetricFamily(f"{prefix}_failed", failed_help, value=failed)
 
 
 def render_families(depth: Callable[[], int]) -> Iterable[Metric]:

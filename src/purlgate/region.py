@@ -194,11 +194,7 @@ def build_region(
                 region=region_id, ledger=ledger, limiter=limiter, ssl_context=context)
         return made[client_id, project_id]
 
-    limits = UnwrapLimits(
-        max_uncompressed_bytes=region.limits.max_uncompressed_bytes,
-        max_compression_ratio=region.limits.max_compression_ratio,
-        ratio_check_after_bytes=region.limits.ratio_check_after_bytes,
-    )
+    limits = UnwrapLimits(**region.limits.model_dump())
     keys = None
     if region.pgp is not None:
         keys = GpgKeyStore.open(region.pgp, data_dir, config.client_keys(region_id))
