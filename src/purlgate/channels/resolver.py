@@ -28,7 +28,13 @@ class DnsUnavailableError(Exception):
 class Resolver:
     def __init__(self, config: DnsConfig) -> None:
         self.config = config
-        resolver = dns.resolver.Resolver(configure=not config.servers)
+        try:
+            resolver = dns.resolver.Resolver(configure=not config.servers)
+        except dns.resolver.NoResolverConfiguration:
+            # No /etc/resolv.conf (a bare container): every lookup is "no answer", so
+            # the checks say temperror, and check-config's report says why.
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = []
         if config.servers:
             resolver.nameservers = [split_server(s)[0] for s in config.servers]
             resolver.nameserver_ports = {split_server(s)[0]: split_server(s)[1]
