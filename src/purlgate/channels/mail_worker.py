@@ -271,15 +271,20 @@ class MailWorker:
             return None
         try:
             if self.checks.trusts_headers or entry.meta.get("channel") == "imap":
-                return self.checks.from_headers(raw_headers(entry.path, offset))
-            with entry.path.open("rb") as f:  # the whole message, for its signatures
-                f.seek(offset)
-                raw = f.read()
-            return self.checks.verify(raw, ip=entry.meta.get("peer"),
-                                      helo=entry.meta.get("helo"), mail_from=sender)
+                verdicts = self.checks.from_headers(raw_headers(entry.path, offset))
+            else:
+                with entry.path.open("rb") as f:  # the whole message, for its signatures
+                    f.seek(offset)
+                    raw = f.read()
+                verdicts = self.checks.verify(raw, ip=entry.meta.get("peer"),
+                                              helo=entry.meta.get("helo"), mail_from=sender)
         except Exception:  # a check that breaks is recorded as such, never a pass
             log.exception("spool entry %s: the sender checks failed", entry.id)
             return Verdicts(self.checks.authserv_id, None, notes=("the checks failed",))
+        log.info("spool entry %s from %s: %s", entry.id, sender, verdicts.summary(),
+                 extra={"facts": {"event": "sender-checks", "dmarc": verdicts.dmarc,
+                                  "spf": verdicts.spf}})
+        return verdicts
 
     def _refused(self, entry: SpoolEntry, client: ClientConfig,
                  verdicts: Verdicts | None) -> Refusal | None:
