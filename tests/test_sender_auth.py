@@ -11,7 +11,8 @@ import aiosmtplib
 import pytest
 
 from purlgate.channels.resolver import Resolver
-from purlgate.channels.sender_auth import SenderChecks, Verdicts, decide
+from purlgate.channels.sender_auth import SenderChecks
+from purlgate.channels.sender_policy import Verdicts, decide
 from purlgate.cli import main
 from purlgate.config import DnsConfig, SenderAuthConfig
 from tests.config_builder import own, region_toml

@@ -18,8 +18,7 @@ from purlgate.channels.mail_worker import Elsewhere, MailLedger, MailWorker
 from purlgate.channels.notifier import Notifier
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.relay import RelayLimit, Sender
-from purlgate.channels.resolver import Resolver
-from purlgate.channels.sender_auth import SenderChecks
+from purlgate.channels.sender_checks import LazyChecks
 from purlgate.channels.spool import Spool
 from purlgate.channels.too_big import TooBigForMail
 from purlgate.channels.webhooks import Webhooks
@@ -42,7 +41,7 @@ class MailSide:
     spool: Spool
     worker: MailWorker
     webhooks: Webhooks
-    checks: SenderChecks
+    checks: LazyChecks
 
 
 async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
@@ -77,8 +76,8 @@ class MailSideFactory:
         region = build_region(self.config, self.region_id, data_dir=self.data_dir,
                               subscribers=[notifier, webhooks, *subscribers])
         backend = region.backend
-        checks = SenderChecks(region_cfg.sender_auth, Resolver(region_cfg.dns),
-                              hostname=region_cfg.smtp.hostname)
+        checks = LazyChecks(region_cfg.sender_auth, region_cfg.dns,
+                            hostname=region_cfg.smtp.hostname)
         spool = Spool(self.data_dir / "spool", min_free_bytes=region_cfg.smtp.min_free_bytes,
                       owner=owner, tmp=backend.scratch(self.data_dir / "spool" / "tmp"))
         worker = MailWorker(region=region_cfg, clients=clients, processor=region.processor,

@@ -41,7 +41,7 @@ from purlgate.channels.replies import (
     success_reply,
     validation_reply,
 )
-from purlgate.channels.sender_auth import Refusal, SenderChecks, Verdicts, decide
+from purlgate.channels.sender_policy import Checks, Refusal, Verdicts, decide
 from purlgate.channels.spool import Spool, SpoolEntry
 from purlgate.channels.too_big import TooBigForMail
 from purlgate.config import ClientConfig, RegionConfig, client_of_sender
@@ -108,7 +108,7 @@ class MailWorker:
                  processor: BatchProcessor, spool: Spool, outbox: Outbox, ledger: Ledger,
                  work_root: Path, alerts: OperatorAlerts | None = None,
                  processes: Elsewhere | None = None,
-                 checks: SenderChecks | None = None,
+                 checks: Checks | None = None,
                  too_big: TooBigForMail | None = None) -> None:
         self.region = region
         self.checks = checks
@@ -273,11 +273,11 @@ class MailWorker:
             if self.checks.trusts_headers or entry.meta.get("channel") == "imap":
                 verdicts = self.checks.from_headers(raw_headers(entry.path, offset))
             else:
-                with entry.path.open("rb") as f:  # the whole message, for its signatures
+                with entry.path.open("rb") as f:  # read once, never held whole
                     f.seek(offset)
-                    raw = f.read()
-                verdicts = self.checks.verify(raw, ip=entry.meta.get("peer"),
-                                              helo=entry.meta.get("helo"), mail_from=sender)
+                    verdicts = self.checks.verify(f, ip=entry.meta.get("peer"),
+                                                  helo=entry.meta.get("helo"),
+                                                  mail_from=sender)
         except Exception:  # a check that breaks is recorded as such, never a pass
             log.exception("spool entry %s: the sender checks failed", entry.id)
             return Verdicts(self.checks.authserv_id, None, notes=("the checks failed",))

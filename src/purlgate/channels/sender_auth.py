@@ -15,29 +15,29 @@ Read instead (behind a trusted MTA, and for the IMAP mailbox): the topmost
 ``Authentication-Results`` header of the configured trusted authserv-id. Every other
 such header is ignored: a sender can write one.
 
-``decide`` turns verdicts and a client's policy into a refusal or nothing: a
-``550 5.7.x`` naming the failed check and what the client's mail administrator must
-fix, or ``451 4.4.3`` when DNS did not answer (never a silent pass).
+What a client's policy makes of the verdicts is ``sender_policy.decide``. This module
+and its libraries load at the first check (``sender_policy.LazyChecks``).
 """
 
 from __future__ import annotations
 
+import io
 import re
 import threading
-from dataclasses import dataclass, field
 from email.utils import getaddresses
 from functools import cache
-from typing import Literal
+from typing import BinaryIO
 
 import authres
 import dkim
 import spf
 from publicsuffixlist import PublicSuffixList
 
+from purlgate.channels.dkim_body import HeaderSigner, Key, body_hashes, wanted
 from purlgate.channels.resolver import DnsUnavailableError, Resolver
+from purlgate.channels.sender_policy import Verdicts
 from purlgate.config import SenderAuthConfig
 
-Policy = Literal["record", "require-dmarc", "require-dkim"]
 _SPF_LOCK = threading.Lock()  # pyspf looks names up through one module global
 
 
@@ -59,36 +59,17 @@ def _aligned(a: str | None, b: str | None, mode: str) -> bool:
     return a == b if mode == "s" else org_domain(a) == org_domain(b)
 
 
-@dataclass(frozen=True)
-class Verdicts:
-    by: str  # the authserv-id that made them (ours, or the trusted MTA's)
-    from_domain: str | None
-    spf: str = "none"  # pass fail softfail neutral none temperror permerror
-    spf_domain: str | None = None  # of MAIL FROM
-    dkim: tuple[tuple[str, str], ...] = ()  # (d=, result) of each signature
-    dkim_aligned: bool = False  # a DKIM pass aligned with the From domain
-    dmarc: str = "none"  # pass fail none temperror permerror
-    dmarc_policy: str | None = None  # none quarantine reject
-    arc: str = "none"  # pass fail none
-    notes: tuple[str, ...] = field(default=())
-
-    def summary(self) -> str:
-        """One line for the log and the batch record (no local parts, no row data)."""
-        dkim_part = ",".join(f"{r}({d})" for d, r in self.dkim) or "none"
-        text = (f"spf={self.spf} dkim={dkim_part} dmarc={self.dmarc}"
-                f"{f'(p={self.dmarc_policy})' if self.dmarc_policy else ''} arc={self.arc}"
-                f" from={self.from_domain or '-'} by={self.by}")
-        return text + "".join(f" [{n}]" for n in self.notes)
-
-
-@dataclass(frozen=True)
-class Refusal:
-    smtp: str  # the SMTP answer
-    reason: str  # what failed and what to fix, for a reply and the log
-
-    @property
-    def temporary(self) -> bool:
-        return self.smtp.startswith("4")
+def _header_block(source: BinaryIO, limit: int = 1 << 20) -> bytes:
+    """The header block ``source`` starts with, up to and with its blank line (at most
+    ``limit`` bytes); ``source`` is left at the body."""
+    lines: list[bytes] = []
+    size = 0
+    while size < limit and (line := source.readline(1 << 16)):
+        lines.append(line)
+        size += len(line)
+        if line in (b"\r\n", b"\n"):
+            break
+    return b"".join(lines)
 
 
 def from_address(headers: bytes) -> tuple[str | None, str | None]:
@@ -122,15 +103,23 @@ class SenderChecks:
 
     # -- checked here ----------------------------------------------------------------
 
-    def verify(self, message: bytes, *, ip: str | None, helo: str | None,
+    def verify(self, source: BinaryIO | bytes, *, ip: str | None, helo: str | None,
                mail_from: str) -> Verdicts:
-        """The verdicts of a whole message (CRLF lines) received from ``ip``."""
-        _address, from_domain = from_address(message.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")
+        """The verdicts of the message ``source`` reads (from its first header line),
+        received from ``ip``. Read once, a piece at a time: the header block is held,
+        the body only hashed (``dkim_body``); a message with an ARC chain is read whole
+        to check the chain."""
+        if isinstance(source, bytes):
+            source = io.BytesIO(source)
+        start = source.tell()
+        head = _header_block(source)
+        headers, _ = dkim.rfc822_parse(head)
+        digests = body_hashes(source, wanted(headers))
+        _address, from_domain = from_address(head)
         spf_result = self._spf(ip, helo, mail_from)
         spf_domain = mail_from.rsplit("@", 1)[1].lower() if "@" in mail_from else helo
-        signer = dkim.DKIM(message, minkey=1024)
-        dkims = self._dkim(signer, message)
-        arc, arc_dmarc_pass, sealer = self._arc(message)
+        dkims = self._dkim(head, headers, digests)
+        arc, arc_dmarc_pass, sealer = self._arc(source, start, headers)
         notes: list[str] = []
         if from_domain is None:
             return Verdicts(self.authserv_id, None, spf_result, spf_domain, dkims,
@@ -153,9 +142,12 @@ class SenderChecks:
                                               or 20)
         return str(result or "none")
 
-    def _dkim(self, signer: dkim.DKIM, message: bytes) -> tuple[tuple[str, str], ...]:
-        headers, _body = dkim.rfc822_parse(message)
+    def _dkim(self, head: bytes, headers: list[list[bytes]],
+              digests: dict[Key, bytes]) -> tuple[tuple[str, str], ...]:
         count = sum(1 for name, _v in headers if name.lower() == b"dkim-signature")
+        if not count:
+            return ()
+        signer = HeaderSigner(head, digests)
         found = []
         for idx in range(count):
             try:
@@ -210,12 +202,14 @@ class SenderChecks:
                         return tags, at_org
         return None, False
 
-    def _arc(self, message: bytes) -> tuple[str, bool, str | None]:
+    def _arc(self, source: BinaryIO, start: int,
+             headers: list[list[bytes]]) -> tuple[str, bool, str | None]:
         """(chain result, its first hop recorded a DMARC pass, the newest sealer)."""
-        headers, _body = dkim.rfc822_parse(message)
         seals = [(v, k) for k, v in headers if k.lower() == b"arc-seal"]
         if not seals:
             return "none", False, None
+        source.seek(start)  # a forwarded message: dkimpy checks the chain on all of it
+        message = source.read()
         try:
             cv, _results, _comment = dkim.ARC(message).verify(dnsfunc=self.resolver.dkim_txt)
         except (DnsUnavailableError, dkim.DKIMException):
@@ -280,55 +274,3 @@ def _instance(value: bytes) -> int:
 def _tag(value: bytes, tag: bytes) -> str | None:
     found = re.search(rb"(?:^|;)\s*" + tag + rb"\s*=\s*([^;\s]+)", value)
     return found.group(1).decode("ascii", "replace").lower() if found else None
-
-
-TEMPORARY = ("451 4.4.3 Could not check who sent this message (DNS did not answer); "
-             "please try again later")
-
-
-def decide(policy: Policy, verdicts: Verdicts) -> Refusal | None:
-    """What ``policy`` makes of ``verdicts``: None to accept, else the refusal."""
-    if policy == "record":
-        return None
-    domain = verdicts.from_domain or "the From domain"
-    if policy == "require-dmarc":
-        return _dmarc_refusal(verdicts, domain)
-    if verdicts.dkim_aligned:
-        return None
-    if any(r == "temperror" for _d, r in verdicts.dkim):
-        return Refusal(TEMPORARY, "DKIM could not be checked: DNS did not answer")
-    if not verdicts.dkim:
-        why = (f"the message has no DKIM signature; this account requires mail signed "
-               f"with DKIM for {domain}: your mail administrator must turn on DKIM "
-               f"signing for {domain}")
-        return Refusal(f"550 5.7.20 {_one_line(why)}", why)
-    if any(r == "pass" for _d, r in verdicts.dkim):
-        signers = ", ".join(sorted({d for d, r in verdicts.dkim if r == "pass"}))
-        why = (f"no valid DKIM signature matches the From domain {domain} (signed by "
-               f"{signers}); your mail administrator must sign with d={domain}")
-        return Refusal(f"550 5.7.22 {_one_line(why)}", why)
-    why = (f"the DKIM signature did not verify; your mail administrator must check the "
-           f"DKIM key published for {domain} and that nothing rewrites the message")
-    return Refusal(f"550 5.7.20 {_one_line(why)}", why)
-
-
-def _dmarc_refusal(verdicts: Verdicts, domain: str) -> Refusal | None:
-    if verdicts.dmarc == "pass":
-        return None
-    if verdicts.dmarc == "temperror":
-        return Refusal(TEMPORARY, "DMARC could not be checked: DNS did not answer")
-    if verdicts.dmarc == "none":
-        why = (f"{domain} publishes no DMARC policy, which this account requires: your "
-               f"mail administrator must publish one at _dmarc.{domain}")
-    elif verdicts.dmarc == "permerror":
-        why = "the message must have exactly one From address for DMARC to be checked"
-    else:
-        why = (f"DMARC failed for {domain} (SPF {verdicts.spf}, DKIM "
-               f"{'none' if not verdicts.dkim else 'not aligned'}): your mail "
-               f"administrator must sign mail for {domain} with DKIM, or send it from "
-               f"servers {domain}'s SPF record lists")
-    return Refusal(f"550 5.7.26 {_one_line(why)}", why)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:400]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from purlgate.channels.mail_message import header_addresses, inbound_of
-from purlgate.channels.sender_auth import Refusal, SenderChecks, decide
+from purlgate.channels.sender_policy import Checks, Refusal, decide
 from purlgate.channels.spool import Spool, SpoolEntry, SpoolWriter
 from purlgate.config import ClientConfig, SmtpConfig, client_of_sender
 from purlgate.errors import ServerError, SpoolFullError
@@ -36,7 +35,6 @@ from purlgate.errors import ServerError, SpoolFullError
 log = logging.getLogger("purlgate.smtp")
 SPOOL_THREADS = 32
 FLUSH_BYTES = 256 * 1024  # DATA is written to the spool file in pieces of about this
-VERIFYING = 2  # whole messages read at once for the sender checks (memory)
 
 REFUSED_SENDER = "550 5.7.1 Sender not authorized to submit data files here"
 REFUSED_RCPT = "550 5.7.1 Relaying denied: this server accepts mail for its own addresses only"
@@ -49,14 +47,12 @@ PAUSED = "451 4.3.0 Temporarily unable to accept mail (database unreachable); tr
 class SmtpHandler:
     def __init__(self, *, inbound: set[str], clients: Mapping[str, ClientConfig],
                  spool: Spool, on_accepted: Callable[[SpoolEntry], None],
-                 checks: SenderChecks | None = None) -> None:
+                 checks: Checks | None = None) -> None:
         self.inbound = {a.lower() for a in inbound}
         self.clients = clients
         self.spool = spool
         self.on_accepted = on_accepted
         self.checks = checks
-        # A whole message is read to check its DKIM signatures: two at a time.
-        self._verifying = threading.BoundedSemaphore(VERIFYING)
         # Spooling waits on fsync, not on the CPU: more threads than the default pool's
         # (cores + 4) let concurrent sessions share journal commits.
         self.io = ThreadPoolExecutor(max_workers=SPOOL_THREADS, thread_name_prefix="spool")
@@ -147,10 +143,9 @@ class SmtpHandler:
         if self.checks.trusts_headers:
             verdicts = self.checks.from_headers(writer.headers())
         else:
-            with self._verifying:
-                verdicts = self.checks.verify(
-                    writer.message(), ip=writer.meta.get("peer"),
-                    helo=writer.meta.get("helo"), mail_from=sender)
+            with writer.reader() as message:  # read once from the spool file
+                verdicts = self.checks.verify(message, ip=writer.meta.get("peer"),
+                                              helo=writer.meta.get("helo"), mail_from=sender)
         return decide(policy, verdicts)
 
     def no_space(self) -> str:

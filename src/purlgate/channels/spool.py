@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -128,17 +130,21 @@ class SpoolWriter:
         end = head.find(b"\r\n\r\n")
         return head if end < 0 else head[: end + 4]
 
-    def message(self) -> bytes:
-        """The whole message written so far (the sender checks read it, once)."""
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[BinaryIO]:
+        """The message written so far, to read from its first line (the sender checks
+        read it once, a piece at a time)."""
         if self._file is None:
-            return b""
+            yield io.BytesIO(b"")
+            return
         try:
             self._file.flush()
-            with self.tmp.open("rb") as f:
-                f.seek(self._body_at)
-                return f.read()
+            f = self.tmp.open("rb")
         except OSError as exc:
             raise _storage(exc) from exc
+        with f:
+            f.seek(self._body_at)
+            yield f
 
     def commit(self) -> SpoolEntry:
         out = self._file or self._open()  # an empty message still gets its file

@@ -22,13 +22,13 @@ import ssl
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import aiohttp
 from standardwebhooks.webhooks import Webhook
 
 from purlgate import __version__
-from purlgate.config import WebhookDeliveryConfig
+from purlgate.config import WebhookDeliveryConfig, origin
 from purlgate.errors import ConfigError
 
 MAX_REDIRECTS = 3
@@ -58,14 +58,6 @@ def signed_headers(secret: str, event_id: str, at: int, body: bytes) -> dict[str
     return {"webhook-id": event_id, "webhook-timestamp": str(at),
             "webhook-signature": signature, "Content-Type": "application/json",
             "User-Agent": f"purlgate-webhooks/{__version__}"}
-
-
-def origin(url: str) -> str:
-    """scheme://host:port, what a log line or an alert may show of an endpoint (its
-    path and query can hold a token)."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
 @dataclass(frozen=True)

@@ -35,15 +35,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from purlgate.channels.alerts import OperatorAlerts
-from purlgate.channels.webhook_post import Answer, Poster, check_secret, origin
-from purlgate.config import ClientConfig, WebhookConfig, WebhookDeliveryConfig, WebhookEvent
+from purlgate.config import (
+    ClientConfig,
+    WebhookConfig,
+    WebhookDeliveryConfig,
+    WebhookEvent,
+    origin,
+)
 from purlgate.core.files import AtomicFile, fsync_dir
 from purlgate.core.leases import Leases
 from purlgate.core.lifecycle import BatchEvent, BatchRecord, BatchState, EventKind
 from purlgate.errors import ConfigError, StorageError
+
+if TYPE_CHECKING:  # the HTTP client loads only where events are delivered (serve)
+    from purlgate.channels.webhook_post import Answer, Poster
 
 log = logging.getLogger("purlgate.webhooks")
 
@@ -152,7 +160,7 @@ class Webhooks:
         self.clients = clients
         self.alerts = alerts
         self._clock = clock
-        self.poster = poster or Poster(config)
+        self._poster = poster
         self.queue, self.sent, self.failed, self.gone = (
             root / "queue", root / "sent", root / "failed", root / "gone")
         for folder in (self.queue, self.sent, self.failed, self.gone):
@@ -164,6 +172,15 @@ class Webhooks:
         self._wake: asyncio.Event | None = None
         self.leases: Leases | None = None
         self.rescan_seconds = RESCAN_SECONDS
+
+    @property
+    def poster(self) -> Poster:
+        """The HTTP client, made at the first delivery (a worker process only queues)."""
+        if self._poster is None:
+            from purlgate.channels.webhook_post import Poster  # noqa: PLC0415 - see above
+
+            self._poster = Poster(self.config)
+        return self._poster
 
     def share(self, leases: Leases) -> None:
         """Other instances deliver from the same folders."""
@@ -289,14 +306,16 @@ class Webhooks:
                         await _first(self._wake, stop)
             await rounds.finish()
         finally:
-            await self.poster.close()
+            if self._poster is not None:
+                await self._poster.close()
 
     async def deliver_due(self) -> None:
         """Try every due entry once, one after another (the tests' way in)."""
         for entry in sorted(await asyncio.to_thread(self.entries), key=lambda e: e.order):
             if entry.due <= self._clock():
                 await self.attempt(entry)
-        await self.poster.close()
+        if self._poster is not None:
+            await self._poster.close()
 
     async def attempt(self, entry: Entry) -> str:
         """One try: "sent", "deferred" or "failed" (recorded on disk)."""
@@ -311,6 +330,8 @@ class Webhooks:
             await asyncio.to_thread(self._fail, entry, why)
             return "failed"
         data["attempts"] += 1
+        from purlgate.channels.webhook_post import Answer, check_secret  # noqa: PLC0415
+
         try:
             secret = check_secret(hook.secret.reveal())
         except ConfigError as exc:

@@ -98,8 +98,8 @@ def outbox(args: argparse.Namespace) -> int:
 def webhooks(args: argparse.Namespace) -> int:
     import time
 
-    from purlgate.channels.webhook_post import origin
     from purlgate.channels.webhooks import Webhooks
+    from purlgate.config import origin
 
     region_id, data_dir, config = region_dir(args)
     hooks = Webhooks(data_dir / "webhooks", config.region(region_id).webhooks,

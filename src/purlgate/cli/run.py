@@ -290,7 +290,7 @@ def _sender_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
 
     region = config.region(region_id)
     checks = SenderChecks(region.sender_auth, Resolver(region.dns),
-                          hostname=region.smtp.hostname)
+                          hostname=region.smtp.hostname)  # (all of it: a command)
     found: list[tuple[bool, str]] = []
     for client_id, client in config.clients_of(region_id).items():
         if client.sender_auth == "record":

@@ -30,6 +30,7 @@ from purlgate.config.clients import (
     WebhookEvent,
     client_of_sender,
     is_loopback_host,
+    origin,
 )
 from purlgate.config.loading import load_config, parse_config, secret_refs
 from purlgate.config.regions import (
@@ -86,6 +87,7 @@ __all__ = [
     "client_of_sender",
     "is_loopback_host",
     "load_config",
+    "origin",
     "parse_config",
     "secret_refs",
     "split_server",

@@ -79,6 +79,14 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def origin(url: str) -> str:
+    """scheme://host:port of ``url``: what a log line or an alert may show of an
+    endpoint (its path and query can hold a token)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname}:{port}"
+
+
 class WebhookConfig(Model):
     """Where a batch's outcome is POSTed, signed as Standard Webhooks say."""
 
