@@ -5,7 +5,6 @@ the ZIP their password opens, until it expires; then, like a forged link, the un
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import secrets
@@ -35,6 +34,7 @@ from tests.mail_helpers import (
     drained,
     start,
 )
+from tests.waiting import eventually
 
 NAME = f"acme_spring_{T}_00"
 LIMIT = 60_000
@@ -45,14 +45,6 @@ def random_rows(n: int) -> bytes:
     lines = ["first_name,code,email"] + [f"Zoë{i},{secrets.token_hex(24)},u{i}@acme.example"
                                          for i in range(n)]
     return ("\n".join(lines) + "\n").encode()
-
-
-async def _learned(data_dir: Path, timeout: float = 10.0) -> None:
-    """The gateway asked the relay its SIZE at start (and kept it)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (data_dir / "outbox" / "relay.json").exists():
-        assert asyncio.get_running_loop().time() < deadline, "the SIZE was never learned"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.asyncio
@@ -67,7 +59,9 @@ async def test_a_reply_past_the_relays_size_becomes_a_download_link(
     run = await start(tmp_path, sink, text=text)
     data = random_rows(3000)
     try:
-        await _learned(run.data_dir)
+        # serve asked the relay its SIZE at start, and kept it for the worker processes
+        await eventually((run.data_dir / "outbox" / "relay.json").exists,
+                         "the relay's SIZE learned", timeout=10)
         await run.send(client_mail([(f"{NAME}.zip", aes_zip({f"{NAME}.csv": data}),
                                      "application/zip")]))
         [reply] = await sink.wait_to(SENDER, timeout=60)

@@ -41,10 +41,9 @@ from purlgate.channels.smtp_listener import SmtpHandler, start_smtp
 from purlgate.channels.spool import Spool
 from purlgate.channels.webhooks import Webhooks
 from purlgate.config import ClientConfig, Config
-from purlgate.core.lifecycle import BatchRecord
 from purlgate.downloads import Downloads
 from purlgate.errors import ConfigError
-from purlgate.mail_side import MailSide, MailSideFactory, relay_limit
+from purlgate.mail_side import MailSide, MailSideFactory
 from purlgate.operations import (
     LeaseKeeper,
     RelayWatch,
@@ -122,13 +121,14 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     data_dir = data_dir or region_cfg.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     relay = None
-    if sender is None:  # learns the relay's SIZE for the replies too big for mail
-        sender = relay = relay_sender(region_cfg.relay,
-                                      on_size=relay_limit(region_cfg.relay, data_dir).learn)
+    if sender is None:
+        sender = relay = relay_sender(region_cfg.relay)
     factory = MailSideFactory(config, region_id, data_dir)
     processes = (MailProcesses(factory, region_cfg.processing.workers)
                  if region_cfg.processing.mode == "processes" else None)
     mail = factory.build(sender=sender, processes=processes)
+    if relay is not None:  # its SIZE, for the outbox and the replies too big for mail
+        relay.on_size = mail.limit.learn
     clients = config.clients_of(region_id)
     handler = SmtpHandler(inbound=set(region_cfg.inbound_addresses), clients=clients,
                           spool=mail.spool, on_accepted=mail.worker.submit,
@@ -221,20 +221,19 @@ def _build_ops(gateway: Gateway) -> OpsRoutes:
                      leases=region.backend.leases if shared else None,
                      error_file=(downloads_error_file(service) if service is not None
                                  else lambda batch: None))
-    ops.download = download_of(links, region.config.public_base_url)
+    ops.downloads = downloads_of(links, region.config.public_base_url)
     return ops
 
 
-def download_of(links: LinkServer, base_url: str
-                ) -> Callable[[BatchRecord], dict[str, str] | None]:
-    """A batch's reply that was too big for mail, as the batch view shows it."""
-    def find(batch: BatchRecord) -> dict[str, str] | None:
-        kept = links.downloads.for_batch(batch.id) if links.downloads is not None else None
-        if kept is None:
-            return None
-        until = datetime.fromtimestamp(kept.expires_at, UTC).isoformat(timespec="seconds")
-        return {"url": f"{base_url}/d/{kept.token}", "until": until}
-    return find
+def downloads_of(links: LinkServer, base_url: str
+                 ) -> Callable[[], dict[int, dict[str, str]]]:
+    """The replies too big for mail, by batch, as the batch view shows them."""
+    def found() -> dict[int, dict[str, str]]:
+        kept = links.downloads.by_batch() if links.downloads is not None else {}
+        return {batch_id: {"url": f"{base_url}/d/{d.token}", "until": datetime.fromtimestamp(
+                    d.expires_at, UTC).isoformat(timespec="seconds")}
+                for batch_id, d in kept.items()}
+    return found
 
 
 def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> LinkServer:

@@ -75,14 +75,11 @@ class Downloads:
             return None
         return found, path
 
-    def for_batch(self, batch_id: int) -> Download | None:
-        """A batch's download that still lasts (the batch view)."""
-        for meta in self.root.glob("*.json"):
-            found = self._read(meta)
-            if found is not None and found.batch_id == batch_id \
-                    and found.expires_at > self.clock():
-                return found
-        return None
+    def by_batch(self) -> dict[int, Download]:
+        """The downloads that still last, by batch (the batch view: one look for all)."""
+        now = self.clock()
+        return {found.batch_id: found for meta in self.root.glob("*.json")
+                if (found := self._read(meta)) is not None and found.expires_at > now}
 
     @staticmethod
     def _read(meta: Path) -> Download | None:

@@ -42,6 +42,7 @@ class MailSide:
     worker: MailWorker
     webhooks: Webhooks
     checks: LazyChecks
+    limit: RelayLimit  # what the relay takes (the gateway's relay connections learn it)
 
 
 async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
@@ -96,7 +97,7 @@ class MailSideFactory:
             worker.queue.share(backend.leases, lambda entry: entry.path.exists())
             outbox.share(backend.leases)
             webhooks.share(backend.leases)
-        return MailSide(region, outbox, alerts, spool, worker, webhooks, checks)
+        return MailSide(region, outbox, alerts, spool, worker, webhooks, checks, limit)
 
     def __call__(self, on_event: Subscriber) -> MailWorker:
         """The mail worker of a worker process: it queues only, leaves the spool's

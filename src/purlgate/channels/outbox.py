@@ -314,7 +314,7 @@ class Outbox:
     async def _attempt(self, item: Item) -> str:
         """One delivery try: "sent", "failed" or "deferred" (recorded on disk)."""
         meta = item.meta
-        limit, size = self.limit(), _size(item)
+        limit, size = await asyncio.to_thread(lambda: (self.limit(), _size(item)))
         if limit is not None and size > limit:
             meta["last_error"] = (f"larger than the relay takes ({size} bytes; its limit is "
                                   f"{limit}): not handed to it")

@@ -65,7 +65,10 @@ class RelayLimit:
                  else "any size (it names no SIZE)")
 
     def learned(self) -> int | None:
-        """The SIZE the gateway last learned (read afresh: another process learns it)."""
+        """The SIZE this process learned, else what the gateway last kept (a worker
+        process reads it afresh: the gateway learns it)."""
+        if self._learned is not None:
+            return self._learned
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             return int(json.loads(self.path.read_bytes())["size"])
         return None
@@ -143,7 +146,8 @@ class RelayConnections:
             if self.on_size is not None:
                 if client.is_ehlo_or_helo_needed:  # else its first command would
                     await client.ehlo()
-                self.on_size(_size_of(client))
+                # Kept in a file when it changed: off the event loop.
+                await asyncio.to_thread(self.on_size, _size_of(client))
         except BaseException:
             client.close()
             raise
@@ -220,7 +224,6 @@ def _size_of(client: aiosmtplib.SMTP) -> int:
         return 0
 
 
-def relay_sender(relay: RelayConfig,
-                 on_size: Callable[[int], None] | None = None) -> RelayConnections:
+def relay_sender(relay: RelayConfig) -> RelayConnections:
     """Deliver through the configured relay (over kept connections)."""
-    return RelayConnections(relay, on_size=on_size)
+    return RelayConnections(relay)

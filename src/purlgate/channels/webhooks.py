@@ -45,7 +45,7 @@ from purlgate.config import (
     WebhookEvent,
     origin,
 )
-from purlgate.core.files import AtomicFile, fsync_dir
+from purlgate.core.files import fsync_dir, write_json
 from purlgate.core.leases import Leases
 from purlgate.core.lifecycle import BatchEvent, BatchRecord, BatchState, EventKind
 from purlgate.errors import ConfigError, StorageError
@@ -144,12 +144,6 @@ def _read(path: Path) -> Entry | None:
     return Entry(path.stem, path, data)
 
 
-def _write(path: Path, data: dict[str, Any], *, sync_dir: bool = True) -> None:
-    with AtomicFile(path, no_clobber=False, sync_dir=sync_dir) as out:
-        out.file.write(json.dumps(data).encode())
-        out.commit()
-
-
 class Webhooks:
     """The queue (any thread, any process) and its delivery (the event loop)."""
 
@@ -214,7 +208,7 @@ class Webhooks:
             if self._known(entry_id):
                 continue  # published again (a restart): queued or delivered already
             now = self._clock()
-            _write(self.queue / f"{entry_id}.json", {
+            write_json(self.queue / f"{entry_id}.json", {
                 "event": event_id(batch, kind), "type": kind, "client": batch.client,
                 "project": batch.project, "url": hook.url,
                 "body": json.dumps(body(kind, batch), separators=(",", ":")),
@@ -258,7 +252,7 @@ class Webhooks:
         now = self._clock()
         entry.data.update(attempts=0, next_at=now, created_at=now, last_error=None)
         entry.data.pop("why", None)
-        _write(self.queue / f"{entry_id}.json", entry.data)
+        write_json(self.queue / f"{entry_id}.json", entry.data)
         entry.path.unlink(missing_ok=True)
 
     def revive(self, url: str) -> bool:
@@ -332,8 +326,8 @@ class Webhooks:
         data["attempts"] += 1
         from purlgate.channels.webhook_post import Answer, check_secret  # noqa: PLC0415
 
-        try:
-            secret = check_secret(hook.secret.reveal())
+        try:  # a secret file is read off the event loop
+            secret = await asyncio.to_thread(lambda: check_secret(hook.secret.reveal()))
         except ConfigError as exc:
             answer = Answer(None, exc.message)
         else:
@@ -345,7 +339,7 @@ class Webhooks:
     def _record(self, entry: Entry, answer: Answer) -> str:
         data, where = entry.data, origin(entry.data["url"])
         if answer.delivered:
-            _write(entry.path, data)  # the attempts, for the record
+            write_json(entry.path, data)  # the attempts, for the record
             entry.path.replace(self.sent / entry.path.name)
             fsync_dir(self.sent)
             log.info("webhook %s delivered to %s after %d attempt(s)", entry.id, where,
@@ -361,7 +355,7 @@ class Webhooks:
         delay = min(self.config.retry_first_seconds * 2 ** (data["attempts"] - 1),
                     self.config.retry_max_seconds)
         data["next_at"] = self._clock() + delay
-        _write(entry.path, data)
+        write_json(entry.path, data)
         log.warning("webhook %s to %s deferred (%s); retry in %.0f s", entry.id, where,
                     answer.detail, delay)
         return "deferred"
@@ -375,7 +369,7 @@ class Webhooks:
 
     def _mark_gone(self, url: str) -> None:
         at = datetime.fromtimestamp(self._clock()).astimezone().isoformat(timespec="seconds")
-        _write(self._gone_marker(url), {"url": url, "at": at})
+        write_json(self._gone_marker(url), {"url": url, "at": at})
         log.warning("webhook endpoint %s answered 410 Gone: no more deliveries to it until "
                     "`purlgate webhooks --revive`", origin(url))
 
@@ -383,7 +377,7 @@ class Webhooks:
         """Dead-letter ``entry`` (``why``: expired, gone, unconfigured) and alert."""
         data = entry.data
         data["why"] = why
-        _write(self.failed / entry.path.name, data)
+        write_json(self.failed / entry.path.name, data)
         entry.path.unlink(missing_ok=True)
         where = origin(data["url"])
         log.error("webhook %s to %s failed (%s) after %d attempt(s): %s", entry.id, where,

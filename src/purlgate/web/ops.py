@@ -216,7 +216,8 @@ class OpsRoutes:
         self.logins = LoginLimiter(clock)
         self.error_file = error_file
         # A reply too big for mail: its download link and until when (url, ISO time).
-        self.download: Callable[[BatchRecord], dict[str, str] | None] = lambda batch: None
+        # Replies too big for mail: batch id -> its download link and until when.
+        self.downloads: Callable[[], Mapping[int, dict[str, str]]] = dict
         self.registry = registry or CollectorRegistry()
         self.registry.register(_Families(families))
         self.batch_metrics = BatchMetrics(self.registry)
@@ -299,13 +300,14 @@ class OpsRoutes:
     async def _list(self, request: web.Request) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         f = self._filters(request)
         records = await asyncio.to_thread(self.store.search, **f)
+        downloads = await asyncio.to_thread(self.downloads)
         views = []
         for record in records:
             view = batch_view(record)
             found = await asyncio.to_thread(self.error_file, record)
             view["error_file_url"] = (f"/ops/batches/{record.id}/errors"
                                       if found is not None else None)
-            view["download"] = await asyncio.to_thread(self.download, record)
+            view["download"] = downloads.get(record.id)
             views.append(view)
         return f, views
 
