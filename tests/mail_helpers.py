@@ -17,6 +17,7 @@ import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from purlgate.app import Gateway, build_gateway, serve
+from purlgate.channels.relay_data import Outgoing
 from purlgate.config import RelayConfig, parse_config
 from purlgate.core import archive
 from tests.config_builder import region_toml
@@ -282,3 +283,10 @@ def note(subject: str = "hello") -> EmailMessage:
     m["Subject"] = subject
     m.set_content("body")
     return m
+
+
+def outgoing(path: Path, wire: bytes) -> Outgoing:
+    """``wire`` (CRLF, as the outbox stores a message) in an outbox entry file at
+    ``path``, as a sender is handed it."""
+    path.write_bytes(b'{"sender": "s@idomoo.com"}\n' + wire)
+    return Outgoing.of_entry(path)

@@ -13,6 +13,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from purlgate.channels.outbox import Outbox
+from purlgate.channels.relay_data import Outgoing
 from purlgate.config import RelayConfig
 from purlgate.passwords import hash_password, verify_password
 from tests.conftest import DATA, read_csv
@@ -271,7 +272,7 @@ def test_batches_lists_and_filters(tmp_path: Path) -> None:
 def test_outbox_and_dead_letters_commands(tmp_path: Path) -> None:
     """`purlgate outbox` lists queued mail; --retry-now makes it due, --drop moves it to
     failed; `purlgate dead-letters` lists that and --requeue sends it again."""
-    async def never(data: bytes, sender: str, recipients: object) -> None:
+    async def never(message: Outgoing, sender: str, recipients: object) -> None:
         raise AssertionError
 
     outbox = Outbox(tmp_path / "d" / "outbox", RelayConfig(), sender=never, clock=lambda: 1e9)

@@ -15,6 +15,7 @@ import pytest
 import purlgate.channels.outbox as outbox_module
 import purlgate.channels.queue_worker as queue_module
 from purlgate.channels.outbox import Outbox
+from purlgate.channels.relay_data import Outgoing
 from purlgate.core.files import AtomicFile
 from purlgate.errors import StorageError, TemporaryDeliveryError
 from tests.config_builder import own
@@ -62,12 +63,12 @@ async def test_the_outbox_survives_a_full_disk_and_sends_once_space_is_back(
     calls = 0
     relay_up = asyncio.Event()
 
-    async def relay(data: bytes, sender: str, recipients: object) -> None:
+    async def relay(message: Outgoing, sender: str, recipients: object) -> None:
         nonlocal calls
         calls += 1
         if not relay_up.is_set():
             raise TemporaryDeliveryError("relay down")
-        sent.append(data)
+        sent.append(message.read())
 
     box = Outbox(small_disk / "outbox", RELAY, sender=relay, clock=Clock())
     box.enqueue(note(), sender="sftp-usa@idomoo.com", recipients=["a@acme.example"], key="r1")

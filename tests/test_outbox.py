@@ -23,10 +23,11 @@ from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.outbox_files import write_message
 from purlgate.channels.relay import relay_sender
+from purlgate.channels.relay_data import Outgoing
 from purlgate.channels.replies import PLACEHOLDER, attach
 from purlgate.config import RelayConfig, SecretRef
 from purlgate.errors import PermanentDeliveryError, TemporaryDeliveryError
-from tests.mail_helpers import RELAY, Clock, Sink, note
+from tests.mail_helpers import RELAY, Clock, Sink, note, outgoing
 from tests.tls_helpers import self_signed
 from tests.waiting import eventually
 
@@ -38,10 +39,10 @@ class Script:
         self.failures = list(failures)
         self.sent: list[tuple[bytes, str, list[str]]] = []
 
-    async def __call__(self, data: bytes, sender: str, recipients: Sequence[str]) -> None:
+    async def __call__(self, message: Outgoing, sender: str, recipients: Sequence[str]) -> None:
         if self.failures:
             raise self.failures.pop(0)
-        self.sent.append((data, sender, list(recipients)))
+        self.sent.append((message.read(), sender, list(recipients)))
 
 
 def test_retries_with_growing_delays_and_the_same_message_id(tmp_path: Path) -> None:
@@ -184,7 +185,7 @@ async def test_relay_with_starttls_and_auth(tmp_path: Path,
     relay = RelayConfig(host="127.0.0.1", port=sink.port, starttls=True, ca_file=cert,
                         username="purlgate", password=SecretRef(env="PG_TEST_RELAY_PW"),
                         timeout_seconds=10)
-    wire = note().as_bytes(policy=policy.SMTP)  # CRLF, as the outbox stores it
+    wire = outgoing(tmp_path / "m.msg", note().as_bytes(policy=policy.SMTP))
     senders = []
     try:
         senders.append(relay_sender(relay))
@@ -217,7 +218,7 @@ class QuitCounting(Sink):
 
 
 @pytest.mark.asyncio
-async def test_relay_connections_are_kept_checked_and_closed() -> None:
+async def test_relay_connections_are_kept_checked_and_closed(tmp_path: Path) -> None:
     """As Postfix's connection cache: the next message goes over the kept connection
     (one per message in flight); a connection the relay cut meanwhile costs a new
     connection, never the message; unused for ``keep_connections_seconds``, it is
@@ -226,7 +227,8 @@ async def test_relay_connections_are_kept_checked_and_closed() -> None:
     relay = RelayConfig(host="127.0.0.1", port=sink.port, timeout_seconds=5,
                         keep_connections_seconds=0.5)
     send = relay_sender(relay)
-    wire = [note(f"n{i}").as_bytes(policy=policy.SMTP) for i in range(8)]
+    wire = [outgoing(tmp_path / f"{i}.msg", note(f"n{i}").as_bytes(policy=policy.SMTP))
+            for i in range(8)]
     try:
         for raw in wire[:3]:
             await send(raw, "s@idomoo.com", ["a@acme.example"])
@@ -436,47 +438,37 @@ def test_the_outbox_judges_ages_on_the_clock_it_is_given(tmp_path: Path) -> None
 
 
 class Overlap:
-    """A relay that takes a while per message and notes how many bytes it held at once."""
+    """A relay that takes a while per message and notes how many it had at once."""
 
     def __init__(self) -> None:
-        self.held = self.at_once = 0
-        self.most = self.most_at_once = 0
-        self.sent = 0
+        self.at_once = self.most_at_once = self.sent = 0
 
-    async def __call__(self, data: bytes, sender: str, recipients: Sequence[str]) -> None:
-        self.held += len(data)
+    async def __call__(self, message: Outgoing, sender: str, recipients: Sequence[str]) -> None:
         self.at_once += 1
-        self.most = max(self.most, self.held)
         self.most_at_once = max(self.most_at_once, self.at_once)
         await asyncio.sleep(0.05)  # the relay's time: others may start meanwhile
-        self.held -= len(data)
         self.at_once -= 1
         self.sent += 1
 
 
 @pytest.mark.asyncio
-async def test_big_messages_wait_for_the_byte_budget_not_only_a_connection(
-        tmp_path: Path) -> None:
-    """With eight connections but a 1 MiB budget for message bytes in memory, six
-    700 kB replies go one after another (never two of them held at once), while small
-    notifications still go several at a time; all are delivered."""
-    relay = RELAY.model_copy(update={"max_inflight_bytes": 1 << 20, "max_connections": 8})
-    big, small = Overlap(), Overlap()
-    for sender, name, attachment in ((big, "big", os.urandom(700_000)), (small, "small", b"")):
-        box = Outbox(tmp_path / name, relay, sender=sender)
-        payload = tmp_path / f"{name}.bin"
-        payload.write_bytes(attachment)
-        for i in range(6):
-            message = note(f"{name} {i}")
-            if attachment:
-                attach(message, PLACEHOLDER, maintype="application", subtype="zip",
-                       filename="reply.zip")
-            box.enqueue(message, sender="s@idomoo.com", recipients=["a@acme.example"],
-                        key=f"{name}-{i}", attachment=payload if attachment else None)
-        stop = asyncio.Event()
-        task = asyncio.create_task(box.run(stop))
-        await eventually(lambda sender=sender: sender.sent == 6, f"the {name} messages sent")
-        stop.set()
-        await task
-    assert big.most_at_once == 1 and 900_000 < big.most < (1 << 20), "one at a time"
-    assert small.most_at_once > 1, "small ones still go together"
+async def test_deliveries_go_several_at_once_up_to_max_connections(tmp_path: Path) -> None:
+    """Six replies of 700 kB with relay.max_connections = 3: three at a time, never
+    more (each streams from its file, so big ones need not wait for memory)."""
+    relay = RELAY.model_copy(update={"max_connections": 3})
+    overlap = Overlap()
+    box = Outbox(tmp_path, relay, sender=overlap)
+    payload = tmp_path / "reply.bin"
+    payload.write_bytes(os.urandom(700_000))
+    for i in range(6):
+        message = note(f"big {i}")
+        attach(message, PLACEHOLDER, maintype="application", subtype="zip",
+               filename="reply.zip")
+        box.enqueue(message, sender="s@idomoo.com", recipients=["a@acme.example"],
+                    key=f"big-{i}", attachment=payload)
+    stop = asyncio.Event()
+    task = asyncio.create_task(box.run(stop))
+    await eventually(lambda: overlap.sent == 6, "the six replies sent")
+    stop.set()
+    await task
+    assert overlap.most_at_once == 3

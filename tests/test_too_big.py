@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from purlgate.channels.outbox import Outbox
+from purlgate.channels.relay_data import Outgoing
 from purlgate.core import archive
 from purlgate.errors import PermanentDeliveryError
 from purlgate.web.server import NOT_FOUND
@@ -113,7 +114,8 @@ async def test_the_outbox_never_hands_the_relay_a_message_past_its_size(
     without an attempt, with an operator alert's reason; a smaller one goes."""
     sent: list[bytes] = []
 
-    async def relay(data: bytes, sender: str, recipients: object) -> None:
+    async def relay(message: Outgoing, sender: str, recipients: object) -> None:
+        data = message.read()
         if len(data) > 5000:
             raise PermanentDeliveryError("552 would have been said")
         sent.append(data)

@@ -30,6 +30,7 @@ from standardwebhooks.webhooks import Webhook
 from purlgate.channels.alerts import OperatorAlerts
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.outbox_files import message_bytes
+from purlgate.channels.relay_data import Outgoing
 from purlgate.channels.webhook_post import check_secret
 from purlgate.channels.webhooks import Webhooks, _Rounds
 from purlgate.cli import main
@@ -150,7 +151,7 @@ def make_rig(tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
     return Rig(config, hooks, harness, clock, outbox)
 
 
-async def _never(data: bytes, sender: str, recipients: Any) -> None:
+async def _never(message: Outgoing, sender: str, recipients: Any) -> None:
     raise AssertionError("alerts are only queued here")
 
 

@@ -18,6 +18,7 @@ from purlgate.channels.mail_worker import Elsewhere, MailLedger, MailWorker
 from purlgate.channels.notifier import Notifier
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.relay import RelayLimit, Sender
+from purlgate.channels.relay_data import Outgoing
 from purlgate.channels.sender_checks import LazyChecks
 from purlgate.channels.spool import Spool
 from purlgate.channels.too_big import TooBigForMail
@@ -45,7 +46,7 @@ class MailSide:
     limit: RelayLimit  # what the relay takes (the gateway's relay connections learn it)
 
 
-async def _never_sends(data: bytes, sender: str, recipients: Sequence[str]) -> None:
+async def _never_sends(message: Outgoing, sender: str, recipients: Sequence[str]) -> None:
     raise AssertionError("this outbox only queues; the gateway delivers")
 
 

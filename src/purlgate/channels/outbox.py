@@ -35,7 +35,6 @@ from pathlib import Path
 from purlgate.channels.outbox_files import (
     Item,
     entry_id,
-    message_bytes,
     read_item,
     write_entry,
     write_state,
@@ -43,6 +42,7 @@ from purlgate.channels.outbox_files import (
 from purlgate.channels.outbox_legacy import convert_folder
 from purlgate.channels.queue_worker import give_back_memory
 from purlgate.channels.relay import Sender
+from purlgate.channels.relay_data import Outgoing
 from purlgate.config import RelayConfig
 from purlgate.core.files import GroupSync, fsync_dir
 from purlgate.core.leases import Leases
@@ -322,9 +322,9 @@ class Outbox:
             await asyncio.to_thread(self._fail, item, "refused")
             return "failed"
         meta["attempts"] += 1
-        data = await asyncio.to_thread(message_bytes, item.path)
+        message = await asyncio.to_thread(Outgoing.of_entry, item.path)
         try:
-            await self._send(data, meta["sender"], meta["recipients"])
+            await self._send(message, meta["sender"], meta["recipients"])
         except TemporaryDeliveryError as exc:
             meta["last_error"] = str(exc)
             if self._clock() - meta["created_at"] >= self.relay.expire_seconds:
@@ -392,33 +392,7 @@ async def _first_of(wake: asyncio.Event, stop: asyncio.Event, timeout: float) ->
         w.cancel()
 
 
-class ByteBudget:
-    """Memory for messages being delivered at once: an attempt takes what its message
-    will cost (MEMORY_PER_BYTE times its size, at most the whole budget) before it reads
-    it, and gives it back when it ends. Touched on the event loop only."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._freed = asyncio.Condition()
-
-    async def take(self, size: int) -> int:
-        size = min(size, self.limit)  # a message past the budget goes alone
-        async with self._freed:
-            await self._freed.wait_for(lambda: self.used + size <= self.limit)
-            self.used += size
-        return size
-
-    async def give_back(self, size: int) -> None:
-        async with self._freed:
-            self.used -= size
-            self._freed.notify_all()
-
-
 BIG_MESSAGE = 1 << 20  # past this, the heap an attempt used is handed back to the system
-# What one byte of a message costs in memory while it is delivered: read from its file,
-# then copied about three times by the SMTP client (line ends, dot-stuffing, the send).
-MEMORY_PER_BYTE = 4
 
 
 class _Rounds:
@@ -427,7 +401,6 @@ class _Rounds:
     def __init__(self, outbox: Outbox, slots: asyncio.Semaphore, wake: asyncio.Event) -> None:
         self.outbox = outbox
         self.slots = slots
-        self.budget = ByteBudget(outbox.relay.max_inflight_bytes)
         self.wake = wake
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.index: dict[str, Item] = {}
@@ -465,14 +438,14 @@ class _Rounds:
                 wait = float(item.meta["next_at"]) - clock()
                 return wait if next_due is None else min(next_due, wait)
             await self.slots.acquire()  # a free connection: one in flight ended
-            size = await self.budget.take(_size(item) * MEMORY_PER_BYTE)  # its memory
-            self.in_flight[item.id] = asyncio.create_task(self.attempt(item, size))
+            self.in_flight[item.id] = asyncio.create_task(self.attempt(item))
         return next_due
 
-    async def attempt(self, item: Item, size: int) -> None:
+    async def attempt(self, item: Item) -> None:
         box = self.outbox
-        leased = False
+        leased = big = False
         try:
+            big = await asyncio.to_thread(_size, item) >= BIG_MESSAGE
             if box.leases is not None:
                 taken = await asyncio.to_thread(box._take, item)
                 if taken is None:  # another instance's now; a later full read shows it
@@ -494,12 +467,10 @@ class _Rounds:
         finally:
             self.in_flight.pop(item.id, None)
             self.slots.release()
-            await self.budget.give_back(size)
             if leased:
                 await _release(box, item)
-            if size >= BIG_MESSAGE * MEMORY_PER_BYTE:
-                # The message and the relay client's copies of it were freed: hand the
-                # heap back to the system, or a burst of big replies leaves it at its peak.
+            if big:
+                # Its pieces went through the heap: hand back what they left free.
                 await asyncio.to_thread(give_back_memory)
 
     async def finish(self) -> None:

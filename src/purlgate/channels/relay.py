@@ -21,13 +21,15 @@ from pathlib import Path
 
 import aiosmtplib
 
+from purlgate.channels.relay_data import Outgoing, send_streamed
 from purlgate.config import RelayConfig
 from purlgate.core.files import write_json
 from purlgate.errors import PermanentDeliveryError, StorageError, TemporaryDeliveryError
 
 log = logging.getLogger("purlgate.relay")
 
-Sender = Callable[[bytes, str, Sequence[str]], Awaitable[None]]
+# Hands a queued message to the relay (read from its file as it goes), from and to.
+Sender = Callable[[Outgoing, str, Sequence[str]], Awaitable[None]]
 
 
 REUSE_SECONDS = 300.0  # a connection's whole life (Postfix's smtp_connection_reuse_time_limit)
@@ -99,13 +101,15 @@ class RelayConnections:
         self._sweep: asyncio.TimerHandle | None = None
         self._quitting: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, data: bytes, sender: str, recipients: Sequence[str]) -> None:
+    async def __call__(self, message: Outgoing, sender: str,
+                       recipients: Sequence[str]) -> None:
         try:
             kept = await self._connection()
             try:
-                await kept.client.sendmail(sender, list(recipients), data)
+                await send_streamed(kept.client, message, sender, list(recipients),
+                                    self.relay.timeout_seconds)
             except (aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPResponseException):
-                # aiosmtplib has reset the envelope: the connection can carry the next.
+                # The envelope was reset: the connection can carry the next.
                 self._keep(kept)
                 raise
             except BaseException:

@@ -57,11 +57,12 @@ def batches(args: argparse.Namespace) -> int:
 
 def _outbox_of(args: argparse.Namespace) -> Any:
     from purlgate.channels.outbox import Outbox
+    from purlgate.channels.relay_data import Outgoing
 
     _, data_dir, config = region_dir(args)
     region = config.regions[args.region or next(iter(config.regions))]
 
-    async def never(data: bytes, sender: str, recipients: Sequence[str]) -> None:
+    async def never(message: Outgoing, sender: str, recipients: Sequence[str]) -> None:
         raise AssertionError("the outbox command never sends")
 
     return Outbox(data_dir / "outbox", region.relay, sender=never)

@@ -246,7 +246,8 @@ def check_config(args: argparse.Namespace) -> int:
         for region_id in config.regions:
             for fatal, message in [*_key_report(config, region_id),
                                    *_database_report(config, region_id),
-                                   *_sender_report(config, region_id)]:
+                                   *_sender_report(config, region_id),
+                                   *_retired_report(config, region_id)]:
                 (problems if fatal else warnings).append(f"  region {region_id}: {message}")
     for warning in warnings:
         print(f"warning:{warning}")
@@ -259,6 +260,14 @@ def check_config(args: argparse.Namespace) -> int:
               + ", ".join(f"{cid} ({', '.join(c.projects)})" for cid, c in clients.items()))
     print("configuration OK" + (f" ({len(warnings)} warning(s))" if warnings else ""))
     return EXIT_OK
+
+
+def _retired_report(config: Config, region_id: str) -> list[tuple[bool, str]]:
+    """Settings still read but no longer used: a warning each."""
+    if config.region(region_id).relay.max_inflight_bytes is not None:
+        return [(False, "field relay.max_inflight_bytes has no effect any more: each "
+                        "delivery streams its message from disk; remove it")]
+    return []
 
 
 def _database_report(config: Config, region_id: str) -> list[tuple[bool, str]]:

@@ -90,11 +90,10 @@ class RelayConfig(Model):
     # Messages handed to the relay at once, each on its own connection (Postfix's
     # default_destination_concurrency_limit is 20).
     max_connections: int = Field(default=8, ge=1, le=100)
-    # Memory for messages being delivered at once, whatever the connections (a message
-    # costs about four times its size: read, then copied by the SMTP client): large
-    # replies wait their turn instead of multiplying with max_connections (one that
-    # needs more than this goes alone).
-    max_inflight_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    # Retired: deliveries stream each message from its file (relay_data.py), so none
+    # holds more than a few hundred kB whatever its size. Still read, so that a file
+    # that sets it loads; check-config says it has no effect.
+    max_inflight_bytes: int | None = None
     # A connection is kept open this long after a delivery for the next one (checked
     # with RSET first, as Postfix's connection cache does; its time limit is 2 s), and
     # is used for at most 300 s in all. 0: one connection per message.
