@@ -7,7 +7,7 @@ server and no web library is imported here, so the core's commands start fast an
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,13 +34,23 @@ if TYPE_CHECKING:
     from purlgate.postgres import PgDatabase, PgMailLedger
 
 
-def use_jemalloc() -> None:
-    """Prefer Arrow's jemalloc pool: it hands freed blocks back, where the default
-    mimalloc pool kept ~35 MB more at peak in bench/core.py. Builds without it keep
-    their default."""
-    # pyarrow.lib.ArrowNotImplementedError subclasses NotImplementedError.
-    with contextlib.suppress(NotImplementedError):
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20
+
+
+def use_system_allocator() -> None:
+    """Arrow's buffers from glibc's malloc, with blocks of 1 MiB and more mapped on
+    their own (``M_MMAP_THRESHOLD`` fixed: glibc's own threshold rises as big blocks are
+    freed, and then leaves them in the heap): a batch's blocks go back to the system as
+    they are freed, and ``malloc_trim`` after an entry returns the rest. Measured on a
+    300,000-row batch: 1 MB held afterwards, where Arrow's jemalloc pool held 38-60 MB
+    until later allocations went by (an idle worker makes none); peak about 10 MB
+    above jemalloc's at 1M rows, 5 % slower. Not glibc: Arrow's default pool."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        return
+    pa.set_memory_pool(pa.system_memory_pool())
 
 
 def utc_now() -> datetime:
@@ -158,7 +168,7 @@ def build_region(
     subscribers: Sequence[Subscriber] = (),
 ) -> Region:
     region = config.region(region_id)
-    use_jemalloc()
+    use_system_allocator()
     data_dir = data_dir or region.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)  # client data lives here: spools, rows, keys, results

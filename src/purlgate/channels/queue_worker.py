@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
@@ -59,9 +60,14 @@ _TRIM = _libc_trim()
 
 def give_back_memory() -> None:
     """Hand the heap freed by an entry back to the system: glibc keeps it otherwise,
-    and a burst of big messages would leave the process at its peak for good."""
+    and a burst of big messages would leave the process at its peak for good. Arrow's
+    pool (jemalloc) too: it returns freed pages only as later allocations go by, and an
+    idle process makes none."""
     if _TRIM is not None:
         _TRIM(0)
+    arrow = sys.modules.get("pyarrow")  # (a process that never loaded it holds none)
+    if arrow is not None:
+        arrow.default_memory_pool().release_unused()
 
 
 def is_deterministic(exc: BaseException) -> bool:
