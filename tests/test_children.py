@@ -1,15 +1,18 @@
 """Nothing is left running after `purlgate serve` dies, however it dies: kill -9 of a
-real serve with every kind of child started (mail worker processes, the render pool's
-worker, multiprocessing's resource tracker), then a restart."""
+real serve with every kind of child started (the mail workers' forkserver and worker
+processes, the render pool's worker, multiprocessing's resource tracker), then a
+restart."""
 
 from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import time
 from pathlib import Path
 
-from tests.mail_helpers import mail_config
+from tests.dovecot import free_port
+from tests.mail_helpers import INBOUND, SENDER, good_mail, mail_config
 from tests.serve_helpers import start
 from tests.waiting import eventually_blocking
 
@@ -54,23 +57,32 @@ def alive(pids: set[int]) -> set[int]:
 
 
 def test_kill_9_of_serve_leaves_no_process_and_a_restart_works(tmp_path: Path) -> None:
-    """Every child of serve ends within 5 s of a kill -9 of serve (the render pool's
-    forkserver and workers and the resource tracker used to run on for good, ignoring
-    SIGTERM); serve then starts again on the same data folder."""
+    """Every child of serve ends within 5 s of a kill -9 of serve (a forkserver with its
+    workers and the resource tracker used to run on for good, ignoring SIGTERM); serve
+    then starts again on the same data folder. Every kind is started first: the mail
+    workers' forkserver and its workers, the render process (a batch of a project that
+    draws its thumbnails ahead), the resource tracker."""
     cfg = tmp_path / "regions.toml"
-    cfg.write_text(mail_config(9) + "\n[regions.usa.web]\nport = 0\n")
-    data = tmp_path / "state"
-    proc = start(cfg, data, 0)
+    cfg.write_text((mail_config(9) + "\n[regions.usa.web]\nport = 0\n").replace(
+        "[clients.acme.projects.spring]\n",
+        '[clients.acme.projects.spring]\nrender.pregenerate = ["thumbnail"]\n'))
+    data, smtp = tmp_path / "state", free_port()
+    proc = start(cfg, data, smtp)
     try:
         assert proc.stdout is not None
         assert "accepting mail" in proc.stdout.readline()
+        with smtplib.SMTP("127.0.0.1", smtp) as client:
+            client.sendmail(SENDER, [INBOUND], good_mail())
+
         def started() -> dict[int, str] | None:
             found = descendants(proc.pid)
-            return found if len(found) >= 4 else None
+            kinds = {kind for kind in ("resource_tracker", "forkserver", "spawn_main")
+                     if any(kind in c for c in found.values())}
+            return found if len(found) >= 5 and len(kinds) == 3 else None
 
         tree = eventually_blocking(
-            started, "two mail workers, a render worker, the resource tracker", timeout=30)
-        assert any("resource_tracker" in c for c in tree.values()), tree
+            started, "the forkserver, two mail workers, a render worker, the resource "
+            "tracker", timeout=30)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         killed_at = time.monotonic()

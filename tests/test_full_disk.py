@@ -14,6 +14,7 @@ import pytest
 
 import purlgate.channels.outbox as outbox_module
 import purlgate.channels.queue_worker as queue_module
+from purlgate.channels.mail_process import MailProcesses
 from purlgate.channels.outbox import Outbox
 from purlgate.channels.relay_data import Outgoing
 from purlgate.core.files import AtomicFile
@@ -144,6 +145,9 @@ async def test_a_disk_that_fills_mid_batch_pauses_the_batch_not_fails_it(
     sink = await Sink().start()
     r = await start(tmp_path, sink, data_dir=gateway_disk / "state")
     try:
+        processes = r.gateway.worker.processes
+        assert isinstance(processes, MailProcesses)
+        await processes.warmed()  # their own files made: the disk fills after them
         filler = fill(gateway_disk)
         os.truncate(filler, filler.stat().st_size - 12 * 1024)  # three pages free
         with caplog.at_level(logging.WARNING, logger="purlgate"):

@@ -25,9 +25,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,8 @@ def _start(setup: _Setup) -> None:
     """Nothing here may fail (a failing initializer breaks the pool, and why is lost):
     the worker itself is built at the first entry, and its errors reach the parent."""
     global _setup  # noqa: PLW0603 - one worker per process
-    die_with_parent(setup.parent)
+    forkserver = sys.modules.get("purlgate.channels.mail_forkserver")
+    die_with_parent(getattr(forkserver, "PID", setup.parent))
     os.environ.update(setup.env)
     from purlgate.logs import setup_logging  # noqa: PLC0415
 
@@ -113,6 +115,15 @@ def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
     return list(_events), handler.outbox.enqueued or []
 
 
+def _forkserver() -> multiprocessing.context.ForkServerContext:
+    """The context the workers are made in: forked from a forkserver that has loaded
+    the mail path once (``mail_forkserver``), so they share it. Not ``fork`` from
+    serve: serve has threads and sockets no worker should inherit."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["purlgate.channels.mail_forkserver"])
+    return context
+
+
 class MailProcesses:
     """``mail_worker.Elsewhere``: entries handled in ``workers`` spawned processes."""
 
@@ -120,17 +131,18 @@ class MailProcesses:
         self.factory = factory
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._warming: list[Future[None]] = []
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             from purlgate import logs  # noqa: PLC0415
 
-            spawn = multiprocessing.get_context("spawn")
+            context = _forkserver()
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=spawn, initializer=_start,
+                self.workers, mp_context=context, initializer=_start,
                 initargs=(_Setup(self.factory,
                                  {**os.environ, "PURLGATE_MAIN_PID": str(os.getpid())},
-                                 logs.current, os.getpid(), spawn.Barrier(self.workers)),))
+                                 logs.current, os.getpid(), context.Barrier(self.workers)),))
         return self._pool
 
     def warm(self) -> None:
@@ -138,8 +150,13 @@ class MailProcesses:
         second of imports and set-up each), so that the first message after a start is
         not the one that waits for it. Called on the event loop thread, as ``handle``."""
         pool = self._executor()
-        for _ in range(self.workers):
-            pool.submit(_warm)
+        self._warming = [pool.submit(_warm) for _ in range(self.workers)]
+
+    async def warmed(self) -> None:
+        """Until every process has prepared its mail worker (or failed to: the first
+        entry then tries again)."""
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in self._warming),
+                             return_exceptions=True)
 
     async def handle(self, entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
         """Handle ``entry`` in a worker process; its batch events and the outbox entries
