@@ -360,7 +360,7 @@ async def test_a_killed_render_worker_is_replaced(tmp_path: Path) -> None:
         links = run.gateway.links
         assert links is not None
         assert (await get(run, rows[0]["thumbnail_1"])).status == 200
-        workers = list(links.pool._executor._processes.values())
+        workers = list(links.pool._pool._processes.values())  # type: ignore[union-attr]
         assert workers
         for worker in workers:
             os.kill(worker.pid, signal.SIGKILL)
@@ -479,6 +479,28 @@ async def test_a_render_past_its_time_limit_is_stopped_and_its_worker_replaced(
         assert time.monotonic() - started < 5, "close waited for a render"
     with pytest.raises((BrokenProcessPool, asyncio.CancelledError)):
         await hung
+
+
+@pytest.mark.asyncio
+async def test_render_processes_start_at_the_first_render_and_stop_when_idle(
+        tmp_path: Path) -> None:
+    """No render process before the first render; web.render_idle_seconds after the
+    last one, none again (an idle region holds no renderer); the next render starts
+    them anew and draws."""
+    pool = RenderPool(1, 10, timeout=30.0, idle_seconds=0.5)
+    canvas = Canvas(320, 180, "#000000", "#ffffff", (Text("hello", 24, "#ffffff", 10, 10),))
+    try:
+        assert pool.running == 0
+        await pool.render(render_thumbnail, canvas, tmp_path / "a.jpg")
+        assert pool.running == 1
+        await eventually(lambda: pool.running == 0, "the render process stopped when idle")
+        drawn = await pool.render(render_thumbnail, canvas, tmp_path / "b.jpg")
+        with Image.open(drawn) as image:
+            assert image.size == (320, 180)
+        assert pool.running == 1
+    finally:
+        await asyncio.to_thread(pool.close)
+    assert pool.running == 0
 
 
 def test_a_long_value_is_measured_a_dozen_times_not_once_a_character() -> None:

@@ -260,7 +260,8 @@ def build_link_server(region: Region, clients: Mapping[str, ClientConfig]) -> Li
         templates=templates, pregenerate=pregenerate,
         cache_dir=web_cfg.cache_dir or region.data_dir / "renders",
         pool=RenderPool(web_cfg.render_workers, web_cfg.render_queue,
-                        web_cfg.render_timeout_seconds), clock=utc_now,
+                        web_cfg.render_timeout_seconds, web_cfg.render_idle_seconds),
+        clock=utc_now,
         downloads=Downloads(region.data_dir / "downloads"),
     )
 

@@ -161,6 +161,9 @@ class WebConfig(Model):
     render_queue: int = Field(default=256, ge=1)  # first views waiting; beyond: 503
     # One thumbnail or video may take this long; past it, its worker is replaced (503).
     render_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # The render processes start at the first render and stop this long after the
+    # last one (Postfix's max_idle is 100 s): an idle region holds none.
+    render_idle_seconds: float = Field(default=100.0, gt=0, le=86400)
     # A connection that does not finish a request's headers this long after it opened
     # or after its last answer (a slow sender, an idle keep-alive) is closed.
     idle_timeout_seconds: float = Field(default=15.0, gt=0, le=600)

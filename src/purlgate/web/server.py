@@ -449,7 +449,6 @@ async def start_web(server: LinkServer, config: WebConfig,
                     ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
     """Bind the HTTP listener; returns the runner (to clean up) and the bound port."""
     server.bind_loop(asyncio.get_running_loop())
-    server.pool.warm()
     # keepalive_timeout also runs from a connection's start, and closes a connection whose
     # next request's headers are not complete by then (one byte every few seconds).
     runner = web.AppRunner(server.app, access_log_class=_AccessLogger,
