@@ -33,32 +33,72 @@ from bench.burst import start_serve, stop_serve, write_config
 from bench.smtp import INBOUND, SENDER, free_port
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (the mail workers are the children of their
+    forkserver, itself a child of serve)."""
+    found = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return found
+    for child in children:
+        found += tree(int(child))
+    return found
+
+
+def pss(pid: int) -> int:
+    """MB of memory of one process: its PSS (shared pages split between the processes
+    that map them, so none counts twice)."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return sum(int(line.split()[1]) for line in rollup.splitlines()
+               if line.startswith("Pss:")) // 1024
+
+
 def rss(pid: int) -> int:
-    """MB of memory of ``pid`` and its worker processes together: the sum of their PSS
-    (shared pages split between the processes that map them, so none counts twice)."""
-    total = 0
-    pids = [pid, *(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-    for one in pids:
-        try:
-            rollup = Path(f"/proc/{one}/smaps_rollup").read_text()
-        except FileNotFoundError:
-            continue
-        for line in rollup.splitlines():
-            if line.startswith("Pss:"):
-                total += int(line.split()[1]) // 1024
-    return total
+    """MB of memory of ``pid`` and all its processes together: the sum of their PSS."""
+    return sum(pss(one) for one in tree(pid))
+
+
+def kind(pid: int) -> str:
+    """What a process of serve's tree is, from its command line."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return "gone"
+    for marker, name in ((b"forkserver import main", "mail forkserver/workers"),
+                         (b"resource_tracker", "resource tracker"),
+                         (b"spawn_main", "render processes")):
+        if marker in command:
+            return name
+    return "serve"
+
+
+def by_kind(pid: int) -> dict[str, int]:
+    """MB of PSS by kind of process (the forkserver counted with its workers)."""
+    found: dict[str, int] = {}
+    for one in tree(pid):
+        found[kind(one)] = found.get(kind(one), 0) + pss(one)
+    return found
 
 
 class Peak:
-    """The highest ``rss`` seen, sampled every 50 ms while running."""
+    """The highest ``rss`` seen, sampled every 50 ms while running, and the highest of
+    each kind of process."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.value = pid, 0
+        self.kinds: dict[str, int] = {}
         self.task = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
         while True:
-            self.value = max(self.value, await asyncio.to_thread(rss, self.pid))
+            kinds = await asyncio.to_thread(by_kind, self.pid)
+            self.value = max(self.value, sum(kinds.values()))
+            for name, mb in kinds.items():
+                self.kinds[name] = max(self.kinds.get(name, 0), mb)
             await asyncio.sleep(0.05)
 
 
@@ -177,12 +217,14 @@ async def run_replies(sessions: int, megabytes: int) -> None:
             "max_message_bytes = 26_214_400", f"max_message_bytes = {(megabytes * 2 + 2) << 20}"))
         child = await start_serve(config, smtp_port)
         try:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(3.0)  # the mail workers prepared
+            idle = rss(child.pid)  # before any work
+            idle_kinds = by_kind(child.pid)
             await send_timed(smtp_port, messages[0])  # warm up: one answered alone
             while len(relay.arrived) < 1:
                 await asyncio.sleep(0.2)
             await asyncio.sleep(2.0)
-            idle = rss(child.pid)
+            warmed = rss(child.pid)
             peak = Peak(child.pid)
             started = time.perf_counter()
             dots = await asyncio.gather(*(send_timed(smtp_port, m) for m in messages[1:]))
@@ -191,16 +233,23 @@ async def run_replies(sessions: int, megabytes: int) -> None:
             answered = time.perf_counter() - started
             peak.task.cancel()
             await asyncio.sleep(10.0)
-            after = rss(child.pid)
+            after_kinds = by_kind(child.pid)
+            after = sum(after_kinds.values())
+            detail = {p: (kind(p), pss(p)) for p in tree(child.pid)}
         finally:
             stop_serve(child)
             sink.close()
     twice = sum(1 for n in relay.count.values() if n > 1)
     print(f"machine: {os.cpu_count()} cores; {sessions} data files of about {megabytes} MB "
           f"(AES ZIPs of CSV) at once, each answered with a reply of its size")
-    print(f"  memory (PSS) of serve and its processes: idle {idle} MB; peak until every "
-          f"reply arrived ({answered:.1f} s) {peak.value} MB ({peak.value / idle:.2f}x idle; "
-          f"goal < 400 MB); 10 s later {after} MB ({after / idle:.2f}x idle; goal <= 1.2x)")
+    print(f"  memory (PSS) of serve and all its processes: idle {idle} MB before any work "
+          f"(goal < 200), {warmed} MB after one reply; peak until every reply arrived "
+          f"({answered:.1f} s) {peak.value} MB ({peak.value / idle:.2f}x idle; goal < 400 MB); "
+          f"10 s later {after} MB ({after / idle:.2f}x idle; goal <= 1.2x)")
+    print("  by process, idle / peak / 10 s later MB: " + ", ".join(
+        f"{name} {idle_kinds.get(name, 0)} / {mb} / {after_kinds.get(name, 0)}"
+        for name, mb in sorted(peak.kinds.items())))
+    print(f"  10 s later, each: {sorted(detail.values())}")
     print(f"  final dot -> 250: p50 {statistics.median(dots):.3f} s; replies arrived "
           f"{len(relay.arrived)} (twice: {twice})")
 

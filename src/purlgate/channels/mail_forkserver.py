@@ -3,10 +3,10 @@
 Imported only in that forkserver (``set_forkserver_preload``, see ``mail_process``),
 never by ``serve`` itself: the workers are forked from a process that has already
 imported the mail path and the libraries a message may need (Arrow, pydantic, the
-sender checks' DNS, SPF and DKIM libraries), so those pages are shared by every worker
-instead of each spawned worker importing its own copy. ``gc.freeze`` then keeps the
-cyclic collector off them: its passes write to every object they visit, and each write
-would copy a shared page into the worker that made it.
+sender checks' DNS, SPF and DKIM libraries, pyzipper's ciphers), so those pages are
+shared by every worker instead of each spawned worker importing its own copy.
+``gc.freeze`` then keeps the cyclic collector off them: its passes write to every
+object they visit, and each write would copy a shared page into the worker.
 
 The forkserver dies with ``serve`` (its parent; it is started from the event loop
 thread, which lasts as long as the process) and the workers die with the forkserver,
@@ -29,6 +29,11 @@ die_with_parent()
 import purlgate.channels.mail_process  # noqa: E402
 import purlgate.channels.sender_auth  # noqa: E402
 import purlgate.mail_side  # noqa: E402, F401
+from purlgate.core.archive import aes_zip, read_zip  # noqa: E402
+
+# An AES ZIP made and read: pyzipper's ciphers, hashes and key derivation load their
+# native parts at first use (through cffi, which parses their C declarations then).
+read_zip(aes_zip({"warm.csv": b"a\n"}, b"warm"), b"warm")
 
 gc.collect()
 gc.freeze()

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import resource
 import sys
 import threading
 from collections.abc import Callable
@@ -41,9 +42,18 @@ from purlgate.core.pipeline import Subscriber
 from purlgate.errors import ServerError, StorageError, is_storage_fault
 from purlgate.lifeline import die_with_parent
 
+log = logging.getLogger("purlgate.mail")
+
 # In a worker process: its mail worker, and the events of the entry in hand.
 _handler: MailWorker | None = None
 _events: list[BatchEvent] = []
+_born: int | None = None  # its peak RSS (MB) when it took its first entry
+
+# A worker whose peak RSS rose this much above where it started has handled a big
+# entry; what the heap keeps after it (pages with a live object here and there, some
+# 30 MB after a burst of 20 MB files) goes only with the process: the processes are
+# replaced as soon as none has an entry in hand, forked afresh (about 0.1 s each).
+GROWN_MB = 32
 
 
 # Builds a worker process's mail worker; handed each batch event to pass back.
@@ -87,7 +97,6 @@ def _warm() -> None:
     """Build this process's mail worker before the first entry arrives. Each process
     takes exactly one: a warmed one waits at the barrier for the others. A failure is
     reported by the first entry, which builds the worker again."""
-    log = logging.getLogger("purlgate.mail")
     try:
         _worker()
     except Exception:  # the first entry raises it again, to the parent
@@ -100,8 +109,17 @@ def _warm() -> None:
         _setup.warmed.wait(timeout=10)
 
 
-def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
+def _peak_mb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str], bool]:
+    """The entry handled: its events, the outbox entries it queued, and whether this
+    process has grown (see ``GROWN_MB``)."""
+    global _born  # noqa: PLW0603 - one worker per process
     _events.clear()
+    if _born is None:
+        _born = _peak_mb()
     try:
         handler = _worker()  # a full disk can stop even this: it is a storage fault too
         handler.outbox.enqueued = []
@@ -112,7 +130,7 @@ def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str]]:
         raise
     finally:
         give_back_memory()
-    return list(_events), handler.outbox.enqueued or []
+    return list(_events), handler.outbox.enqueued or [], _peak_mb() - _born > GROWN_MB
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
@@ -132,6 +150,8 @@ class MailProcesses:
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
         self._warming: list[Future[None]] = []
+        self._in_hand = 0  # entries being handled
+        self._grown = False  # a process has grown: replace them when none is busy
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -175,11 +195,22 @@ class MailProcesses:
             self._discard(pool)
             pool = self._executor()
             running = loop.run_in_executor(pool, _handle, entry)
+        self._in_hand += 1
         try:
-            return await running
+            events, enqueued, grown = await running
         except BrokenProcessPool as exc:
             self._discard(pool)
             raise ServerError("a mail worker process died while handling the entry") from exc
+        finally:
+            self._in_hand -= 1
+        self._grown = self._grown or grown
+        if self._grown and not self._in_hand and self._pool is pool:
+            self._grown = False
+            log.info("mail worker processes replaced: one had grown %d MB past its "
+                     "start on a big entry", GROWN_MB)
+            self._discard(pool)
+            self.warm()
+        return events, enqueued
 
     def _discard(self, pool: ProcessPoolExecutor) -> None:
         if self._pool is pool:
