@@ -4,7 +4,7 @@
 
 A `purlgate serve` subprocess receives S messages of M MB (text, no ZIP: each is
 spooled, then answered by a worker with a failure reply) at once over S SMTP sessions.
-Printed: the memory (PSS) of the gateway and its worker processes together (sampled every 50 ms)
+Printed: the memory (PSS) of the gateway and all its processes together (sampled every 50 ms)
 at idle, at its peak until every 250 was said and until every message was answered,
 and after, as ratios to idle; the time from the final
 dot to the 250, p50/p99, beside the same for one message alone (the baseline, same run).
@@ -191,7 +191,7 @@ async def run(sessions: int, megabytes: int) -> None:
     q = statistics.quantiles(dots, n=100, method="inclusive")
     print(f"machine: {os.cpu_count()} cores; {sessions} sessions x {megabytes} MB at once "
           f"({sessions * megabytes} MB in {seconds:.1f} s)")
-    print(f"  memory (PSS) of serve and its worker processes: idle {idle} MB; peak while receiving "
+    print(f"  memory (PSS) of serve and all its processes: idle {idle} MB; peak while receiving "
           f"{at_dot} MB ({at_dot / idle:.2f}x idle)")
     print(f"  peak until every message was answered ({processed:.1f} s) {peak.value} MB "
           f"({peak.value / idle:.2f}x idle); 2 s later {after} MB ({after / idle:.2f}x idle)")

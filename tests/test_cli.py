@@ -103,6 +103,22 @@ def test_check_config_ok() -> None:
     assert "region usa: sftp-usa@idomoo.com; 1 client(s): acme (spring)" in result.stdout
 
 
+def test_check_config_says_a_retired_setting_does_nothing(tmp_path: Path) -> None:
+    """relay.max_inflight_bytes (deliveries stream now) still loads, with a warning that
+    says it has no effect; the configuration is otherwise OK."""
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        '[regions.usa]\ninbound_addresses=["a@b.example"]\ndata_dir="v"\n'
+        'public_base_url="https://x.example"\n'
+        '[regions.usa.relay]\nmax_inflight_bytes = 67108864\n')
+    result = purlgate("check-config", "--config", str(cfg), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "warning:  region usa: field relay.max_inflight_bytes has no effect any more: "
+        "each delivery streams its message from disk; remove it")
+    assert result.stdout.splitlines()[-1] == "configuration OK (1 warning(s))"
+
+
 def test_check_config_names_the_problem(tmp_path: Path) -> None:
     """Errors exit 2 and name region/client/project/field; a missing secret is named too."""
     bad = tmp_path / "r.toml"
