@@ -76,7 +76,7 @@ def _start(setup: _Setup) -> None:
     """Nothing here may fail (a failing initializer breaks the pool, and why is lost):
     the worker itself is built at the first entry, and its errors reach the parent."""
     global _setup  # noqa: PLW0603 - one worker per process
-    forkserver = sys.modules.get("purlgate.channels.mail_forkserver")
+    forkserver = sys.modules.get("purlgate.mail_forkserver")
     die_with_parent(getattr(forkserver, "PID", setup.parent))
     os.environ.update(setup.env)
     from purlgate.logs import setup_logging  # noqa: PLC0415
@@ -138,7 +138,7 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     the mail path once (``mail_forkserver``), so they share it. Not ``fork`` from
     serve: serve has threads and sockets no worker should inherit."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["purlgate.channels.mail_forkserver"])
+    context.set_forkserver_preload(["purlgate.mail_forkserver"])
     return context
 
 
