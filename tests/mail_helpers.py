@@ -71,6 +71,7 @@ class Captured:
     mail_from: str
     rcpt_tos: list[str]
     raw: bytes
+    mail_options: list[str] = field(default_factory=list)  # MAIL's parameters (SIZE=...)
 
     @property
     def message(self) -> EmailMessage:
@@ -94,7 +95,8 @@ class Sink:
         self.tried += 1
         if self.answer.startswith("250"):
             self.messages.append(Captured(str(envelope.mail_from), list(envelope.rcpt_tos),
-                                          bytes(envelope.original_content or b"")))
+                                          bytes(envelope.original_content or b""),
+                                          list(envelope.mail_options)))
         return self.answer
 
     @property

@@ -144,6 +144,10 @@ async def test_a_message_past_the_relays_size_is_refused_before_its_data(
     failed = Outbox(tmp_path / "outbox", relay, sender=sender).failed
     assert [p.name for p in failed.glob("*.msg")] == ["big.msg"]
     assert sink.tried == 1 and sink.messages[0].message["Subject"] == "small"
+    small = Outgoing.of_entry(box.sent / "n.msg")
+    assert sink.messages[0].mail_options == [f"SIZE={small.size}"], "MAIL says the size"
+    assert "relay answered 552 (Error: message size exceeds fixed maximum message size)" \
+        in (failed / "big.state").read_text(), "refused at MAIL, before its bytes"
     assert len(sink.sessions) == 1, "the refused message did not cost the connection"
 
 
@@ -197,7 +201,7 @@ async def _misbehaving_relay(behaviour: str, done: asyncio.Event) -> asyncio.Ser
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("behaviour", "outcome", "said"), [
-    ("early", "failed", "relay answered 552"),
+    ("early", "failed", "relay answered 552 (5.3.4 message too big for this relay)"),
     ("stalls", "deferred", "relay unreachable: SMTPTimeoutError"),
 ])
 async def test_a_relay_that_answers_early_or_stops_reading(

@@ -122,9 +122,10 @@ class RelayConnections:
                 raise PermanentDeliveryError(f"recipients refused ({codes})") from exc
             raise TemporaryDeliveryError(f"recipients deferred ({codes})") from exc
         except aiosmtplib.SMTPResponseException as exc:
+            said = f"relay answered {exc.code} ({_first_line(exc.message)})"
             if 500 <= exc.code < 600:
-                raise PermanentDeliveryError(f"relay answered {exc.code}") from exc
-            raise TemporaryDeliveryError(f"relay answered {exc.code}") from exc
+                raise PermanentDeliveryError(said) from exc
+            raise TemporaryDeliveryError(said) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise TemporaryDeliveryError(f"relay unreachable: {type(exc).__name__}") from exc
 
@@ -218,6 +219,12 @@ class RelayConnections:
             self._sweep = None
         kept, self._kept = self._kept, []
         await asyncio.gather(*(self._quit(k) for k in kept), *self._quitting)
+
+
+def _first_line(text: str) -> str:
+    """A relay's answer for a log line and the entry's state: its first line, short."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return "".join(c if c.isprintable() else " " for c in line)[:160]
 
 
 def _size_of(client: aiosmtplib.SMTP) -> int:

@@ -120,6 +120,11 @@ async def _envelope(client: aiosmtplib.SMTP, message: Outgoing, sender: str,
                     recipients: list[str], timeout: float) -> None:
     """MAIL (with the message's SIZE when the relay takes it), RCPT for each recipient
     (refused ones skipped while one is taken), DATA until its 354."""
+    if client.is_ehlo_or_helo_needed:  # (else SIZE is not known to be taken yet)
+        try:
+            await client.ehlo(timeout=timeout)
+        except aiosmtplib.SMTPHeloError:
+            await client.helo(timeout=timeout)
     options = [f"SIZE={message.size}"] if client.supports_extension("size") else []
     await client.mail(sender, options=options, timeout=timeout)
     refused: list[aiosmtplib.SMTPRecipientRefused] = []
