@@ -124,7 +124,8 @@ def build_gateway(config: Config, region_id: str, *, data_dir: Path | None = Non
     if sender is None:
         sender = relay = relay_sender(region_cfg.relay)
     factory = MailSideFactory(config, region_id, data_dir)
-    processes = (MailProcesses(factory, region_cfg.processing.workers)
+    processes = (MailProcesses(factory, region_cfg.processing.workers,
+                               recycle_mb=region_cfg.processing.recycle_mb)
                  if region_cfg.processing.mode == "processes" else None)
     mail = factory.build(sender=sender, processes=processes)
     if relay is not None:  # its SIZE, for the outbox and the replies too big for mail

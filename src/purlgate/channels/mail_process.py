@@ -32,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from purlgate.channels.mail_worker import MailWorker
@@ -47,13 +48,16 @@ log = logging.getLogger("purlgate.mail")
 # In a worker process: its mail worker, and the events of the entry in hand.
 _handler: MailWorker | None = None
 _events: list[BatchEvent] = []
-_born: int | None = None  # its peak RSS (MB) when it took its first entry
-
-# A worker whose peak RSS rose this much above where it started has handled a big
-# entry; what the heap keeps after it (pages with a live object here and there, some
-# 30 MB after a burst of 20 MB files) goes only with the process: the processes are
-# replaced as soon as none has an entry in hand, forked afresh (about 0.1 s each).
-GROWN_MB = 32
+# Whether a worker has grown on big entries: what the heap keeps after them (pages with
+# a live object here and there: some 12 MB after a burst of 20 MB files, on top of the
+# 16 MB a first entry builds at first use) goes only with the process, so the
+# processes are then replaced as soon as none has an entry in hand, forked afresh
+# (about 0.1 s each). A worker has grown when, the heap trimmed after an entry, it
+# holds ``processing.recycle_mb`` more private memory than when it took its first.
+# That is read only once its peak RSS has risen PEAK_MB (the cheap test: nothing big
+# was held; the RSS also counts the forkserver's pages an entry first touches).
+PEAK_MB = 32
+_began: tuple[int, int] | None = None  # (peak RSS, private) MB as it took its first entry
 
 
 # Builds a worker process's mail worker; handed each batch event to pass back.
@@ -67,6 +71,7 @@ class _Setup:
     logs: tuple[str, str]  # level and format, as serve logs
     parent: int
     warmed: Any  # a multiprocessing Barrier of all the workers (see ``_warm``)
+    recycle_mb: int  # processing.recycle_mb (see ``PEAK_MB``)
 
 
 _setup: _Setup | None = None
@@ -113,15 +118,35 @@ def _peak_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
+def _private_mb() -> int:
+    """The memory only this process holds (its private pages), MB."""
+    try:
+        rollup = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:  # not Linux: never counted as grown
+        return 0
+    return sum(int(line.split()[1]) for line in rollup.splitlines()
+               if line.startswith(("Private_Clean:", "Private_Dirty:"))) // 1024
+
+
+def _has_grown() -> bool:
+    """Whether this process keeps memory big entries left (see ``PEAK_MB``)."""
+    if _began is None or _setup is None or not _setup.recycle_mb:
+        return False
+    if _peak_mb() - _began[0] < PEAK_MB:
+        return False
+    return _private_mb() - _began[1] > _setup.recycle_mb
+
+
 def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str], bool]:
     """The entry handled: its events, the outbox entries it queued, and whether this
-    process has grown (see ``GROWN_MB``)."""
-    global _born  # noqa: PLW0603 - one worker per process
+    process has grown (see ``PEAK_MB``)."""
+    global _began  # noqa: PLW0603 - one worker per process
     _events.clear()
-    if _born is None:
-        _born = _peak_mb()
     try:
         handler = _worker()  # a full disk can stop even this: it is a storage fault too
+        if _began is None:
+            give_back_memory()
+            _began = (_peak_mb(), _private_mb())
         handler.outbox.enqueued = []
         handler.handle(entry)
     except Exception as exc:
@@ -130,7 +155,7 @@ def _handle(entry: SpoolEntry) -> tuple[list[BatchEvent], list[str], bool]:
         raise
     finally:
         give_back_memory()
-    return list(_events), handler.outbox.enqueued or [], _peak_mb() - _born > GROWN_MB
+    return list(_events), handler.outbox.enqueued or [], _has_grown()
 
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
@@ -145,9 +170,10 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
 class MailProcesses:
     """``mail_worker.Elsewhere``: entries handled in ``workers`` spawned processes."""
 
-    def __init__(self, factory: WorkerFactory, workers: int) -> None:
+    def __init__(self, factory: WorkerFactory, workers: int, *, recycle_mb: int = 0) -> None:
         self.factory = factory
         self.workers = workers
+        self.recycle_mb = recycle_mb
         self._pool: ProcessPoolExecutor | None = None
         self._warming: list[Future[None]] = []
         self._in_hand = 0  # entries being handled
@@ -162,7 +188,8 @@ class MailProcesses:
                 self.workers, mp_context=context, initializer=_start,
                 initargs=(_Setup(self.factory,
                                  {**os.environ, "PURLGATE_MAIN_PID": str(os.getpid())},
-                                 logs.current, os.getpid(), context.Barrier(self.workers)),))
+                                 logs.current, os.getpid(), context.Barrier(self.workers),
+                                 self.recycle_mb),))
         return self._pool
 
     def warm(self) -> None:
@@ -206,8 +233,8 @@ class MailProcesses:
         self._grown = self._grown or grown
         if self._grown and not self._in_hand and self._pool is pool:
             self._grown = False
-            log.info("mail worker processes replaced: one had grown %d MB past its "
-                     "start on a big entry", GROWN_MB)
+            log.info("mail worker processes replaced: one kept more than %d MB after "
+                     "big entries (processing.recycle_mb)", self.recycle_mb)
             self._discard(pool)
             self.warm()
         return events, enqueued

@@ -46,6 +46,10 @@ class ProcessingConfig(Model):
     # delays from retry_seconds, then moved to the dead-letter folder.
     max_attempts: int = Field(default=3, ge=1, le=20)
     retry_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # A mail worker process that holds this many MB more of its own memory than when it
+    # took its first entry (what big files leave in its heap) is replaced by a fresh
+    # one once none has an entry in hand. 0: never.
+    recycle_mb: int = Field(default=20, ge=0, le=4096)
 
 
 class SmtpConfig(Model):
