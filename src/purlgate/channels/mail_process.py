@@ -3,15 +3,17 @@
 Handling a message (parsing it, the batch core, building the reply and notifications,
 queueing them) is Python that holds the GIL: in threads, one core did all of it while
 the listeners and the outbox waited for the same lock. Here ``MailWorker.handle`` runs
-in one of ``processing.workers`` spawned processes, each with its own region (store
+in one of ``processing.workers`` processes (forked from a forkserver that has loaded
+the mail path: ``purlgate.mail_forkserver``), each with its own region (store
 connection, row store, ledger) and an outbox it only queues into, built by the factory
 the gateway hands over (``mail_side.MailSideFactory``: the same wiring); the parent keeps the
 per-client scheduling, the listeners, the outbox's deliveries and the web side, and
 replays each batch's lifecycle events to its own subscribers (the links' pre-drawing,
 the metrics).
 
-A worker process dies with the parent (``PR_SET_PDEATHSIG``): after a kill -9 of
-``serve`` nothing goes on handling an entry that the next start will handle again. A
+A worker process dies with its parent, the forkserver, which dies with ``serve``
+(``PR_SET_PDEATHSIG``): after a kill -9 of ``serve`` nothing goes on handling an entry
+that the next start will handle again. A
 worker that dies (OOM, a crash point) breaks the pool: the entry in hand counts as a
 failed attempt and a new pool starts. A storage fault crosses the process boundary as
 a ``StorageError`` (its cause would not survive pickling), so the parent pauses as it
@@ -52,7 +54,7 @@ _events: list[BatchEvent] = []
 # a live object here and there: some 12 MB after a burst of 20 MB files, on top of the
 # 16 MB a first entry builds at first use) goes only with the process, so the
 # processes are then replaced as soon as none has an entry in hand, forked afresh
-# (about 0.1 s each). A worker has grown when, the heap trimmed after an entry, it
+# (under 0.1 s in all). A worker has grown when, the heap trimmed after an entry, it
 # holds ``processing.recycle_mb`` more private memory than when it took its first.
 # That is read only once its peak RSS has risen PEAK_MB (the cheap test: nothing big
 # was held; the RSS also counts the forkserver's pages an entry first touches).
@@ -168,7 +170,7 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
 
 
 class MailProcesses:
-    """``mail_worker.Elsewhere``: entries handled in ``workers`` spawned processes."""
+    """``mail_worker.Elsewhere``: entries handled in ``workers`` worker processes."""
 
     def __init__(self, factory: WorkerFactory, workers: int, *, recycle_mb: int = 0) -> None:
         self.factory = factory
@@ -193,9 +195,10 @@ class MailProcesses:
         return self._pool
 
     def warm(self) -> None:
-        """Start the processes and have each build its mail worker now (about half a
-        second of imports and set-up each), so that the first message after a start is
-        not the one that waits for it. Called on the event loop thread, as ``handle``."""
+        """Start the processes and have each build its mail worker now (at a start about
+        0.6 s: the forkserver's imports, then a fork and the set-up each; a replacement
+        under 0.1 s), so that the first message is not the one that waits for it.
+        Called on the event loop thread, as ``handle``."""
         pool = self._executor()
         self._warming = [pool.submit(_warm) for _ in range(self.workers)]
 

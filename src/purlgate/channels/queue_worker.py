@@ -61,8 +61,7 @@ _TRIM = _libc_trim()
 def give_back_memory() -> None:
     """Hand the heap freed by an entry back to the system: glibc keeps it otherwise,
     and a burst of big messages would leave the process at its peak for good. Arrow's
-    pool (jemalloc) too: it returns freed pages only as later allocations go by, and an
-    idle process makes none."""
+    pool too, whichever it is (not glibc's: see ``region.use_system_allocator``)."""
     if _TRIM is not None:
         _TRIM(0)
     arrow = sys.modules.get("pyarrow")  # (a process that never loaded it holds none)

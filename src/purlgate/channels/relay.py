@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import aiosmtplib
 
@@ -103,11 +104,22 @@ class RelayConnections:
 
     async def __call__(self, message: Outgoing, sender: str,
                        recipients: Sequence[str]) -> None:
+        # Opened first: an entry gone or unreadable is the outbox's to handle (a storage
+        # fault), not the relay's failure.
+        source = await asyncio.to_thread(message.open)
+        try:
+            await self._deliver(source, message.size, sender, recipients)
+        finally:
+            await asyncio.to_thread(source.close)
+
+    async def _deliver(self, source: BinaryIO, size: int, sender: str,
+                       recipients: Sequence[str]) -> None:
         try:
             kept = await self._connection()
             try:
-                await send_streamed(kept.client, message, sender, list(recipients),
-                                    self.relay.timeout_seconds)
+                await send_streamed(kept.client, source, size, sender=sender,
+                                    recipients=list(recipients),
+                                    timeout=self.relay.timeout_seconds)
             except (aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPResponseException):
                 # The envelope was reset: the connection can carry the next.
                 self._keep(kept)

@@ -100,23 +100,24 @@ class DataEncoder:
         return out
 
 
-async def send_streamed(client: aiosmtplib.SMTP, message: Outgoing, sender: str,
-                        recipients: list[str], timeout: float) -> None:
-    """One mail transaction with ``message`` read from its file as it is written.
+async def send_streamed(client: aiosmtplib.SMTP, source: BinaryIO, size: int, *,
+                        sender: str, recipients: list[str], timeout: float) -> None:
+    """One mail transaction with the message read from ``source`` (``size`` bytes, from
+    ``Outgoing.open``) as it is written.
 
     Raises what ``SMTP.sendmail`` raises, and resets the envelope as it does after a
     refusal (the connection can then carry the next message).
     """
     try:
-        await _envelope(client, message, sender, recipients, timeout)
-        await _body(client, message, timeout)
+        await _envelope(client, size, sender=sender, recipients=recipients, timeout=timeout)
+        await _body(client, source, timeout)
     except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
         with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
             await client.rset(timeout=timeout)
         raise
 
 
-async def _envelope(client: aiosmtplib.SMTP, message: Outgoing, sender: str,
+async def _envelope(client: aiosmtplib.SMTP, size: int, *, sender: str,
                     recipients: list[str], timeout: float) -> None:
     """MAIL (with the message's SIZE when the relay takes it), RCPT for each recipient
     (refused ones skipped while one is taken), DATA until its 354."""
@@ -125,7 +126,7 @@ async def _envelope(client: aiosmtplib.SMTP, message: Outgoing, sender: str,
             await client.ehlo(timeout=timeout)
         except aiosmtplib.SMTPHeloError:
             await client.helo(timeout=timeout)
-    options = [f"SIZE={message.size}"] if client.supports_extension("size") else []
+    options = [f"SIZE={size}"] if client.supports_extension("size") else []
     await client.mail(sender, options=options, timeout=timeout)
     refused: list[aiosmtplib.SMTPRecipientRefused] = []
     for recipient in recipients:
@@ -140,7 +141,7 @@ async def _envelope(client: aiosmtplib.SMTP, message: Outgoing, sender: str,
         raise aiosmtplib.SMTPDataError(start.code, start.message)
 
 
-async def _body(client: aiosmtplib.SMTP, message: Outgoing, timeout: float) -> None:
+async def _body(client: aiosmtplib.SMTP, source: BinaryIO, timeout: float) -> None:
     protocol = client.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -148,7 +149,6 @@ async def _body(client: aiosmtplib.SMTP, message: Outgoing, timeout: float) -> N
     # closes) is heard, not taken for a lost connection.
     answer = asyncio.ensure_future(protocol.read_response(timeout=None))
     await asyncio.sleep(0)
-    source = await asyncio.to_thread(message.open)
     try:
         encoder = DataEncoder(source)
         try:
@@ -174,7 +174,6 @@ async def _body(client: aiosmtplib.SMTP, message: Outgoing, timeout: float) -> N
             answer.cancel()
         elif not answer.cancelled():
             answer.exception()  # retrieved: read above, or the failure that ended it
-        await asyncio.to_thread(source.close)
     if early:  # an answer before the closing dot: the rest would be taken for commands
         client.close()
     if early or response.code != aiosmtplib.SMTPStatus.completed:
