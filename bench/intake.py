@@ -31,35 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.burst import start_serve, stop_serve, write_config
 from bench.smtp import INBOUND, SENDER, free_port
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and every process below it (the mail workers are the children of their
-    forkserver, itself a child of serve)."""
-    found = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return found
-    for child in children:
-        found += tree(int(child))
-    return found
-
-
-def pss(pid: int) -> int:
-    """MB of memory of one process: its PSS (shared pages split between the processes
-    that map them, so none counts twice)."""
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-    return sum(int(line.split()[1]) for line in rollup.splitlines()
-               if line.startswith("Pss:")) // 1024
+from tests.proc_helpers import pss_mb as pss
+from tests.proc_helpers import tree, tree_pss_mb
 
 
 def rss(pid: int) -> int:
     """MB of memory of ``pid`` and all its processes together: the sum of their PSS."""
-    return sum(pss(one) for one in tree(pid))
+    return tree_pss_mb(pid)
 
 
 def kind(pid: int) -> str:
@@ -74,6 +52,12 @@ def kind(pid: int) -> str:
         if marker in command:
             return name
     return "serve"
+
+
+def by_kind_line(idle: dict[str, int], peak: dict[str, int], after: dict[str, int]) -> str:
+    return "  by process, idle / peak / 10 s later MB: " + ", ".join(
+        f"{name} {idle.get(name, 0)} / {mb} / {after.get(name, 0)}"
+        for name, mb in sorted(peak.items()))
 
 
 def by_kind(pid: int) -> dict[str, int]:
@@ -246,9 +230,7 @@ async def run_replies(sessions: int, megabytes: int) -> None:
           f"(goal < 200), {warmed} MB after one reply; peak until every reply arrived "
           f"({answered:.1f} s) {peak.value} MB ({peak.value / idle:.2f}x idle; goal < 400 MB); "
           f"10 s later {after} MB ({after / idle:.2f}x idle; goal <= 1.2x)")
-    print("  by process, idle / peak / 10 s later MB: " + ", ".join(
-        f"{name} {idle_kinds.get(name, 0)} / {mb} / {after_kinds.get(name, 0)}"
-        for name, mb in sorted(peak.kinds.items())))
+    print(by_kind_line(idle_kinds, peak.kinds, after_kinds))
     print(f"  10 s later, each: {sorted(detail.values())}")
     print(f"  final dot -> 250: p50 {statistics.median(dots):.3f} s; replies arrived "
           f"{len(relay.arrived)} (twice: {twice})")

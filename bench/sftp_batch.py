@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.burst import start_serve, stop_serve, write_config
 from bench.core import generate
-from bench.intake import Peak, by_kind
+from bench.intake import Peak, by_kind, by_kind_line
 from bench.sftp import NAME, client_key, upload
 from bench.smtp import free_port
 
@@ -69,9 +69,7 @@ async def run(rows: int) -> None:
           f"Downloads {processed:.1f} s after the upload began")
     print(f"  memory (PSS) of serve and all its processes: idle {total} MB; peak "
           f"{peak.value} MB (goal < 400); 10 s later {sum(after.values())} MB")
-    print("  by process, idle / peak / 10 s later MB: " + ", ".join(
-        f"{name} {idle.get(name, 0)} / {mb} / {after.get(name, 0)}"
-        for name, mb in sorted(peak.kinds.items())))
+    print(by_kind_line(idle, peak.kinds, after))
 
 
 def main() -> None:

@@ -23,31 +23,8 @@ from tests.mail_helpers import (
     mail_config,
     queues_empty,
 )
+from tests.proc_helpers import tree_pss_mb
 from tests.serve_helpers import start
-
-
-def tree(pid: int) -> list[int]:
-    found = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return found
-    for child in children:
-        found += tree(int(child))
-    return found
-
-
-def pss_mb(root: int) -> int:
-    """PSS of ``root`` and every process below it, in MB."""
-    total = 0
-    for pid in tree(root):
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += sum(int(line.split()[1]) for line in rollup.splitlines()
-                     if line.startswith("Pss:"))
-    return total // 1024
 
 
 def big_mail(megabytes: int) -> bytes:
@@ -91,14 +68,14 @@ async def test_workers_that_grew_on_a_big_file_are_replaced_and_memory_returns(
     try:
         first = await _ready_workers(proc.stderr, lines, 2)
         await asyncio.sleep(1.0)  # settled
-        idle = pss_mb(proc.pid)
+        idle = tree_pss_mb(proc.pid)
         await aiosmtplib.send(big_mail(20), sender=SENDER, recipients=[INBOUND],
                               hostname="127.0.0.1", port=smtp, timeout=60)
         await sink.wait_to(SENDER, timeout=120)
         await queues_empty(data)
         second = await asyncio.wait_for(_ready_workers(proc.stderr, lines, 2), 30)
         await asyncio.sleep(1.0)
-        after = pss_mb(proc.pid)
+        after = tree_pss_mb(proc.pid)
         await aiosmtplib.send(good_mail(f"acme_spring_{T}_08"), sender=SENDER,
                               recipients=[INBOUND], hostname="127.0.0.1", port=smtp,
                               timeout=30)
