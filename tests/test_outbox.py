@@ -241,7 +241,8 @@ async def test_relay_connections_are_kept_checked_and_closed(tmp_path: Path) -> 
             smtp.transport.close()
         await send(wire[5], "s@idomoo.com", ["a@acme.example"])
         subjects = [m.message["Subject"] for m in sink.messages]
-        assert subjects == [f"n{i}" for i in range(6)]  # each once, in order
+        # Each once; the two sent at once in either order.
+        assert subjects[:3] + sorted(subjects[3:5]) + subjects[5:] == [f"n{i}" for i in range(6)]
         assert len(sink.sessions) == 3
         await eventually(lambda: sink.open_sessions == 0, "idle past 0.5 s: QUIT")
         assert sink.quits == 1

@@ -93,6 +93,7 @@ def test_bom_and_crlf_are_kept(harness: Harness) -> None:
     assert data.startswith(b"\xef\xbb\xbffirst_name,email,city,thumbnail_1,landingPage\r\n")
     assert data.count(b"\r\n") == 2
     assert "José,jose@x.example,São Paulo,https://" in data.decode("utf-8-sig")
+    assert outcome.batch.purl_sha256 == hashlib.sha256(data).hexdigest(), "the BOM too"
 
 
 def test_windows_1252_in_windows_1252_out(harness: Harness) -> None:

@@ -7,6 +7,7 @@ independent oracle for what the streaming Arrow path must produce.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import random
 
@@ -57,6 +58,8 @@ def test_errors_and_values_exact_across_blocks(harness: Harness) -> None:
     assert [r[:4] for r in rows[1:]] == good
     reported = [(int(r[0]), r[1], r[2]) for r in read_csv(outcome.errors)[1:]]  # type: ignore[arg-type]
     assert reported == errors
+    made = hashlib.sha256(outcome.purl.read_bytes()).hexdigest()  # type: ignore[union-attr]
+    assert outcome.batch.purl_sha256 == made, "hashed as written, on the writer's thread"
 
 
 def test_tokens_are_unique_across_blocks(harness: Harness) -> None:
@@ -77,6 +80,7 @@ def test_utf8_head_with_windows_1252_later_is_read_again(harness: Harness) -> No
     assert outcome.batch.counts.rows_ok == 20_001
     raw = outcome.purl.read_bytes()  # type: ignore[union-attr]
     assert "Hélène,h@x.example,https://".encode("cp1252") in raw
+    assert outcome.batch.purl_sha256 == hashlib.sha256(raw).hexdigest(), "the second pass's"
     assert harness.outputs() == [f"PURL_late_{T}.csv", f"PURL_late_{T}.csv.flg"]
 
 

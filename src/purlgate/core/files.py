@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO, Protocol, Self
 
 from purlgate.errors import StorageError
 
@@ -230,6 +230,14 @@ class AtomicFile:
         self.temp.unlink(missing_ok=True)
 
 
+class Digest(Protocol):
+    """A hash being fed (hashlib's)."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
 class BackgroundWriter:
     """Hand writes to a thread so that disk time overlaps the next block's work.
 
@@ -240,8 +248,10 @@ class BackgroundWriter:
     from: a small file (most are) is done before a thread would have started.
     """
 
-    def __init__(self, out: BinaryIO, depth: int = 4, inline_bytes: int = 1 << 20) -> None:
+    def __init__(self, out: BinaryIO, depth: int = 4, inline_bytes: int = 1 << 20,
+                 digest: Digest | None = None) -> None:
         self._out = out
+        self._digest = digest  # fed what is written, in the thread that writes it
         self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._inline_left = inline_bytes
@@ -251,9 +261,14 @@ class BackgroundWriter:
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self._out.write(item)
+                    self._put(item)
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     self._error = exc
+
+    def _put(self, data: memoryview | bytes) -> None:
+        self._out.write(data)
+        if self._digest is not None:
+            self._digest.update(data)  # releases the GIL: beside the next block's work
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -264,7 +279,7 @@ class BackgroundWriter:
         if self._thread is None:
             if len(data) <= self._inline_left:
                 self._inline_left -= len(data)
-                self._out.write(data)
+                self._put(data)
                 return
             self._thread = threading.Thread(target=self._run, name="purl-writer",
                                             daemon=True)

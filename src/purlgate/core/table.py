@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from purlgate.core.dialect import Dialect
-from purlgate.core.files import BackgroundWriter
+from purlgate.core.files import BackgroundWriter, Digest
 from purlgate.errors import EncodingError, InvalidUtf8Error
 
 BLOCK_SIZE = 1 << 20
@@ -204,16 +204,17 @@ class LineWriter:
     """
 
     def __init__(
-        self, out: BinaryIO, *, delimiter: str, eol: str, encoding: str, header: Sequence[str]
+        self, out: BinaryIO, *, delimiter: str, eol: str, encoding: str, header: Sequence[str],
+        digest: Digest | None = None,
     ) -> None:
-        self._out = BackgroundWriter(out)
+        self._out = BackgroundWriter(out, digest=digest)
         self._delimiter = delimiter
         self._eol = eol
         self._codec = "cp1252" if encoding == "windows-1252" else "utf-8"
         self._specials = tuple(s.encode() for s in (delimiter, '"', "\r", "\n"))
         self._pattern = "[" + re.escape(delimiter + '"') + r"\r\n]"
         if encoding == "utf-8-sig":
-            out.write(b"\xef\xbb\xbf")
+            self._out.write(b"\xef\xbb\xbf")
         text = io.StringIO()
         csv.writer(text, delimiter=delimiter, lineterminator=eol).writerow(header)
         self._write_text(text.getvalue())

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from purlgate.core import dialect as dia
 from purlgate.core.errorlog import ErrorLog, RowError, bad_row_error
-from purlgate.core.files import AtomicFile
+from purlgate.core.files import AtomicFile, Digest
 from purlgate.core.lifecycle import Counts
 from purlgate.core.render import Renderer, RenderRequest, RowSink, RowStore
 from purlgate.core.table import BadRow, LineWriter, RecordNumbers, RowReader
@@ -35,6 +35,7 @@ class Target:
     renderer: Renderer
     rows: RowStore | None
     owner: tuple[str, str] = ("", "")  # the batch's client and project
+    digest: Digest | None = None  # fed the file's bytes as they are written (its SHA-256)
 
 
 def transform(source: Path, dialect: dia.Dialect, plan: dia.ColumnPlan, *,
@@ -57,7 +58,7 @@ def transform(source: Path, dialect: dia.Dialect, plan: dia.ColumnPlan, *,
             stack.callback(sink.discard)  # a no-op once committed
         writer = LineWriter(out.file, delimiter=delimiter or dialect.delimiter,
                             eol=dialect.eol, encoding=encoding or dialect.encoding,
-                            header=[*out_names, *dia.LINK_COLUMNS])
+                            header=[*out_names, *dia.LINK_COLUMNS], digest=target.digest)
         stack.callback(writer.close)  # the writer thread ends on every path
         state = _Pass(plan, where, out_names, header, numbers, target, sink, writer)
         for columns in reader:
