@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import functools
 import io
 import re
 from collections.abc import Iterator, Sequence
@@ -31,15 +32,15 @@ from purlgate.errors import EncodingError, InvalidUtf8Error
 BLOCK_SIZE = 1 << 20
 
 
+@functools.cache
 def text(value: str) -> pa.Scalar:
     """A string as an Arrow scalar, for a kernel's argument. A bare Python ``str`` is
     converted on every call through Arrow's type inference, which tries to import
-    dateutil each time (a search of sys.path when it is not installed: 75 us a call,
-    about 0.08 s of a 1M-row batch)."""
+    dateutil each time (a search of sys.path when it is not installed: 75 us a call).
+    Made at first use, not at import: a scalar made then initializes Arrow's default
+    pool (mimalloc, 5 MB in each process) before ``region.use_system_allocator`` runs.
+    The strings are a project's few delimiters, line ends and suffixes."""
     return pa.scalar(value, pa.string())
-
-
-EMPTY, QUOTE = text(""), text('"')
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def _with_suffix(column: pa.Array, suffix: str) -> pa.Array:
             return pa.Array.from_buffers(
                 pa.string(), n, [None, pa.py_buffer(new_offsets), pa.py_buffer(out)]
             )
-    return pc.binary_join_element_wise(column, text(suffix), EMPTY)
+    return pc.binary_join_element_wise(column, text(suffix), text(""))
 
 
 class LineWriter:
@@ -252,7 +253,7 @@ class LineWriter:
         else:
             mask = pc.match_substring_regex(column, self._pattern)
         doubled = pc.replace_substring(column, '"', '""') if b'"' in present else column
-        quoted = pc.binary_join_element_wise(QUOTE, doubled, QUOTE, EMPTY)
+        quoted = pc.binary_join_element_wise(text('"'), doubled, text('"'), text(""))
         if pc.all(mask).as_py():
             return quoted
         return pc.if_else(mask, quoted, column)

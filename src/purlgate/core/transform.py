@@ -17,7 +17,7 @@ from purlgate.core.errorlog import ErrorLog, RowError, bad_row_error
 from purlgate.core.files import AtomicFile, Digest
 from purlgate.core.lifecycle import Counts
 from purlgate.core.render import Renderer, RenderRequest, RowSink, RowStore
-from purlgate.core.table import EMPTY, BadRow, LineWriter, RecordNumbers, RowReader
+from purlgate.core.table import BadRow, LineWriter, RecordNumbers, RowReader, text
 from purlgate.errors import CutOffError, NoDataError
 from purlgate.faults import crash_point
 
@@ -150,7 +150,7 @@ def _empty_required(
     """Per required column with an empty (or blank) value in this block: its mask."""
     empty: dict[int, pa.Array] = {}
     for col in plan.required:
-        mask = pc.equal(pc.utf8_trim_whitespace(columns[where[col]]), EMPTY)
+        mask = pc.equal(pc.utf8_trim_whitespace(columns[where[col]]), text(""))
         if pc.any(mask).as_py():
             empty[col] = mask
     return empty
