@@ -56,10 +56,13 @@ _events: list[BatchEvent] = []
 # processes are then replaced as soon as none has an entry in hand, forked afresh
 # (under 0.1 s in all). A worker has grown when, the heap trimmed after an entry, it
 # holds ``processing.recycle_mb`` more private memory than when it took its first.
-# That is read only once its peak RSS has risen PEAK_MB (the cheap test: nothing big
-# was held; the RSS also counts the forkserver's pages an entry first touches).
+# That is read (0.6 ms) only once its peak RSS has risen PEAK_MB (the cheap test:
+# nothing big was held; the RSS also counts the forkserver's pages an entry first
+# touches), and again only when the peak has risen since: small entries after a big
+# one do not pay for it.
 PEAK_MB = 32
 _began: tuple[int, int] | None = None  # (peak RSS, private) MB as it took its first entry
+_looked_at = 0  # the peak RSS (MB) when its private memory was last read
 
 
 # Builds a worker process's mail worker; handed each batch event to pass back.
@@ -132,10 +135,13 @@ def _private_mb() -> int:
 
 def _has_grown() -> bool:
     """Whether this process keeps memory big entries left (see ``PEAK_MB``)."""
+    global _looked_at  # noqa: PLW0603 - one worker per process
     if _began is None or _setup is None or not _setup.recycle_mb:
         return False
-    if _peak_mb() - _began[0] < PEAK_MB:
+    peak = _peak_mb()
+    if peak - _began[0] < PEAK_MB or peak <= _looked_at:
         return False
+    _looked_at = peak
     return _private_mb() - _began[1] > _setup.recycle_mb
 
 

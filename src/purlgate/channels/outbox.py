@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
+from typing import Any
 
 from purlgate.channels.outbox_files import (
     Item,
@@ -324,7 +325,7 @@ class Outbox:
         meta["attempts"] += 1
         message = await asyncio.to_thread(Outgoing.of_entry, item.path)
         try:
-            await self._send(message, meta["sender"], meta["recipients"])
+            await self._hand_over(message, meta)
         except TemporaryDeliveryError as exc:
             meta["last_error"] = str(exc)
             if self._clock() - meta["created_at"] >= self.relay.expire_seconds:
@@ -348,6 +349,14 @@ class Outbox:
         log.info("outbox %s delivered after %d attempt(s)", item.id, meta["attempts"])
         await asyncio.to_thread(self._mark_sent, item)
         return "sent"
+
+    async def _hand_over(self, message: Outgoing, meta: dict[str, Any]) -> None:
+        try:
+            await self._send(message, meta["sender"], meta["recipients"])
+        finally:
+            if message.size >= BIG_MESSAGE:
+                # Its pieces went through the heap: hand back what they left free.
+                await asyncio.to_thread(give_back_memory)
 
     def _mark_sent(self, item: Item) -> None:
         """Record a delivery: the entry moves to sent/ (the record: from then on it is
@@ -443,9 +452,8 @@ class _Rounds:
 
     async def attempt(self, item: Item) -> None:
         box = self.outbox
-        leased = big = False
+        leased = False
         try:
-            big = await asyncio.to_thread(_size, item) >= BIG_MESSAGE
             if box.leases is not None:
                 taken = await asyncio.to_thread(box._take, item)
                 if taken is None:  # another instance's now; a later full read shows it
@@ -469,9 +477,6 @@ class _Rounds:
             self.slots.release()
             if leased:
                 await _release(box, item)
-            if big:
-                # Its pieces went through the heap: hand back what they left free.
-                await asyncio.to_thread(give_back_memory)
 
     async def finish(self) -> None:
         if self.in_flight:

@@ -65,8 +65,8 @@ def give_back_memory() -> None:
     if _TRIM is not None:
         _TRIM(0)
     arrow = sys.modules.get("pyarrow")  # (a process that never loaded it holds none)
-    if arrow is not None:
-        arrow.default_memory_pool().release_unused()
+    if arrow is not None and arrow.default_memory_pool().backend_name != "system":
+        arrow.default_memory_pool().release_unused()  # (glibc's was just trimmed)
 
 
 def is_deterministic(exc: BaseException) -> bool:
